@@ -1,0 +1,39 @@
+"""Shared fixtures: a real local Ray cluster, and a private TLRAY_HOME per test."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Quiet, offline and deterministic where it matters; set before Ray or timm import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray cluster for the whole session.
+
+    4 logical CPUs on a 2-core machine: Train workers, Tune drivers and Ray Data tasks ask
+    for fractions of them, and the over-subscription only costs a little speed.
+    """
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=True,
+             object_store_memory=1 << 30)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def tlray_home(tmp_path, monkeypatch):
+    """A private TLRAY_HOME (datasets, MLflow store, caches) for one test."""
+    home = tmp_path / "tlray-home"
+    monkeypatch.setenv("TLRAY_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return home

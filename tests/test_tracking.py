@@ -1,0 +1,349 @@
+"""tlray.tracking against a real SQLite MLflow store in a temporary TLRAY_HOME (no mocks)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from tlray import tracking
+from tlray.errors import TlrayError
+
+
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, fully migrated MLflow database: creating one costs seconds, copying it ms."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_db: Path) -> Path:
+    """A fresh TLRAY_HOME with its own store; MLFLOW_TRACKING_URI unset (restored afterwards)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(migrated_db, home / "mlflow.db")
+    monkeypatch.setenv("TLRAY_HOME", str(home))
+    # setenv first so monkeypatch restores the variable that mlflow.set_tracking_uri exports.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset-by-test")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    tracking.configure()  # so a test's own MlflowClient() sees this store, not the last one
+    yield home
+    while mlflow.active_run() is not None:  # a failed test must not leak its run
+        mlflow.end_run()
+
+
+def _status(run_id: str) -> str:
+    return MlflowClient().get_run(run_id).info.status
+
+
+# --------------------------------------------------------------------------- store, server
+
+
+def test_default_store_is_absolute_sqlite_under_home(home: Path) -> None:
+    uri = tracking.configure()
+    assert uri == f"sqlite:///{home}/mlflow.db"
+    assert Path(uri.removeprefix("sqlite:///")).is_absolute()
+    assert mlflow.get_tracking_uri() == uri
+    assert tracking.ui_command() == f"mlflow ui --backend-store-uri {uri}"
+
+
+def test_experiment_gets_absolute_artifact_location_under_home(home: Path) -> None:
+    experiment_id = tracking.get_or_create_experiment("tlray/mnist")
+    assert tracking.get_or_create_experiment("tlray/mnist") == experiment_id
+    location = MlflowClient().get_experiment(experiment_id).artifact_location
+    assert Path(location).is_absolute()
+    assert Path(location).is_relative_to(home / "mlartifacts")
+
+
+def test_deleted_experiment_is_a_clear_error(home: Path) -> None:
+    experiment_id = tracking.get_or_create_experiment("gone")
+    MlflowClient().delete_experiment(experiment_id)
+    with pytest.raises(TlrayError, match="gone.*deleted"):
+        tracking.get_or_create_experiment("gone")
+
+
+def test_explicit_tracking_uri_wins(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert tracking.tracking_uri() == "http://mlflow.example:5000"
+    assert tracking.default_artifact_location("x") is None  # the server decides
+    assert "http://mlflow.example:5000" in tracking.ui_command()
+
+
+def test_unreachable_server_fails_fast() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    start = time.monotonic()
+    with pytest.raises(TlrayError, match=f"127.0.0.1:{port}"):
+        tracking.check_tracking_server(uri)
+    assert time.monotonic() - start < 5
+
+
+def test_local_store_needs_no_server_check(home: Path) -> None:
+    tracking.check_tracking_server()  # sqlite: returns at once
+
+
+# --------------------------------------------------------------------------- run status
+
+
+def test_successful_block_ends_finished(home: Path) -> None:
+    with tracking.start_run("status", run_name="ok", tags={"k": 1}) as run:
+        assert _status(run.info.run_id) == "RUNNING"
+    assert _status(run.info.run_id) == "FINISHED"
+    assert MlflowClient().get_run(run.info.run_id).data.tags["k"] == "1"
+    assert mlflow.active_run() is None
+
+
+def test_exception_ends_failed_and_propagates(home: Path) -> None:
+    with pytest.raises(RuntimeError, match="boom"):
+        with tracking.start_run("status") as run:
+            raise RuntimeError("boom")
+    assert _status(run.info.run_id) == "FAILED"
+    assert mlflow.active_run() is None
+
+
+def test_keyboard_interrupt_ends_killed(home: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.start_run("status") as run:
+            raise KeyboardInterrupt
+    assert _status(run.info.run_id) == "KILLED"
+
+
+def test_nested_run_left_open_is_ended_too(home: Path) -> None:
+    with tracking.start_run("status") as run:
+        leaked = mlflow.start_run(nested=True)
+    assert _status(leaked.info.run_id) == "FINISHED"
+    assert _status(run.info.run_id) == "FINISHED"
+    assert mlflow.active_run() is None
+
+
+def test_child_runs_carry_parent_tag(home: Path) -> None:
+    with tracking.start_run("sweep", run_name="sweep") as parent:
+        with tracking.start_run("sweep", run_name="in-process trial") as child:
+            pass
+    parent_id = parent.info.run_id
+    assert MlflowClient().get_run(child.info.run_id).data.tags[MLFLOW_PARENT_RUN_ID] == parent_id
+
+    # A trial in another process only knows the parent's id; the parent has ended meanwhile.
+    with tracking.start_run("sweep", parent_run_id=parent_id) as remote:
+        pass
+    assert MlflowClient().get_run(remote.info.run_id).data.tags[MLFLOW_PARENT_RUN_ID] == parent_id
+    assert _status(remote.info.run_id) == "FINISHED"
+
+
+def test_close_dangling_runs_ends_running_descendants(home: Path) -> None:
+    client = MlflowClient()
+    experiment_id = tracking.get_or_create_experiment("dangling")
+    with tracking.start_run("dangling") as parent:
+        pass
+    parent_id = parent.info.run_id
+
+    def child(of: str) -> str:  # what a trial killed by ASHA leaves behind
+        return client.create_run(experiment_id, tags={MLFLOW_PARENT_RUN_ID: of}).info.run_id
+
+    stopped, other = child(parent_id), child(parent_id)
+    grandchild = child(stopped)
+    done = child(parent_id)
+    client.set_terminated(done, "FINISHED")
+    unrelated = client.create_run(experiment_id).info.run_id
+
+    closed = tracking.close_dangling_runs(parent_run_id=parent_id)
+    assert sorted(closed) == sorted([stopped, other, grandchild])
+    assert {_status(r) for r in (stopped, other, grandchild)} == {"KILLED"}
+    assert _status(done) == "FINISHED"
+    assert _status(unrelated) == "RUNNING"
+
+    assert tracking.close_dangling_runs(experiment_id=experiment_id, status="FAILED") == [unrelated]
+    assert _status(unrelated) == "FAILED"
+
+
+def test_end_run_with_status(home: Path) -> None:
+    experiment_id = tracking.get_or_create_experiment("manual")
+    run_id = MlflowClient().create_run(experiment_id).info.run_id
+    tracking.end_run_with_status(run_id, "killed")
+    assert _status(run_id) == "KILLED"
+    with pytest.raises(TlrayError, match="status"):
+        tracking.end_run_with_status(run_id, "DONE")
+    with pytest.raises(TlrayError, match="exactly one"):
+        tracking.close_dangling_runs()
+
+
+# --------------------------------------------------------------------------- params, metrics
+
+
+def test_log_config_flattens_params_in_batches_and_saves_yaml(home: Path) -> None:
+    config = {
+        "model": {"backbone": "resnet18", "freeze_depth": 2, "head": {"dropout": 0.1}},
+        "train": {"lr": 1e-3, "epochs": 5, "path": Path("/data/x")},
+        "many": {f"k{i}": i for i in range(150)},  # > 100 params: needs several batches
+        "long": "x" * 7000,
+        "empty": {},
+        "tags": ["a", "b"],
+    }
+    with tracking.start_run("config") as run:
+        tracking.log_config(config)
+    data = MlflowClient().get_run(run.info.run_id).data
+    assert data.params["model.backbone"] == "resnet18"
+    assert data.params["model.head.dropout"] == "0.1"
+    assert data.params["train.lr"] == "0.001"
+    assert data.params["train.path"] == "/data/x"
+    assert data.params["many.k149"] == "149"
+    assert len(data.params["long"]) == 6000
+    assert data.params["tags"] == "['a', 'b']"
+    assert len(data.params) == 6 + 150 + 3  # "empty": {} stays one param
+
+    saved = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
+    reloaded = yaml.safe_load(saved)
+    assert reloaded["model"]["head"]["dropout"] == 0.1
+    assert reloaded["long"] == "x" * 7000  # the artifact keeps the full value
+    assert reloaded["train"]["path"] == "/data/x"
+
+
+def test_epoch_metrics_logged_per_step_and_non_finite_skipped(
+    home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rows = [
+        {"train_loss": 1.0, "val_acc": 0.5},
+        {"train_loss": 0.5, "val_acc": 0.75},
+        {"train_loss": math.nan, "val_acc": np.float32(0.875)},
+    ]
+    with tracking.start_run("metrics") as run:
+        with caplog.at_level(logging.WARNING, logger="tlray.tracking"):
+            for epoch, row in enumerate(rows):
+                tracking.log_epoch_metrics(row, epoch)
+            assert tracking.log_epoch_metrics({"val_auc": math.inf}, 3) == {}
+    assert "train_loss" in caplog.text and "not finite" in caplog.text
+
+    client = MlflowClient()
+    loss = client.get_metric_history(run.info.run_id, "train_loss")
+    assert sorted((m.step, m.value) for m in loss) == [(0, 1.0), (1, 0.5)]
+    acc = client.get_metric_history(run.info.run_id, "val_acc")
+    assert sorted((m.step, m.value) for m in acc) == [(0, 0.5), (1, 0.75), (2, 0.875)]
+    assert client.get_metric_history(run.info.run_id, "val_auc") == []
+    assert _status(run.info.run_id) == "FINISHED"
+
+
+def test_log_figure_writes_png_artifact(home: Path) -> None:
+    from tlray import plots
+
+    fig = plots.learning_curves([{"epoch": 1, "train_loss": 1.0}, {"epoch": 2, "train_loss": 0.5}])
+    with tracking.start_run("figures") as run:
+        tracking.log_figure(fig, "plots/curves.png")
+    names = [a.path for a in MlflowClient().list_artifacts(run.info.run_id, "plots")]
+    assert names == ["plots/curves.png"]
+
+
+def test_tags_and_git_commit(tmp_path: Path) -> None:
+    assert tracking.git_commit(tmp_path) is None  # not a checkout: None, no exception
+    tags = tracking.standard_tags("resnet18", "imagenet", 2, "abc123")
+    assert tags["backbone"] == "resnet18" and tags["freeze_depth"] == "2"
+    assert tags["dataset_hash"] == "abc123" and tags["weights"] == "imagenet"
+
+
+def test_default_registered_name_is_valid() -> None:
+    name = tracking.default_registered_name("mnist", "hf-hub:timm/resnet50.a1_in1k")
+    assert name == "mnist-hf-hub_timm_resnet50.a1_in1k"
+    assert "/" not in name and ":" not in name
+    with pytest.raises(TlrayError, match="backbone"):
+        tracking.default_registered_name("mnist", " ")
+
+
+# --------------------------------------------------------------------------- models, registry
+
+
+def _tiny_model(seed: int, classes: int = 3) -> torch.nn.Module:
+    """Conv + BatchNorm (whose running stats must be exported in eval mode) + linear head."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, classes),
+    )
+    model(torch.randn(8, 3, 16, 16))  # train mode: moves the BatchNorm running stats
+    return model
+
+
+def test_log_model_round_trips_on_any_batch_size(home: Path) -> None:
+    import timm
+
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=3)
+    model.train()
+    model(torch.randn(4, 3, 32, 32))  # non-default BatchNorm statistics
+    example = np.random.default_rng(0).standard_normal((1, 3, 32, 32), dtype=np.float32)
+
+    with tracking.start_run("models") as run:
+        uri = tracking.log_model(model, example, ["cat", "dog", "fish"], metadata={"mean": [0.5]})
+    assert model.training  # the caller's model is left as it was
+
+    location = mlflow.get_logged_model(uri.removeprefix("models:/")).artifact_location
+    assert Path(location).is_absolute() and Path(location).is_relative_to(home)
+    assert Path(run.info.artifact_uri).is_relative_to(home)
+
+    loaded = mlflow.pytorch.load_model(uri, device="cpu")
+    model.eval()
+    for batch in (5, 1):  # neither is the logged example's batch size (2)
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+    assert tracking.load_class_names(uri) == ["cat", "dog", "fish"]
+    assert mlflow.models.get_model_info(uri).metadata["mean"] == [0.5]
+
+
+def test_log_model_rejects_mismatched_class_names(home: Path) -> None:
+    example = np.zeros((2, 3, 16, 16), dtype=np.float32)
+    with tracking.start_run("models"):
+        with pytest.raises(TlrayError, match="class names"):
+            tracking.log_model(_tiny_model(0), example, ["only", "two"])
+        with pytest.raises(TlrayError, match="float32 NCHW"):
+            tracking.log_model(_tiny_model(0), example.astype(np.float64), ["a", "b", "c"])
+
+
+def test_champion_moves_only_on_better_metric(home: Path) -> None:
+    name = tracking.default_registered_name("digits", "tiny")
+    models = [_tiny_model(seed).eval() for seed in range(3)]
+    example = np.random.default_rng(1).standard_normal((2, 3, 16, 16), dtype=np.float32)
+    uris = []
+    with tracking.start_run("registry"):
+        for i, model in enumerate(models):
+            uris.append(tracking.log_model(model, example, ["a", "b", "c"], name=f"model{i}"))
+
+    first = tracking.register_champion(uris[0], name, "accuracy", 0.90)
+    assert first == tracking.RegistrationResult(version=1, champion_version=1, moved=True)
+    worse = tracking.register_champion(uris[1], name, "accuracy", 0.80)
+    assert worse == tracking.RegistrationResult(version=2, champion_version=1, moved=False)
+    better = tracking.register_champion(uris[2], name, "accuracy", 0.95)
+    assert better == tracking.RegistrationResult(version=3, champion_version=3, moved=True)
+
+    client = MlflowClient()
+    assert int(client.get_model_version_by_alias(name, "champion").version) == 3
+    assert client.get_model_version(name, "2").tags["test_accuracy"] == "0.8"
+    assert len(client.search_model_versions(f"name = '{name}'")) == 3
+
+    champion = mlflow.pytorch.load_model(f"models:/{name}@champion", device="cpu")
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(champion(x), models[2](x), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(champion(x), models[0](x))
+
+    # Lower is better (e.g. a loss): 0.2 does not beat version 3's ... it is another metric,
+    # so the current champion has no test_loss tag and keeps the alias.
+    loss = tracking.register_champion(uris[0], name, "loss", 0.2, higher_is_better=False)
+    assert loss == tracking.RegistrationResult(version=4, champion_version=3, moved=False)
