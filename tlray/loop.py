@@ -1,0 +1,378 @@
+"""The per-worker training loop: what every Ray Train worker runs, top to bottom.
+
+One call of `train_loop_per_worker` is one worker of one training run. It builds the model
+(frozen groups first, then DDP), resumes from the last checkpoint if Ray restarted it, trains
+epoch by epoch on its own shard of the data, and after every epoch reduces the validation
+metrics across workers and reports them to Ray with a checkpoint. When training ends (or
+stops early) it restores the best weights and evaluates the test split; the last report
+carries the best model and the test results, which the driver logs to MLflow.
+
+Only rank 0 writes checkpoints, logs metrics to MLflow and prints progress.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tlray import config as config_mod
+from tlray import metrics
+from tlray.datasets import load_info
+from tlray.ingest import iter_image_batches, to_model_input
+from tlray.models import build_model
+
+SAMPLE_IMAGES = 36  # test images kept for the predictions grid
+
+
+@dataclass
+class LoopState:
+    """Everything besides tensors that a resumed run needs; saved as JSON in checkpoints."""
+
+    epoch: int = 0  # next epoch to run
+    step: int = 0  # optimizer steps so far
+    best: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0  # epochs since the monitored metric last improved
+    history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = config_mod.from_plain(loop_config["config"])
+    info = load_info(loop_config["dataset_uri"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    cuda = device.type == "cuda"
+    torch.manual_seed(cfg.train.seed)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+
+    # Model: new head, frozen groups (before DDP, so DDP never tracks frozen parameters).
+    model, minfo = build_model(
+        cfg.model.backbone, info.num_classes, in_chans=info.channels,
+        img_size=cfg.data.image_size, weights=cfg.model.weights,
+        head=cfg.model.head, freeze=cfg.model.freeze, drop_rate=cfg.model.drop_rate)
+    mean, std = minfo.data_config["mean"], minfo.data_config["std"]
+    size = (cfg.data.image_size, cfg.data.image_size)
+
+    steps_per_epoch = max(1, math.ceil(info.splits["train"].rows / world / cfg.data.batch_size))
+    optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch)
+    state = LoopState()
+    best_weights = None
+
+    # Resume: Ray hands back the last reported checkpoint after a worker failure.
+    checkpoint = ray.train.get_checkpoint()
+    restored = checkpoint is not None
+    if restored:
+        with checkpoint.as_directory() as d:
+            state, best_weights = load_training_state(Path(d), model, optimizer, scheduler)
+        if rank == 0:
+            print(f"resumed from checkpoint after epoch {state.epoch}", flush=True)
+
+    model = ray.train.torch.prepare_model(model)  # moves to the device; DDP when world > 1
+    core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if cuda and cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if cfg.train.compile else model
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.train.amp)
+    prep = dict(mean=mean, std=std, size=size, channels_last=cuda and cfg.train.channels_last)
+
+    shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "val", "test")}
+    logger = EpochLogger(loop_config.get("mlflow_run_id"), loop_config.get("tracking_uri"),
+                         enabled=rank == 0)
+    show_bar = rank == 0 and loop_config.get("interactive", False)
+
+    for epoch in range(state.epoch, cfg.train.epochs):
+        # ---- train one epoch on this worker's shard ----
+        model.train()
+        t0 = time.perf_counter()
+        sums = torch.zeros(3, device=device)  # loss * n, correct, n (kept on the device)
+        batches = iter_image_batches(shards["train"], info.image_shape, cfg.data.batch_size,
+                                     device=device, shuffle_buffer=cfg.data.shuffle_buffer or None)
+        with _join(model), _progress(show_bar, steps_per_epoch, epoch, cfg.train.epochs) as bar:
+            for images, labels in batches:
+                x = to_model_input(images, **prep)
+                with amp:
+                    logits = forward(x)
+                    loss = criterion(logits.float(), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                state.step += 1
+                if scheduler is not None:
+                    scheduler.step_update(num_updates=state.step)
+                sums += torch.stack([loss.detach() * len(labels),
+                                     (logits.argmax(1) == labels).sum().float(),
+                                     torch.tensor(float(len(labels)), device=device)])
+                bar.update(1)
+                if (rank == cfg.train.kill_rank and state.step == cfg.train.kill_at_step
+                        and not restored):
+                    os.kill(os.getpid(), signal.SIGKILL)  # test-only: a worker dies mid-epoch
+        train_seconds = time.perf_counter() - t0
+        loss_sum, correct, seen = _all_reduce(sums, world).tolist()
+
+        # ---- validate on every worker's shard, then combine ----
+        val = evaluate(core, shards["val"], info, cfg, prep, amp, device, world)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_acc": correct / max(seen, 1),
+            "val_loss": val["loss"], "val_acc": val["acc"], "val_auc": val["auc"],
+            "lr": optimizer.param_groups[0]["lr"],
+            "img_per_s": seen / train_seconds,
+            "epoch_seconds": time.perf_counter() - t0,
+        }
+        state.history.append(row)
+        state.epoch = epoch + 1
+        if _improved(row[cfg.train.monitor], state.best, cfg.monitor_mode):
+            state.best, state.best_epoch, state.bad_epochs = row[cfg.train.monitor], epoch + 1, 0
+            best_weights = {k: v.detach().to("cpu", copy=True) for k, v in core.state_dict().items()}
+        else:
+            state.bad_epochs += 1
+        state.stopped_early = bool(cfg.train.patience and state.bad_epochs >= cfg.train.patience
+                                   and state.epoch < cfg.train.epochs)
+
+        # ---- checkpoint + report (rank 0 writes; every rank reports) ----
+        report = {**row, "best_epoch": state.best_epoch, f"best_{cfg.train.monitor}": state.best}
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_training_state(Path(tmp), core, optimizer, scheduler, state, best_weights)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(report, checkpoint=ckpt)
+        logger.log(row, epoch + 1)
+        if rank == 0:
+            print(progress_line(row, cfg.train.epochs, cfg.train.monitor), flush=True)
+        if state.stopped_early:
+            if rank == 0:
+                print(f"early stopping: {cfg.train.monitor} has not improved for "
+                      f"{state.bad_epochs} epochs (best {state.best:.4f} at epoch "
+                      f"{state.best_epoch})", flush=True)
+            break
+
+    # ---- the best weights, evaluated once on the test split ----
+    if best_weights is not None:
+        core.load_state_dict(best_weights)
+    test = evaluate(core, shards["test"], info, cfg, prep, amp, device, world, keep=True)
+    best_row = state.history[state.best_epoch - 1] if state.best_epoch else state.history[-1]
+    final = {**best_row, "best_epoch": state.best_epoch,
+             f"best_{cfg.train.monitor}": state.best, "stopped_early": state.stopped_early,
+             "epochs_run": state.epoch,
+             **{f"test_{k}": v for k, v in test.items() if k in ("loss", "acc", "auc")}}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            save_final(Path(tmp), core, state, test, info.classes)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(final, checkpoint=ckpt)
+    logger.log({k: v for k, v in final.items() if k.startswith("test_")}, state.epoch)
+    logger.close()
+
+
+def make_optimizer(model: nn.Module, cfg, steps_per_epoch: int):
+    """timm's optimizer factory (weight decay groups, layer decay) and its cosine schedule."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    o = cfg.optim
+    extra = {"momentum": o.momentum} if o.name == "sgd" else {}
+    optimizer = create_optimizer_v2(model, opt=o.name, lr=o.lr, weight_decay=o.weight_decay,
+                                    layer_decay=o.layer_decay, **extra)
+    if o.schedule == "constant" and o.warmup_epochs == 0:
+        return optimizer, None
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched="cosine" if o.schedule == "cosine" else "step",
+        num_epochs=cfg.train.epochs, decay_epochs=10 ** 9, decay_rate=1.0,  # step = constant
+        min_lr=o.min_lr, warmup_lr=o.lr * 0.01, warmup_epochs=o.warmup_epochs,
+        step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    return optimizer, scheduler
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, shard, info, cfg, prep: dict, amp, device, world: int,
+             keep: bool = False) -> dict:
+    """Loss, accuracy and AUC over every worker's part of a split, identical on all ranks.
+
+    The unwrapped model is used so that no DDP collective runs per batch: workers may hold
+    different numbers of rows. Labels and probabilities are gathered once at the end (AUC
+    needs all of them). With `keep`, predictions and a few images come back too.
+    """
+    was_training = model.training
+    model.eval()
+    losses, labels_all, probs_all, images_kept = [], [], [], []
+    for images, labels in iter_image_batches(shard, info.image_shape, cfg.data.batch_size,
+                                             device=device):
+        with amp:
+            logits = model(to_model_input(images, **prep)).float()
+        losses.append(F.cross_entropy(logits, labels, reduction="sum"))
+        labels_all.append(labels.cpu())
+        probs_all.append(logits.softmax(1).cpu())
+        if keep and sum(len(i) for i in images_kept) < SAMPLE_IMAGES:
+            images_kept.append(images[:SAMPLE_IMAGES].cpu())
+    model.train(was_training)
+    loss_sum = torch.stack(losses).sum() if losses else torch.zeros((), device=device)
+    labels_np = torch.cat(labels_all).numpy() if labels_all else np.zeros(0, np.int64)
+    probs_np = torch.cat(probs_all).numpy() if probs_all else np.zeros((0, info.num_classes),
+                                                                       np.float32)
+    if world > 1:
+        loss_sum = _all_reduce(loss_sum.reshape(1), world)[0]
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (labels_np, probs_np))
+        labels_np = np.concatenate([g[0] for g in gathered])
+        probs_np = np.concatenate([g[1] for g in gathered])
+    out = {"loss": float(loss_sum) / max(len(labels_np), 1),
+           "acc": metrics.accuracy(labels_np, probs_np),
+           "auc": metrics.auc(labels_np, probs_np), "rows": len(labels_np)}
+    if keep:
+        preds = probs_np.argmax(1)
+        out["confusion"] = metrics.confusion_matrix(labels_np, preds, info.num_classes)
+        kept = torch.cat(images_kept).numpy()[:SAMPLE_IMAGES] if images_kept else None
+        # Rank 0's own rows come first in the gathered arrays, so they line up with `kept`.
+        out["samples"] = (kept, labels_np[:len(kept)] if kept is not None else None,
+                          preds[:len(kept)] if kept is not None else None)
+    return out
+
+
+def save_training_state(d: Path, model, optimizer, scheduler, state: LoopState,
+                        best_weights) -> None:
+    torch.save(model.state_dict(), d / "model.pt")
+    torch.save(optimizer.state_dict(), d / "optimizer.pt")
+    if scheduler is not None:
+        torch.save(scheduler.state_dict(), d / "scheduler.pt")
+    if best_weights is not None and state.best_epoch != state.epoch:
+        torch.save(best_weights, d / "best_model.pt")
+    (d / "state.json").write_text(json.dumps(asdict(state)))
+
+
+def load_training_state(d: Path, model, optimizer, scheduler):
+    """Restores model, optimizer, schedule and loop state; returns (state, best weights)."""
+    model.load_state_dict(torch.load(d / "model.pt", map_location="cpu", weights_only=True))
+    optimizer.load_state_dict(torch.load(d / "optimizer.pt", map_location="cpu",
+                                         weights_only=True))
+    if scheduler is not None and (d / "scheduler.pt").exists():
+        scheduler.load_state_dict(torch.load(d / "scheduler.pt", weights_only=True))
+    state = LoopState(**json.loads((d / "state.json").read_text()))
+    best_file = d / "best_model.pt" if (d / "best_model.pt").exists() else d / "model.pt"
+    best = torch.load(best_file, map_location="cpu", weights_only=True)
+    return state, best
+
+
+def save_final(d: Path, model, state: LoopState, test: dict, classes: list[str]) -> None:
+    """The final checkpoint: best weights, the epoch history and the test results."""
+    torch.save(model.state_dict(), d / "model.pt")
+    (d / "state.json").write_text(json.dumps(asdict(state)))
+    cm = test["confusion"]
+    (d / "test.json").write_text(json.dumps({
+        "loss": test["loss"], "acc": test["acc"], "auc": test["auc"], "rows": test["rows"],
+        "classes": classes, "confusion_matrix": cm.tolist(),
+        "per_class_acc": dict(zip(classes, metrics.per_class_accuracy(cm).tolist()))}))
+    images, labels, preds = test["samples"]
+    if images is not None:
+        np.savez(d / "test_samples.npz", images=images, labels=labels, preds=preds)
+
+
+def progress_line(row: dict, epochs: int, monitor: str) -> str:
+    return (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  "
+            f"train_acc {row['train_acc']:.4f}  val_loss {row['val_loss']:.4f}  "
+            f"val_acc {row['val_acc']:.4f}  val_auc {row['val_auc']:.4f}  "
+            f"{row['img_per_s']:,.0f} img/s  {row['epoch_seconds']:.1f}s")
+
+
+class EpochLogger:
+    """Per-epoch metrics to MLflow from rank 0, buffered so a tracking outage loses nothing.
+
+    A failed write (e.g. the MLflow server restarting) keeps the rows and retries them with
+    the next epoch and, finally, with a few pauses at the end of the run.
+    """
+
+    def __init__(self, run_id: str | None, tracking_uri: str | None, enabled: bool):
+        self.enabled = enabled and run_id is not None
+        self.run_id, self.pending = run_id, []
+        if self.enabled:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(tracking_uri)
+
+    def log(self, values: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in values.items()
+                         if isinstance(v, (int, float)) and math.isfinite(float(v))]
+        self.flush()
+
+    def flush(self) -> bool:
+        try:
+            for start in range(0, len(self.pending), 500):
+                self.client.log_batch(self.run_id, metrics=self.pending[start:start + 500])
+        except Exception as e:  # noqa: BLE001 - any tracking failure is retried later
+            print(f"MLflow unavailable ({type(e).__name__}); keeping {len(self.pending)} "
+                  f"metric value(s) to retry", file=sys.stderr, flush=True)
+            return False
+        self.pending = []
+        return True
+
+    def close(self, attempts: int = 10, pause: float = 3.0) -> None:
+        for _ in range(attempts):
+            if not self.enabled or not self.pending or self.flush():
+                return
+            time.sleep(pause)
+
+
+def _improved(value: float, best: float | None, mode: str) -> bool:
+    if value is None or not math.isfinite(value):
+        return False
+    return best is None or (value < best if mode == "min" else value > best)
+
+
+def _all_reduce(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+class _NullBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _progress(show: bool, total: int, epoch: int, epochs: int):
+    if not show:
+        return _NullBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
+                mininterval=1.0, file=sys.stdout)
+
+
+def _join(model):
+    """DDP's join(): workers with fewer batches shadow the collectives of the others."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.join()
+    return _NullBar()

@@ -1,0 +1,242 @@
+"""One training run on Ray Train: checks first, then a TorchTrainer, then MLflow artifacts.
+
+`train(cfg)` is the whole unit a sweep trial repeats. In order:
+  1. resolve the dataset (preparing a source if needed) and build the model once on the
+     driver, so a bad backbone, weight source or freeze depth fails before Ray reserves
+     anything; check the cluster can hold the workers;
+  2. open an MLflow run (never left RUNNING) and log the resolved config and dataset.json;
+  3. run `loop.train_loop_per_worker` on N workers with Ray Data shards, checkpoints kept
+     by the monitored metric, and restarts from the last checkpoint after a worker failure;
+  4. log what the final checkpoint holds: learning curves, confusion matrix, test metrics,
+     a predictions grid and the best model (with signature and input example).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tlray import paths, plots, tracking
+from tlray.config import Config
+from tlray.datasets import DatasetInfo, load_info, prepare
+from tlray.errors import TlrayError
+from tlray.models import ModelInfo, build_model
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced, and where to find it."""
+
+    metrics: dict  # best epoch's metrics plus test_* metrics
+    history: list[dict]
+    checkpoint_path: str  # the final checkpoint: best weights + test results
+    run_id: str | None
+    model_uri: str | None
+    dataset: DatasetInfo
+
+
+def resolve_dataset(spec: str, *, progress: bool = True) -> DatasetInfo:
+    """A prepared dataset directory as is; anything else is treated as a source and prepared
+    (idempotently) under $TLRAY_HOME/datasets."""
+    if "://" in spec or (Path(spec).expanduser() / "dataset.json").exists():
+        return load_info(spec)
+    return prepare(spec, progress=progress)
+
+
+def check_model(cfg: Config, info: DatasetInfo) -> tuple[torch.nn.Module, ModelInfo]:
+    """Builds the model once on the driver: every model error surfaces before Ray starts."""
+    return build_model(cfg.model.backbone, info.num_classes, in_chans=info.channels,
+                       img_size=cfg.data.image_size, weights=cfg.model.weights,
+                       head=cfg.model.head, freeze=cfg.model.freeze,
+                       drop_rate=cfg.model.drop_rate)
+
+
+def check_resources(cfg: Config) -> None:
+    """Fails fast, instead of waiting forever, when the cluster cannot hold the workers."""
+    import ray
+
+    total = ray.cluster_resources()
+    s = cfg.scaling
+    if s.use_gpu and total.get("GPU", 0) < s.gpus_per_worker:
+        raise TlrayError(f"--scaling.use_gpu=true but the Ray cluster has "
+                         f"{total.get('GPU', 0):g} GPUs; run on a GPU cluster or set "
+                         f"--scaling.use_gpu=false")
+    if s.use_gpu and total.get("GPU", 0) < s.num_workers * s.gpus_per_worker:
+        raise TlrayError(f"{s.num_workers} workers x {s.gpus_per_worker:g} GPU need "
+                         f"{s.num_workers * s.gpus_per_worker:g} GPUs; the cluster has "
+                         f"{total.get('GPU', 0):g}")
+    need_cpu = s.num_workers * s.cpus_per_worker
+    if total.get("CPU", 0) < need_cpu:
+        raise TlrayError(f"{s.num_workers} workers x {s.cpus_per_worker:g} CPU need "
+                         f"{need_cpu:g} CPUs; the cluster has {total.get('CPU', 0):g} (use "
+                         f"fractional --scaling.cpus_per_worker, e.g. 0.5)")
+
+
+def experiment_name(cfg: Config, info: DatasetInfo) -> str:
+    return cfg.tracking.experiment or f"tlray-{info.name}"
+
+
+def train(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict | None = None,
+          callbacks: list | None = None, run_name: str | None = None) -> TrainResult:
+    """Runs one configuration to completion and logs it to MLflow.
+
+    Args:
+        cfg: a validated config (see `tlray.config.load`).
+        parent_run_id: nests this run under a sweep's parent run.
+        callbacks: extra Ray Train callbacks (a sweep passes Tune's reporting callback).
+        run_name: MLflow/Ray run name (default: from the config).
+    """
+    import ray
+
+    info = resolve_dataset(cfg.data.dataset)
+    _, minfo = check_model(cfg, info)
+    if cfg.tracking.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking.tracking_uri
+    uri = tracking.configure()
+    tracking.check_tracking_server(uri)
+    if not ray.is_initialized():
+        ray.init(logging_level="ERROR")
+    check_resources(cfg)
+
+    tags = {**tracking.standard_tags(cfg.model.backbone, cfg.model.weights, minfo.freeze_depth,
+                                     info.fingerprint),
+            "dataset": info.name, **(extra_tags or {})}
+    name = run_name or cfg.tracking.run_name or f"{cfg.model.backbone}-f{cfg.model.freeze}"
+    with tracking.start_run(experiment_name(cfg, info), run_name=name, tags=tags,
+                            parent_run_id=parent_run_id) as run:
+        run_id = run.info.run_id
+        tracking.log_config(cfg.to_dict())
+        import mlflow
+
+        mlflow.log_params({"model.trainable_params": minfo.trainable_params,
+                           "model.total_params": minfo.total_params,
+                           "model.freeze_depth": minfo.freeze_depth})
+        mlflow.log_dict(info.to_json(), "dataset.json")
+        result = _fit(cfg, info, run_id, uri, name, callbacks)
+        with result.checkpoint.as_directory() as d:
+            outcome = _log_final(Path(d), cfg, info, minfo)
+        mlflow.log_metrics({k: v for k, v in outcome["metrics"].items()
+                            if k.startswith("test_") and np.isfinite(v)})
+    return TrainResult(metrics=outcome["metrics"], history=outcome["history"],
+                       checkpoint_path=result.checkpoint.path, run_id=run_id,
+                       model_uri=outcome["model_uri"], dataset=info)
+
+
+def _fit(cfg: Config, info: DatasetInfo, run_id: str, tracking_uri: str, name: str,
+         callbacks: list | None):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from tlray.ingest import exact_split_data_config, read_split
+    from tlray.loop import train_loop_per_worker
+
+    missing = [s for s in ("train", "val", "test") if s not in info.splits]
+    if missing:
+        raise TlrayError(f"dataset {info.uri} has no {missing[0]!r} split; prepare it with "
+                         f"train, val and test fractions")
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "dataset_uri": info.uri,
+                           "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
+                           "interactive": sys.stdout.isatty()},
+        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=f"{name}-{run_id[:8]}",
+            storage_path=cfg.storage_path or str(paths.ray_results_dir()),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute=cfg.train.monitor,
+                checkpoint_score_order=cfg.monitor_mode),
+            failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+            callbacks=callbacks or None),
+        datasets={"train": read_split(info, "train", shuffle=True),
+                  "val": read_split(info, "val"), "test": read_split(info, "test")},
+        dataset_config=exact_split_data_config(),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; show the user the root cause
+        raise TlrayError(f"training failed: {_root_cause(e)}") from e
+    if result.error is not None:
+        raise TlrayError(f"training failed: {_root_cause(result.error)}") from result.error
+    if result.checkpoint is None:
+        raise TlrayError("training finished without a checkpoint")
+    return result
+
+
+def _root_cause(error: BaseException) -> str:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}"
+
+
+def _log_final(d: Path, cfg: Config, info: DatasetInfo, minfo: ModelInfo) -> dict:
+    """Logs the final checkpoint's contents to the active MLflow run."""
+    import mlflow
+
+    state = json.loads((d / "state.json").read_text())
+    test = json.loads((d / "test.json").read_text())
+    history = state["history"]
+    best = history[state["best_epoch"] - 1] if state["best_epoch"] else history[-1]
+    result_metrics = {**best, "best_epoch": state["best_epoch"],
+                      "stopped_early": state["stopped_early"], "epochs_run": state["epoch"],
+                      "test_loss": test["loss"], "test_acc": test["acc"],
+                      "test_auc": test["auc"]}
+    tracking.log_figure(plots.learning_curves(history), "plots/learning_curves.png")
+    cm = np.array(test["confusion_matrix"])
+    tracking.log_figure(plots.confusion_matrix_plot(cm, info.classes),
+                        "plots/confusion_matrix.png")
+    mlflow.log_dict(test, "test_metrics.json")
+    mlflow.log_metrics({f"test_acc_{c}": v for c, v in test["per_class_acc"].items()
+                        if v == v})
+    if (d / "test_samples.npz").exists():
+        samples = np.load(d / "test_samples.npz", allow_pickle=False)
+        tracking.log_figure(plots.predictions_grid(samples["images"], samples["labels"],
+                                                   samples["preds"], info.classes),
+                            "plots/test_predictions.png")
+    model_uri = None
+    if cfg.tracking.log_model:
+        model, _ = check_model(cfg, info)
+        model.load_state_dict(torch.load(d / "model.pt", map_location="cpu", weights_only=True))
+        model_uri = tracking.log_model(model, model_input_example(cfg, info, minfo),
+                                       info.classes, metadata={"preprocess": {
+                                           "mean": list(minfo.data_config["mean"]),
+                                           "std": list(minfo.data_config["std"]),
+                                           "size": [cfg.data.image_size] * 2,
+                                           "channels": info.channels}})
+        mlflow.set_tag("model_uri", model_uri)
+    return {"metrics": result_metrics, "history": history, "model_uri": model_uri}
+
+
+def model_input_example(cfg: Config, info: DatasetInfo, minfo: ModelInfo) -> np.ndarray:
+    """Two real validation images, preprocessed exactly as in training."""
+    from tlray.datasets import sample_per_class
+    from tlray.ingest import to_model_input
+
+    images, _ = sample_per_class(info, "val", per_class=1)
+    x = to_model_input(torch.from_numpy(images[:2].copy()), minfo.data_config["mean"],
+                       minfo.data_config["std"], (cfg.data.image_size,) * 2)
+    return x.numpy().astype(np.float32)
+
+
+def summary(result: TrainResult, monitor: str) -> str:
+    m = result.metrics
+    lines = [f"best epoch {m['best_epoch']} of {m['epochs_run']}"
+             + (" (stopped early)" if m["stopped_early"] else ""),
+             f"  val   loss {m['val_loss']:.4f}  acc {m['val_acc']:.4f}  auc {m['val_auc']:.4f}",
+             f"  test  loss {m['test_loss']:.4f}  acc {m['test_acc']:.4f}  "
+             f"auc {m['test_auc']:.4f}",
+             f"checkpoint: {result.checkpoint_path}",
+             f"MLflow run: {result.run_id}  ({tracking.ui_command()})"]
+    if result.model_uri:
+        lines.append(f"model: {result.model_uri}")
+    return "\n".join(lines)
