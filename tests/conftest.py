@@ -21,11 +21,9 @@ def ray_cluster():
     """
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=True,
-             object_store_memory=1 << 30)
-    import ray.data
+    from tlray.session import init_ray
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_ray(num_cpus=4, object_store_memory=1 << 30)
     yield ray
     ray.shutdown()
 

@@ -13,6 +13,7 @@ as in dataset.json), `labels` int64 [N] (index into dataset.json's classes, -1 u
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterator
 
 import numpy as np
@@ -98,8 +99,12 @@ def iter_image_batches(data, shape: tuple[int, int, int], batch_size: int, *,
     for table in data.iter_batches(batch_size=batch_size, batch_format="pyarrow",
                                    prefetch_batches=prefetch_batches,
                                    local_shuffle_buffer_size=shuffle_buffer):
-        images = torch.from_numpy(decode_images(table.column("image"), shape))
-        labels = torch.from_numpy(np.array(table.column("label"), dtype=np.int64))
+        with warnings.catch_warnings():
+            # Arrow's buffers are read-only and torch warns about that; nothing writes to
+            # them (the first step on the device, `to_model_input`, makes a float copy).
+            warnings.simplefilter("ignore", UserWarning)
+            images = torch.from_numpy(decode_images(table.column("image"), shape))
+        labels = torch.tensor(table.column("label").to_numpy(), dtype=torch.int64)
         if cuda:
             images = images.pin_memory().to(device, non_blocking=True)
             labels = labels.pin_memory().to(device, non_blocking=True)

@@ -19,6 +19,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,12 +49,16 @@ class LoopState:
     bad_epochs: int = 0  # epochs since the monitored metric last improved
     history: list[dict] = field(default_factory=list)
     stopped_early: bool = False
+    resumed: int = 0  # times this run was restored from a checkpoint after a failure
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    # DDP's note that depthwise-conv gradients are laid out differently from its buckets is
+    # about a copy, not about correctness; keep it out of the per-epoch output.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     cfg = config_mod.from_plain(loop_config["config"])
     info = load_info(loop_config["dataset_uri"])
     ctx = ray.train.get_context()
@@ -83,8 +88,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if restored:
         with checkpoint.as_directory() as d:
             state, best_weights = load_training_state(Path(d), model, optimizer, scheduler)
+        state.resumed += 1
         if rank == 0:
-            print(f"resumed from checkpoint after epoch {state.epoch}", flush=True)
+            say(f"resumed from the checkpoint of epoch {state.epoch}")
 
     model = ray.train.torch.prepare_model(model)  # moves to the device; DDP when world > 1
     core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -160,12 +166,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(report, checkpoint=ckpt)
         logger.log(row, epoch + 1)
         if rank == 0:
-            print(progress_line(row, cfg.train.epochs, cfg.train.monitor), flush=True)
+            say(progress_line(row, cfg.train.epochs, cfg.train.monitor))
         if state.stopped_early:
             if rank == 0:
-                print(f"early stopping: {cfg.train.monitor} has not improved for "
-                      f"{state.bad_epochs} epochs (best {state.best:.4f} at epoch "
-                      f"{state.best_epoch})", flush=True)
+                say(f"early stopping: {cfg.train.monitor} has not improved for "
+                    f"{state.bad_epochs} epochs (best {state.best:.4f} at epoch "
+                    f"{state.best_epoch})")
             break
 
     # ---- the best weights, evaluated once on the test split ----
@@ -289,6 +295,12 @@ def save_final(d: Path, model, state: LoopState, test: dict, classes: list[str])
         np.savez(d / "test_samples.npz", images=images, labels=labels, preds=preds)
 
 
+def say(line: str) -> None:
+    """One line to the console; not `print`, which Ray Train tees into a duplicate line."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def progress_line(row: dict, epochs: int, monitor: str) -> str:
     return (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  "
             f"train_acc {row['train_acc']:.4f}  val_loss {row['val_loss']:.4f}  "
@@ -326,8 +338,8 @@ class EpochLogger:
             for start in range(0, len(self.pending), 500):
                 self.client.log_batch(self.run_id, metrics=self.pending[start:start + 500])
         except Exception as e:  # noqa: BLE001 - any tracking failure is retried later
-            print(f"MLflow unavailable ({type(e).__name__}); keeping {len(self.pending)} "
-                  f"metric value(s) to retry", file=sys.stderr, flush=True)
+            sys.stderr.write(f"MLflow unavailable ({type(e).__name__}); keeping "
+                             f"{len(self.pending)} metric value(s) to retry\n")
             return False
         self.pending = []
         return True

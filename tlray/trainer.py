@@ -27,6 +27,7 @@ from tlray.config import Config
 from tlray.datasets import DatasetInfo, load_info, prepare
 from tlray.errors import TlrayError
 from tlray.models import ModelInfo, build_model
+from tlray.session import init_ray, quiet_logging_config
 
 
 @dataclass
@@ -92,16 +93,13 @@ def train(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict | N
         callbacks: extra Ray Train callbacks (a sweep passes Tune's reporting callback).
         run_name: MLflow/Ray run name (default: from the config).
     """
-    import ray
-
     info = resolve_dataset(cfg.data.dataset)
     _, minfo = check_model(cfg, info)
     if cfg.tracking.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking.tracking_uri
     uri = tracking.configure()
     tracking.check_tracking_server(uri)
-    if not ray.is_initialized():
-        ray.init(logging_level="ERROR")
+    init_ray()
     check_resources(cfg)
 
     tags = {**tracking.standard_tags(cfg.model.backbone, cfg.model.weights, minfo.freeze_depth,
@@ -157,6 +155,7 @@ def _fit(cfg: Config, info: DatasetInfo, run_id: str, tracking_uri: str, name: s
                 checkpoint_score_attribute=cfg.train.monitor,
                 checkpoint_score_order=cfg.monitor_mode),
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+            logging_config=quiet_logging_config(),
             callbacks=callbacks or None),
         datasets={"train": read_split(info, "train", shuffle=True),
                   "val": read_split(info, "val"), "test": read_split(info, "test")},

@@ -1,0 +1,315 @@
+"""tlray.predict against a real SQLite MLflow store and real pt2 models (no mocks).
+
+The models are tiny but real: logits are a function of an image's mean brightness, so the
+right answer is known for every generated image (class k = brightness near k*100) and a
+wrong channel conversion, normalisation or row order shows up as a wrong label.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from tlray import datasets, sources, tracking
+from tlray.errors import TlrayError
+from tlray.predict import load_preprocess, predict, write_csv_atomic
+
+CLASSES = ["0", "1", "2"]  # the class names `prepare` gives Kaggle labels 0, 1, 2
+SIZE = [12, 12]  # model input size; the generated images are other sizes (8x8, 10x10, ...)
+
+
+class Brightness(torch.nn.Module):
+    """Class k for an image whose mean brightness is nearest k*100 (any channel count)."""
+
+    def __init__(self, mean: float, std: float):
+        super().__init__()
+        centres = [(k * 100 / 255 - mean) / std for k in range(len(CLASSES))]
+        self.register_buffer("centres", torch.tensor(centres))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.mean(dim=(1, 2, 3))
+        return -((m[:, None] - self.centres[None, :]) ** 2) * 20.0
+
+
+def _preprocess(channels: int) -> dict:
+    return {"mean": [0.5] * channels, "std": [0.5] * channels, "size": SIZE,
+            "channels": channels}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory):
+    """A store with champions `bright` (grey input) and `bright-rgb` (RGB input), plus a
+    model logged without tlray's preprocess metadata."""
+    tmp = tmp_path_factory.mktemp("predict-store")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
+        mp.setenv("TLRAY_HOME", str(tmp))
+        uris = {}
+        with tracking.start_run("predict-tests") as run:
+            for name, channels in (("bright", 1), ("bright-rgb", 3)):
+                example = np.zeros((2, channels, *SIZE), np.float32)
+                uri = tracking.log_model(Brightness(0.5, 0.5), example, CLASSES, name=name,
+                                         metadata={"preprocess": _preprocess(channels)})
+                tracking.register_champion(uri, name, "accuracy", 1.0)
+                uris[name] = uri
+            uris["bare"] = tracking.log_model(Brightness(0.5, 0.5),
+                                              np.zeros((2, 1, *SIZE), np.float32), CLASSES,
+                                              name="bare")
+            uris["run_id"] = run.info.run_id
+        yield uris
+
+
+@pytest.fixture
+def work(store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh working directory, where the default output files go."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _images(levels: list[int], shape=(8, 8, 1), seed: int = 0) -> np.ndarray:
+    """uint8 images of brightness near each level (+-15 noise)."""
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(-15, 16, (len(levels), *shape))
+    return np.clip(np.array(levels)[:, None, None, None] + noise, 0, 255).astype(np.uint8)
+
+
+def _write_pixel_csv(path: Path, images: np.ndarray, labels: list[int] | None = None) -> Path:
+    flat = images.reshape(len(images), -1)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        pixels = [f"pixel{i}" for i in range(flat.shape[1])]
+        w.writerow(pixels if labels is None else ["label", *pixels])
+        for i, row in enumerate(flat):
+            w.writerow(list(row) if labels is None else [labels[i], *row])
+    return path
+
+
+def _png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name)
+
+
+# --------------------------------------------------------------------------- Kaggle CSVs
+
+
+def test_kaggle_test_csv_writes_a_submission(work: Path, capsys) -> None:
+    levels = [200, 0, 100, 100, 0, 200, 200, 0, 100]
+    source = _write_pixel_csv(work / "test.csv", _images(levels))
+
+    # batch 4: the last batch holds one image (the pt2 batch dimension is dynamic)
+    frame = predict("models:/bright@champion", source, batch_size=4)
+
+    text = (work / "submission.csv").read_text()
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows[0] == ["ImageId", "Label"]
+    assert [int(r[0]) for r in rows[1:]] == list(range(1, len(levels) + 1))
+    assert [r[1] for r in rows[1:]] == [str(v // 100) for v in levels]
+    assert frame.columns.tolist() == ["ImageId", "Label"]
+    assert frame.attrs["path"] == str(work / "submission.csv")
+    assert _leftovers(work) == []
+
+    summary = capsys.readouterr().out.strip().splitlines()
+    assert len(summary) == 1
+    assert "9 rows" in summary[0] and "submission.csv" in summary[0]
+    assert "version 1" in summary[0] and "0: 3, 1: 3, 2: 3" in summary[0]
+
+
+def test_grey_csv_on_an_rgb_model_and_probs_format(work: Path) -> None:
+    """Grey pixels are repeated into the 3 channels an RGB model expects."""
+    levels = [0, 100, 200, 100]
+    source = _write_pixel_csv(work / "test.csv", _images(levels, seed=1))
+    frame = predict("bright-rgb", source, format="probs", out=work / "out" / "p.csv",
+                    verbose=False)  # a bare name means its @champion
+
+    written = pd.read_csv(work / "out" / "p.csv", dtype={"class": str})
+    assert written.columns.tolist() == ["id", "class", "prob_0", "prob_1", "prob_2"]
+    assert written["id"].tolist() == [f"test.csv:row {i}" for i in range(1, 5)]
+    assert written["class"].tolist() == ["0", "1", "2", "1"]
+    probs = written[["prob_0", "prob_1", "prob_2"]].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert (probs.max(axis=1) > 0.9).all()
+    assert frame.attrs["accuracy"] is None
+
+
+def test_labelled_csv_keeps_labels_and_reports_accuracy(work: Path) -> None:
+    levels = [0, 100, 200, 200]
+    source = _write_pixel_csv(work / "train.csv", _images(levels), labels=[0, 1, 2, 1])
+    frame = predict("models:/bright/1", source, verbose=False)
+    assert frame.attrs["path"] == str(work / "predictions.csv")  # not a Kaggle test.csv
+    assert frame["label"].tolist() == ["0", "1", "2", "1"]
+    assert frame.attrs["accuracy"] == pytest.approx(0.75)
+
+
+# --------------------------------------------------------------------------- prepared datasets
+
+
+def test_kaggle_dataset_predict_split_is_a_submission_in_test_csv_order(work: Path) -> None:
+    kaggle = work / "digit-recognizer"
+    kaggle.mkdir()
+    train_levels = [0, 100, 200] * 10
+    _write_pixel_csv(kaggle / "train.csv", _images(train_levels),
+                     labels=[v // 100 for v in train_levels])
+    test_levels = [100, 200, 0, 0, 200, 100, 100]
+    _write_pixel_csv(kaggle / "test.csv", _images(test_levels, seed=2))
+    dest = work / "prepared"
+    datasets.prepare(str(kaggle), dest, rows_per_shard=3, progress=False)  # 3 predict shards
+
+    frame = predict("models:/bright@champion", dest, verbose=False)
+    assert frame.attrs["path"] == str(work / "submission.csv")
+    assert frame["ImageId"].tolist() == list(range(1, len(test_levels) + 1))
+    assert frame["Label"].tolist() == [str(v // 100) for v in test_levels]
+
+    test = predict("models:/bright@champion", dest, split="test", out="test.csv",
+                   verbose=False)
+    assert test.columns.tolist()[:3] == ["id", "class", "label"]
+    assert len(test) == 3 and test.attrs["accuracy"] == 1.0
+    assert (test["class"] == test["label"]).all()
+
+
+def test_rgb_dataset_on_a_grey_model_uses_luminance(work: Path) -> None:
+    """Pure red (L = 76) is nearest 100; white is 255 -> class 2; its default split is test."""
+    red = np.zeros((10, 6, 6, 3), np.uint8)
+    red[..., 0] = 255
+    white = np.full((10, 6, 6, 3), 255, np.uint8)
+    black = np.zeros((10, 6, 6, 3), np.uint8)
+    labels = np.repeat([1, 2, 0], 10)
+    src = sources.from_arrays(np.concatenate([red, white, black]), labels)
+    dest = work / "colours"
+    datasets.prepare(src, dest, progress=False)
+
+    frame = predict("models:/bright@champion", dest, verbose=False)
+    assert len(frame) == datasets.load_info(dest).splits["test"].rows == 3
+    assert (frame["class"] == frame["label"]).all()
+    assert np.allclose(frame.filter(like="prob_").sum(axis=1), 1.0, atol=1e-5)
+
+    with pytest.raises(TlrayError, match=r"no 'predict' split \(it has train, val, test\)"):
+        predict("models:/bright@champion", dest, split="predict", verbose=False)
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def test_image_folder_with_class_folders_and_mixed_sizes(work: Path) -> None:
+    folder = work / "images" / "wrapper"  # a single wrapping folder is looked through
+    _png(folder / "0" / "a.png", _images([0], (10, 10, 1))[0])
+    _png(folder / "1" / "b.png", _images([100], (20, 14, 3))[0])
+    red = np.zeros((9, 9, 4), np.uint8)  # RGBA: opaque red on a grey model, L = 76 -> "1"
+    red[..., 0], red[..., 3] = 255, 255
+    Image.fromarray(red, "RGBA").save(folder / "1" / "red.png")
+    _png(folder / "2" / "c.jpg", _images([200], (12, 12, 3))[0])
+    _png(folder / "unsorted" / "d.png", _images([200], (8, 8, 1))[0])
+    (folder / "2" / "Thumbs.db").write_bytes(b"junk")
+    (folder / "README.txt").write_text("not an image")
+
+    frame = predict("models:/bright@champion", work / "images", verbose=False)
+    assert frame["id"].tolist() == ["wrapper/0/a.png", "wrapper/1/b.png", "wrapper/1/red.png",
+                                    "wrapper/2/c.jpg", "wrapper/unsorted/d.png"]
+    assert frame["class"].tolist() == ["0", "1", "1", "2", "2"]
+    assert frame["label"].tolist() == ["0", "1", "1", "2", ""]  # "unsorted" is no class
+    assert frame.attrs["accuracy"] == 1.0
+
+    # The same images zipped, and one image on its own.
+    archive = work / "images.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for p in sorted(folder.rglob("*.png")):
+            z.write(p, p.relative_to(work / "images").as_posix())
+    zipped = predict("models:/bright-rgb@champion", archive, out="zip.csv", verbose=False)
+    assert zipped["class"].tolist() == ["0", "1", "1", "2"]
+    single = predict("models:/bright@champion", folder / "0" / "a.png", out="one.csv",
+                     format="kaggle", verbose=False)
+    assert single.to_dict("list") == {"ImageId": [1], "Label": ["0"]}
+
+
+def test_flat_image_folder(work: Path) -> None:
+    for name, level in (("x.png", 200), ("y.bmp", 0), ("z.jpeg", 100)):
+        _png(work / "flat" / name, _images([level], (16, 16, 3))[0])
+    frame = predict("models:/bright-rgb@champion", work / "flat", verbose=False)
+    assert frame.columns.tolist() == ["id", "class", "prob_0", "prob_1", "prob_2"]
+    assert dict(zip(frame["id"], frame["class"])) == {"x.png": "2", "y.bmp": "0", "z.jpeg": "1"}
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_unknown_models_name_what_exists(work: Path, store) -> None:
+    source = _write_pixel_csv(work / "test.csv", _images([0]))
+    cases = {
+        "models:/nope@champion": r"no registered model named 'nope' in the tracking "
+                                 r"store sqlite:///.*bright, bright-rgb",
+        "models:/bright@staging": r"'bright' has no alias 'staging'.*@champion -> version 1"
+                                  r".*versions: 1",
+        "models:/bright/7": r"'bright' has no version '7'.*versions: 1",
+        "models:/m-0123456789abcdef": r"no logged model with id 'm-0123456789abcdef'",
+        "runs:/0123456789abcdef/model": r"run '0123456789abcdef' does not exist",
+        f"runs:/{store['run_id']}/missing": r"no model at 'missing'.*bare, bright, bright-rgb",
+        "no/such/dir": r"no MLflow model there.*models:/NAME@ALIAS",
+    }
+    for uri, expected in cases.items():
+        with pytest.raises(TlrayError, match=expected) as err:
+            predict(uri, source, verbose=False)
+        assert uri in str(err.value)
+    assert not (work / "submission.csv").exists()
+
+
+def test_model_without_preprocess_metadata(work: Path, store) -> None:
+    source = _write_pixel_csv(work / "test.csv", _images([0]))
+    with pytest.raises(TlrayError, match=r"no tlray preprocessing metadata"):
+        predict(store["bare"], source, verbose=False)
+    with pytest.raises(TlrayError, match=r"no tlray preprocessing metadata"):
+        load_preprocess(store["bare"])
+    assert load_preprocess("models:/bright-rgb@champion") == {
+        "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "size": (12, 12), "channels": 3}
+
+
+def test_bad_sources_and_options_fail_before_writing(work: Path) -> None:
+    good = _write_pixel_csv(work / "test.csv", _images([0]))
+    (work / "empty").mkdir()
+    (work / "empty" / "notes.txt").write_text("no images here")
+    (work / "bad.csv").write_text("pixel0,pixel1,pixel2\n1,2,3\n")
+    (work / "outdir").mkdir()
+    champion = "models:/bright@champion"
+    cases = [
+        ((champion, work / "missing"), {}, r"source '.*missing' does not exist"),
+        ((champion, work / "empty"), {}, r"no images found .*1 other file"),
+        ((champion, work / "bad.csv"), {}, r"3 pixel columns do not make a square image"),
+        ((champion, good), {"split": "test"}, r"--split 'test' applies to prepared datasets"),
+        ((champion, good), {"format": "json"}, r"--format must be one of"),
+        ((champion, good), {"batch_size": 0}, r"--batch-size must be a positive integer"),
+        ((champion, good), {"out": work / "outdir"}, r"is a directory"),
+        (("models:/nope@champion", work / "missing"), {}, r"does not exist"),  # source first
+    ]
+    for args, kwargs, expected in cases:
+        with pytest.raises(TlrayError, match=expected):
+            predict(*args, verbose=False, **kwargs)
+    assert sorted(p.name for p in work.iterdir()) == ["bad.csv", "empty", "outdir", "test.csv"]
+
+
+def test_write_is_atomic(work: Path) -> None:
+    target = work / "predictions.csv"
+    target.write_text("previous complete file\n")
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("disk full, say")
+
+    rows = [f"row {i}" for i in range(50_000)] + [Unprintable()]
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_csv_atomic(pd.DataFrame({"id": rows}), target)
+    assert target.read_text() == "previous complete file\n"
+    assert _leftovers(work) == []
+
+    write_csv_atomic(pd.DataFrame({"id": ["a", "b"]}), target)
+    assert target.read_text() == "id\na\nb\n"
+    assert _leftovers(work) == []

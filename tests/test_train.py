@@ -1,0 +1,108 @@
+"""One training run on a real local Ray cluster with a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from tlray import config, trainer
+from tlray.datasets import prepare
+from tlray.errors import TlrayError
+
+pytestmark = pytest.mark.ray
+
+SMALL = ["--model.backbone=test_efficientnet", "--model.weights=none", "--data.image_size=32",
+         "--data.batch_size=64", "--scaling.num_workers=2", "--scaling.cpus_per_worker=0.5",
+         "--optim.lr=0.005"]
+
+
+@pytest.fixture
+def mnist(tlray_home):
+    return prepare("builtin:mnist", progress=False)
+
+
+def run_cfg(mnist, *extra):
+    return config.load(None, SMALL + [f"--data.dataset={mnist.uri}", *extra])
+
+
+def test_two_worker_run_logs_everything(ray_cluster, mnist, tmp_path):
+    cfg = run_cfg(mnist, "--train.epochs=2")
+    result = trainer.train(cfg)
+
+    ckpt = Path(result.checkpoint_path)
+    assert (ckpt / "model.pt").is_file() and (ckpt / "test.json").is_file()
+    assert [row["epoch"] for row in result.history] == [1, 2]
+    assert 0.0 <= result.metrics["test_acc"] <= 1.0 and result.metrics["test_auc"] > 0.5
+
+    client = MlflowClient()
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.backbone"] == "test_efficientnet"
+    assert run.data.tags["backbone"] == "test_efficientnet"
+    assert run.data.tags["dataset_hash"] == mnist.fingerprint
+    # Per-epoch metrics in MLflow equal what the workers reported, step = epoch.
+    for key in ("train_loss", "val_loss", "val_acc", "val_auc", "img_per_s"):
+        logged = {m.step: m.value for m in client.get_metric_history(result.run_id, key)}
+        assert logged == pytest.approx({row["epoch"]: row[key] for row in result.history})
+    assert run.data.metrics["test_acc"] == pytest.approx(result.metrics["test_acc"])
+
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "dataset.json", "test_metrics.json", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(result.run_id, "plots")}
+    assert plots == {"plots/learning_curves.png", "plots/confusion_matrix.png",
+                     "plots/test_predictions.png"}
+    test_json = json.loads(mlflow.artifacts.load_text(f"runs:/{result.run_id}/test_metrics.json"))
+    assert np.array(test_json["confusion_matrix"]).sum() == mnist.splits["test"].rows
+
+    # The logged model predicts exactly what the checkpoint predicts.
+    logged = mlflow.pytorch.load_model(result.model_uri, device="cpu")
+    model, _ = trainer.check_model(cfg, mnist)
+    model.load_state_dict(torch.load(ckpt / "model.pt", weights_only=True))
+    model.eval()
+    x = torch.from_numpy(trainer.model_input_example(cfg, mnist, trainer.check_model(cfg, mnist)[1]))
+    x = torch.cat([x, x.flip(-1), x * 0.5])
+    with torch.no_grad():
+        torch.testing.assert_close(logged(x), model(x))
+
+
+def test_early_stopping_stops_a_stalled_run(ray_cluster, mnist):
+    # A learning rate this small cannot change a single prediction: val_acc stalls.
+    cfg = run_cfg(mnist, "--train.epochs=6", "--train.patience=1", "--train.monitor=val_acc",
+                  "--optim.lr=1e-12", "--tracking.log_model=false",
+                  "--scaling.num_workers=1", "--scaling.cpus_per_worker=1")
+    result = trainer.train(cfg)
+    assert result.metrics["stopped_early"] is True
+    assert result.metrics["epochs_run"] == 2
+    assert result.metrics["best_epoch"] == 1
+
+
+def test_killed_worker_resumes_from_checkpoint(ray_cluster, mnist):
+    steps_per_epoch = -(-mnist.splits["train"].rows // 2 // 64)
+    cfg = run_cfg(mnist, "--train.epochs=2", "--scaling.max_failures=1",
+                  "--train.kill_rank=1", f"--train.kill_at_step={steps_per_epoch + 3}",
+                  "--tracking.log_model=false")
+    result = trainer.train(cfg)
+    state = json.loads((Path(result.checkpoint_path) / "state.json").read_text())
+    assert state["resumed"] == 1  # really died once, and came back from epoch 1's checkpoint
+    assert [row["epoch"] for row in state["history"]] == [1, 2]
+    assert MlflowClient().get_run(result.run_id).info.status == "FINISHED"
+
+
+def test_bad_input_fails_before_training(ray_cluster, mnist):
+    client_runs = lambda: MlflowClient().search_runs(  # noqa: E731
+        [e.experiment_id for e in MlflowClient().search_experiments()])
+    with pytest.raises(TlrayError, match="efficientnet_b99"):
+        trainer.train(run_cfg(mnist, "--model.backbone=efficientnet_b99"))
+    with pytest.raises(TlrayError, match="freeze"):
+        trainer.train(run_cfg(mnist, "--model.freeze=99"))
+    with pytest.raises(TlrayError, match="GPUs"):
+        trainer.train(run_cfg(mnist, "--scaling.use_gpu=true"))
+    with pytest.raises(TlrayError, match="does not exist"):
+        trainer.train(run_cfg(mnist, "--data.dataset=/nonexistent/dataset"))
+    assert client_runs() == []  # nothing was started

@@ -1,0 +1,675 @@
+"""Predictions from a logged tlray model on new images: `tlray predict`.
+
+A model is anything MLflow resolves (`models:/NAME@champion`, `models:/NAME/VERSION`,
+`models:/m-ID`, `runs:/RUN_ID/model`, a local model directory); a bare registered name means
+`models:/NAME@champion`. The model's MLmodel file carries what training used to make its
+input (`metadata["preprocess"]`: mean, std, size [h, w], channels), so new images go through
+exactly the same steps: uint8 HWC pixels -> the model's channel mode -> `to_model_input`
+(resize to the model's input size, normalise) -> logits -> softmax.
+
+Sources:
+  - a prepared dataset directory (split `predict` if it has one, else `test`),
+  - a pixel CSV: Kaggle's `test.csv` (pixel columns only), or a `train.csv`-style one with a
+    `label` column (its labels are kept for the accuracy); a Kaggle competition directory
+    holding `test.csv` means that file,
+  - images: a folder (flat, or one sub-folder per class; a sub-folder named like one of the
+    model's classes is taken as the true label), a `.zip` of one, or a single image file.
+
+Channel modes are converted the way `tlray prepare --mode` converts them: grey -> RGB repeats
+the channel, RGB -> grey is PIL's ITU-R 601-2 luma (L = 0.299 R + 0.587 G + 0.114 B),
+transparent pixels become white. Sizes need no check: `to_model_input` resizes every image
+to the model's input size, as training did.
+
+Output: Kaggle's `submission.csv` (`ImageId,Label`, ImageId 1-based in the source's row
+order, Label the class name) for Kaggle-style inputs, else `id,class[,label],prob_<class>...`.
+The file is written to a temporary sibling and renamed, so it is either complete or absent
+(an existing file is only replaced by a complete new one).
+
+Models logged in pt2 format run on the CPU (a pt2 model saved from CPU weights cannot be
+loaded onto a CUDA device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import re
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pandas as pd
+
+from tlray.errors import TlrayError
+
+FORMATS = ("auto", "kaggle", "probs")
+KAGGLE_COLUMNS = ("ImageId", "Label")
+DEFAULT_OUT = {"kaggle": "submission.csv", "probs": "predictions.csv"}
+MODEL_URI_HELP = ("models:/NAME@ALIAS (e.g. models:/NAME@champion), models:/NAME/VERSION, "
+                  "models:/m-ID, runs:/RUN_ID/model, a local model directory, or a bare "
+                  "registered model NAME (= models:/NAME@champion)")
+_SUMMARY_CLASSES = 10  # class counts shown in the summary line
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def predict(
+    model_uri: str,
+    source: str | os.PathLike,
+    *,
+    split: str | None = None,
+    out: str | os.PathLike | None = None,
+    batch_size: int = 256,
+    format: str = "auto",  # noqa: A002 (the CLI option's name)
+    verbose: bool = True,
+) -> pd.DataFrame:
+    """Predicts every image of `source` with a logged tlray model and writes a CSV.
+
+    Every input problem (unknown model, alias or version, a model without tlray's
+    preprocessing metadata, a missing or malformed source, an unwritable output path) is a
+    `TlrayError` raised before the model is loaded or any image is predicted.
+
+    Args:
+        model_uri: see the module docstring.
+        source: a prepared dataset directory, a pixel CSV (or a directory holding Kaggle's
+            test.csv), an image folder, a .zip of one, or one image file.
+        split: the prepared dataset's split to predict (default `predict` if it has one,
+            else `test`). Only for prepared datasets.
+        out: the CSV to write (default `./submission.csv` for the Kaggle format,
+            `./predictions.csv` otherwise). Parent folders are created.
+        batch_size: images per forward pass.
+        format: "kaggle" (`ImageId,Label`), "probs" (`id,class[,label],prob_<class>...`), or
+            "auto": kaggle for a test.csv or a Kaggle dataset's predict split, else probs.
+        verbose: show a progress bar and print a one-line summary.
+
+    Returns:
+        The table written to `out`; `.attrs` holds "path" (the file written), "summary"
+        (the summary line), "model_uri" (the exact logged model used) and "accuracy" (or
+        None when no row had a known label).
+    """
+    if format not in FORMATS:
+        raise TlrayError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise TlrayError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    source = str(source)
+    if "://" not in source and not Path(source).expanduser().exists():
+        raise TlrayError(f"source {source!r} does not exist (expected a prepared dataset "
+                         f"directory, a pixel CSV such as Kaggle's test.csv, an image folder or "
+                         f".zip, or an image file)")
+
+    model_uri = _normalise_uri(model_uri)
+    info = _model_info(model_uri)
+    pre = _check_preprocess(info.metadata or {}, model_uri)
+    class_names = _check_class_names(info.metadata or {}, model_uri)
+    if "pytorch" not in (info.flavors or {}):
+        raise TlrayError(f"model {model_uri} is not a PyTorch model (flavors: "
+                         f"{', '.join(info.flavors or {}) or 'none'}); tlray predicts with "
+                         f"models logged by tlray's training")
+
+    inputs = _open_inputs(source, split, pre["channels"], class_names)
+    fmt = format if format != "auto" else ("kaggle" if inputs.kaggle else "probs")
+    path = _check_out(out if out is not None else Path.cwd() / DEFAULT_OUT[fmt])
+
+    model = _load_model(info.model_uri or model_uri, model_uri)
+    probs, ids, labels = _run(model, inputs, pre, class_names, batch_size, verbose)
+
+    predicted = [class_names[i] for i in probs.argmax(axis=1)] if len(probs) else []
+    frame = _table(fmt, inputs, ids, labels, probs, predicted, class_names)
+    write_csv_atomic(frame, path)
+
+    known = [(p, lab) for p, lab in zip(predicted, labels) if lab is not None]
+    accuracy = sum(p == lab for p, lab in known) / len(known) if known else None
+    summary = _summary(len(frame), inputs.description, _describe_model(model_uri), path, fmt,
+                       predicted, class_names, accuracy, len(known))
+    frame.attrs.update(path=str(path), summary=summary, model_uri=info.model_uri or model_uri,
+                       accuracy=accuracy)
+    if verbose:
+        print(summary)
+    return frame
+
+
+def load_preprocess(model_uri: str) -> dict:
+    """The checked preprocessing a tlray model expects, from its MLmodel metadata.
+
+    Returns:
+        {"mean": (C floats), "std": (C floats), "size": (h, w), "channels": C}.
+
+    Raises:
+        TlrayError: the model does not exist, or was not logged with tlray's
+            `metadata={"preprocess": {...}}`.
+    """
+    model_uri = _normalise_uri(model_uri)
+    return _check_preprocess(_model_info(model_uri).metadata or {}, model_uri)
+
+
+def write_csv_atomic(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Writes `frame` (no index) to `path` through a temporary sibling and a rename.
+
+    A crash or error while writing leaves `path` as it was (absent, or the previous
+    complete file) and removes the temporary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "x", newline="") as f:
+            frame.to_csv(f, index=False, float_format="%.6g")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds `tlray predict`'s arguments to `parser` and sets `run=run_predict` as default."""
+    parser.add_argument("model", help=f"the model: {MODEL_URI_HELP}")
+    parser.add_argument("source", help="prepared dataset directory, pixel CSV (Kaggle test.csv) "
+                                       "or a directory holding one, image folder (flat or one "
+                                       "sub-folder per class), .zip, or image file")
+    parser.add_argument("--split", help="split of a prepared dataset (default: predict if "
+                                        "present, else test)")
+    parser.add_argument("--out", help="CSV to write (default ./submission.csv for the Kaggle "
+                                      "format, ./predictions.csv otherwise)")
+    parser.add_argument("--format", choices=FORMATS, default="auto",
+                        help="kaggle: ImageId,Label; probs: id,class,prob_<class>...; auto "
+                             "(default): kaggle for a test.csv or a Kaggle dataset's predict "
+                             "split, else probs")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass "
+                                                                    "(default 256)")
+    parser.set_defaults(run=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """Runs `predict` from parsed `add_predict_arguments` options; prints its summary."""
+    predict(args.model, args.source, split=args.split, out=args.out,
+            batch_size=args.batch_size, format=args.format, verbose=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def _normalise_uri(model_uri: str) -> str:
+    """A bare registered model name means its champion; URIs and paths pass unchanged."""
+    model_uri = str(model_uri).strip()
+    if not model_uri:
+        raise TlrayError(f"model URI is empty: expected {MODEL_URI_HELP}")
+    if (":" not in model_uri and "/" not in model_uri and os.sep not in model_uri
+            and not Path(model_uri).exists()):
+        from tlray.tracking import CHAMPION_ALIAS
+
+        return f"models:/{model_uri}@{CHAMPION_ALIAS}"
+    return model_uri
+
+
+def _model_info(model_uri: str):
+    """mlflow's ModelInfo for `model_uri`, or a TlrayError that says what exists instead."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from tlray import tracking
+
+    tracking.configure()
+    try:
+        return mlflow.models.get_model_info(model_uri)
+    except (MlflowException, OSError) as e:
+        raise TlrayError(_explain_missing_model(model_uri, e)) from None
+
+
+def _parse_models_uri(model_uri: str) -> tuple[str, str | None, str | None]:
+    """models:/NAME@ALIAS -> (NAME, "alias", ALIAS); models:/NAME/V -> (NAME, "version", V);
+    models:/m-ID -> (m-ID, "logged", None)."""
+    rest = model_uri[len("models:/"):].strip("/")
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        return name, "alias", alias
+    if "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        return name, "version", version
+    return rest, ("logged" if rest.startswith("m-") else None), None
+
+
+def _explain_missing_model(model_uri: str, error: Exception) -> str:
+    """Names the URI and what the store does hold: aliases, versions, models, runs."""
+    from mlflow import MlflowClient
+
+    from tlray import tracking
+
+    store = f"tracking store {tracking.tracking_uri()}"
+    client = MlflowClient()
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    try:
+        if model_uri.startswith("models:/"):
+            name, kind, ref = _parse_models_uri(model_uri)
+            if kind == "logged":
+                return (f"model {model_uri}: no logged model with id {name!r} in the {store} "
+                        f"({reason})")
+            registered = _registered_model(client, name)
+            if registered is None:
+                names = [m.name for m in client.search_registered_models(max_results=20)]
+                have = (f"registered models there: {', '.join(sorted(names))}" if names
+                        else "it has no registered models")
+                return (f"model {model_uri}: there is no registered model named {name!r} in the "
+                        f"{store} ({have}); check MLFLOW_TRACKING_URI / TLRAY_HOME")
+            versions = sorted((int(v.version) for v in
+                               client.search_model_versions(f"name = '{_quote(name)}'")))
+            aliases = ", ".join(f"@{a} -> version {v}" for a, v in
+                                sorted(registered.aliases.items())) or "none"
+            listing = (f"its aliases: {aliases}; its versions: "
+                       f"{', '.join(map(str, versions)) or 'none'}")
+            if kind == "alias":
+                return f"model {model_uri}: registered model {name!r} has no alias {ref!r} ({listing})"
+            if kind == "version":
+                return (f"model {model_uri}: registered model {name!r} has no version {ref!r} "
+                        f"({listing})")
+            return (f"model {model_uri}: expected models:/{name}@ALIAS or "
+                    f"models:/{name}/VERSION ({listing})")
+        if model_uri.startswith("runs:/"):
+            run_id, _, artifact = model_uri[len("runs:/"):].strip("/").partition("/")
+            try:
+                run = client.get_run(run_id)
+            except Exception:
+                return f"model {model_uri}: run {run_id!r} does not exist in the {store}"
+            names = _run_model_names(run)
+            have = (f"its logged models: {', '.join(names)}" if names
+                    else "it has no logged models")
+            return (f"model {model_uri}: run {run_id} has no model at {artifact or '(empty)'!r} "
+                    f"({have}; use runs:/{run_id}/<model name>)")
+    except Exception as lookup_error:  # explaining must never hide the original problem
+        return f"model {model_uri}: {reason} (and looking up what exists failed: {lookup_error})"
+    return (f"model {model_uri}: no MLflow model there ({reason}); expected {MODEL_URI_HELP} "
+            f"(using the {store})")
+
+
+def _quote(name: str) -> str:
+    return name.replace("'", "\\'")
+
+
+def _registered_model(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException:
+        return None
+
+
+def _run_model_names(run) -> list[str]:
+    import mlflow
+
+    try:
+        models = mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list")
+        return sorted({m.name for m in models})
+    except Exception:
+        return []
+
+
+def _describe_model(model_uri: str) -> str:
+    """The URI, plus the version an alias points to (the alias may move later)."""
+    if not model_uri.startswith("models:/"):
+        return model_uri
+    name, kind, ref = _parse_models_uri(model_uri)
+    if kind != "alias":
+        return model_uri
+    try:
+        from mlflow import MlflowClient
+
+        return f"{model_uri} (version {MlflowClient().get_model_version_by_alias(name, ref).version})"
+    except Exception:
+        return model_uri
+
+
+def _check_preprocess(metadata: dict, model_uri: str) -> dict:
+    pre = metadata.get("preprocess")
+    if not isinstance(pre, dict):
+        raise TlrayError(
+            f"model {model_uri} has no tlray preprocessing metadata (metadata 'preprocess' with "
+            f"mean, std, size, channels in its MLmodel file), so how its input was made is "
+            f"unknown; predict with a model logged by tlray's training (tracking.log_model(..., "
+            f"metadata={{'preprocess': ...}}))")
+
+    def bad(what: str) -> TlrayError:
+        return TlrayError(f"model {model_uri}: metadata preprocess.{what} (got {pre!r})")
+
+    try:
+        channels = int(pre["channels"])
+    except (KeyError, TypeError, ValueError):
+        raise bad("channels must be 1 (grey) or 3 (RGB)") from None
+    if channels not in (1, 3):
+        raise bad("channels must be 1 (grey) or 3 (RGB)")
+    size = pre.get("size")
+    size = [size, size] if isinstance(size, int) else size
+    if (not isinstance(size, (list, tuple)) or len(size) != 2
+            or not all(isinstance(s, int) and s > 0 for s in size)):
+        raise bad("size must be [height, width] in pixels")
+    stats = {}
+    for key in ("mean", "std"):
+        value = pre.get(key)
+        value = [value] if isinstance(value, (int, float)) else value
+        if (not isinstance(value, (list, tuple)) or len(value) not in (1, channels)
+                or not all(isinstance(v, (int, float)) for v in value)):
+            raise bad(f"{key} must be {channels} number(s), one per channel")
+        stats[key] = tuple(float(v) for v in value) * (channels if len(value) == 1 else 1)
+    if any(s == 0 for s in stats["std"]):
+        raise bad("std must not contain 0")
+    return {"mean": stats["mean"], "std": stats["std"], "size": (size[0], size[1]),
+            "channels": channels}
+
+
+def _check_class_names(metadata: dict, model_uri: str) -> list[str]:
+    names = metadata.get("class_names")
+    if not isinstance(names, list) or not names:
+        raise TlrayError(f"model {model_uri} has no class_names metadata: was it logged by "
+                         f"tlray's tracking.log_model?")
+    return [str(n) for n in names]
+
+
+def _load_model(resolved_uri: str, model_uri: str):
+    import mlflow.pytorch
+
+    try:
+        return mlflow.pytorch.load_model(resolved_uri, device="cpu")
+    except Exception as e:
+        raise TlrayError(f"model {model_uri} exists but could not be loaded ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+
+
+# --------------------------------------------------------------------------- sources
+
+@dataclass
+class _Inputs:
+    """What to predict: batches of (images, ids, true class name or None per row).
+
+    A batch's images are one uint8 [N, H, W, C] array, or a list of [H, W, C] arrays when
+    their sizes may differ (image folders); either way already in the model's channel mode.
+    """
+
+    description: str
+    rows: int
+    kaggle: bool
+    batches: Callable[[int], Iterator[tuple[Any, list[str], list[str | None]]]]
+    image_ids: Callable[[list[str]], np.ndarray] | None = None
+
+
+def _open_inputs(source: str, split: str | None, channels: int,
+                 class_names: list[str]) -> _Inputs:
+    from tlray import datasets, sources
+
+    path = Path(source).expanduser()
+    is_dataset = "://" in source or (path / "dataset.json").is_file() or _looks_like_dataset(path)
+    if split is not None and not is_dataset:
+        raise TlrayError(f"--split {split!r} applies to prepared datasets only, but {source!r} "
+                         f"is not one (no dataset.json)")
+    if is_dataset:
+        return _dataset_inputs(datasets.load_info(source), split, channels)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return _csv_inputs(path, channels)
+    if path.is_dir() and (path / "test.csv").is_file():
+        return _csv_inputs(path / "test.csv", channels)
+    if path.is_file() and path.suffix.lower() == ".zip":
+        return _image_inputs(sources.ZipTree(path), source, channels, class_names)
+    if path.is_file() and path.suffix.lower() in sources.IMAGE_EXTENSIONS:
+        return _image_inputs(_SingleFile(path), source, channels, class_names)
+    if path.is_file():
+        raise TlrayError(f"source {source!r} is a file but not a .csv, a .zip or an image "
+                         f"({', '.join(sorted(sources.IMAGE_EXTENSIONS))})")
+    return _image_inputs(sources.DirTree(path), source, channels, class_names)
+
+
+def _looks_like_dataset(path: Path) -> bool:
+    """Split folders of Parquet shards without dataset.json: an interrupted prepare, which
+    `load_info` explains (rather than calling it an empty image folder)."""
+    from tlray.datasets import SPLITS
+
+    return path.is_dir() and any(any((path / s).glob("*.parquet")) for s in SPLITS)
+
+
+def _to_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 NHWC to `channels`: grey -> RGB repeats, RGB -> grey is PIL's 'L' (ITU-R 601-2,
+    bit-exact with `Image.convert("L")`, i.e. with `tlray prepare --mode L`)."""
+    have = images.shape[-1]
+    if have == channels:
+        return images
+    if have == 1 and channels == 3:
+        return np.repeat(images, 3, axis=-1)
+    if have == 3 and channels == 1:
+        rgb = images.astype(np.uint32)
+        luma = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
+        return luma.astype(np.uint8)[..., None]
+    raise TlrayError(f"cannot convert {have}-channel images to the model's {channels} channels")
+
+
+def _csv_inputs(path: Path, channels: int) -> _Inputs:
+    """A pixel CSV through the same reader (and validation) as `tlray prepare`."""
+    from tlray import sources
+
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), None)
+    labelled = bool(header) and header[0] == "label"
+    # sources' reader is private; it is the one parser of pixel CSVs (see the report).
+    images, raw = sources._read_pixel_csv(path, labelled=labelled)
+    images = _to_channels(images, channels)
+    ids = [f"{path.name}:row {i + 1}" for i in range(len(images))]
+    labels = [str(int(v)) for v in raw] if labelled else [None] * len(images)
+
+    def batches(batch_size: int):
+        for start in range(0, len(images), batch_size):
+            stop = start + batch_size
+            yield images[start:stop], ids[start:stop], labels[start:stop]
+
+    side = images.shape[1]
+    return _Inputs(f"{path} ({len(images)} rows of {side}x{side} grey pixels"
+                   f"{', labelled' if labelled else ''})", len(images), not labelled, batches)
+
+
+def _dataset_inputs(info, split: str | None, channels: int) -> _Inputs:
+    import pyarrow.parquet as pq
+
+    from tlray.datasets import decode_images, filesystem
+
+    if split is None:
+        split = next((s for s in ("predict", "test") if s in info.splits), None)
+        if split is None:
+            raise TlrayError(f"dataset {info.uri} has neither a predict nor a test split (it has "
+                             f"{', '.join(info.splits)}); choose one with --split")
+    shards = info.shard_uris(split)  # explains an unknown split
+    if info.splits[split].rows == 0:
+        raise TlrayError(f"dataset {info.uri}: split {split!r} has no rows")
+    fs, _ = filesystem(info.uri)
+
+    def batches(batch_size: int):
+        for uri in shards:
+            table = pq.read_table(filesystem(uri)[1], filesystem=fs,
+                                  columns=["image", "label", "id"])
+            images = _to_channels(decode_images(table.column("image"), info.image_shape),
+                                  channels)
+            ids = table.column("id").to_pylist()
+            labels = [info.classes[i] if i >= 0 else None
+                      for i in table.column("label").to_pylist()]
+            for start in range(0, len(ids), batch_size):
+                stop = start + batch_size
+                yield images[start:stop], ids[start:stop], labels[start:stop]
+
+    kaggle = info.source.get("kind") == "kaggle-csv" and split == "predict"
+    return _Inputs(f"dataset {info.uri}, split {split}", info.splits[split].rows, kaggle,
+                   batches, _kaggle_row_numbers if kaggle else None)
+
+
+def _kaggle_row_numbers(ids: list[str]) -> np.ndarray:
+    """ImageId from the provenance ids ("test.csv:row 17" -> 17); 1..N if any id is not one."""
+    numbers = [re.fullmatch(r".*:row (\d+)", i) for i in ids]
+    if all(numbers):
+        return np.array([int(m.group(1)) for m in numbers], dtype=np.int64)
+    return np.arange(1, len(ids) + 1)
+
+
+class _SingleFile:
+    """One image file, with the interface of sources.DirTree."""
+
+    def __init__(self, path: Path):
+        self.path, self.name = path, str(path)
+
+    def files(self) -> list[tuple[str, int, int]]:
+        return [(self.path.name, 0, 0)]
+
+    def read(self, rel: str) -> bytes:
+        return self.path.read_bytes()
+
+
+def _image_inputs(tree, source: str, channels: int, class_names: list[str]) -> _Inputs:
+    """Image files anywhere under the folder, in sorted path order; other files are ignored."""
+    from PIL import Image
+
+    from tlray import sources
+
+    files = [f for f in tree.files() if not sources._is_ignored(f[0])]
+    items = [rel for rel, _, _ in files if Path(rel).suffix.lower() in sources.IMAGE_EXTENSIONS]
+    if not items:
+        raise TlrayError(f"{tree.name}: no images found (expected files ending in "
+                         f"{', '.join(sorted(sources.IMAGE_EXTENSIONS))}, directly or in "
+                         f"sub-folders; {len(files)} other file(s) there)")
+    # Every header is read up front, so an unreadable file fails before any prediction.
+    sources._read_headers(tree, items, False, [])
+    wanted = set(items)
+    prefix = sources._class_root([f for f in files if f[0] in wanted])
+    known = set(class_names)
+    labels: list[str | None] = []
+    for rel in items:
+        parts = rel[len(prefix):].split("/")
+        labels.append(parts[0] if len(parts) >= 2 and parts[0] in known else None)
+    mode = "L" if channels == 1 else "RGB"
+
+    def decode(rel: str) -> np.ndarray:
+        try:
+            with Image.open(io.BytesIO(tree.read(rel))) as im:
+                im.load()
+                arr = sources._to_mode(im, mode)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise TlrayError(f"{tree.name}: {rel}: cannot decode image ({e})") from None
+        return arr if arr.ndim == 3 else arr[..., None]
+
+    def batches(batch_size: int):
+        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+            for start in range(0, len(items), batch_size):
+                chunk = items[start:start + batch_size]
+                yield list(pool.map(decode, chunk)), chunk, labels[start:start + batch_size]
+
+    labelled = sum(lab is not None for lab in labels)
+    return _Inputs(f"{source} ({len(items)} images"
+                   f"{f', {labelled} in class folders' if labelled else ''})",
+                   len(items), False, batches)
+
+
+# --------------------------------------------------------------------------- predicting
+
+
+def _model_input(images, pre: dict):
+    """uint8 images (an NHWC array, or a list of HWC arrays of any sizes) -> the model's
+    float NCHW input. Differently sized images are resized in groups of equal size, each
+    image exactly as it would be alone."""
+    import torch
+
+    from tlray.ingest import to_model_input
+
+    def convert(batch: np.ndarray):
+        return to_model_input(torch.from_numpy(np.ascontiguousarray(batch)), pre["mean"],
+                              pre["std"], pre["size"])
+
+    if isinstance(images, np.ndarray):
+        return convert(images)
+    groups: dict[tuple, list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(im.shape, []).append(i)
+    out = torch.empty((len(images), pre["channels"], *pre["size"]), dtype=torch.float32)
+    for members in groups.values():
+        out[members] = convert(np.stack([images[i] for i in members]))
+    return out
+
+
+def _run(model, inputs: _Inputs, pre: dict, class_names: list[str], batch_size: int,
+         verbose: bool) -> tuple[np.ndarray, list[str], list[str | None]]:
+    import torch
+    from tqdm.auto import tqdm
+
+    probs: list[np.ndarray] = []
+    ids: list[str] = []
+    labels: list[str | None] = []
+    with tqdm(total=inputs.rows, unit="img", desc="predict", disable=not verbose,
+              leave=False) as bar, torch.no_grad():
+        for images, batch_ids, batch_labels in inputs.batches(batch_size):
+            logits = model(_model_input(images, pre))
+            if logits.ndim != 2 or logits.shape[1] != len(class_names):
+                raise TlrayError(f"the model outputs shape {tuple(logits.shape)} but its "
+                                 f"metadata names {len(class_names)} classes")
+            probs.append(torch.softmax(logits.float(), dim=1).numpy())
+            ids.extend(batch_ids)
+            labels.extend(batch_labels)
+            bar.update(len(batch_ids))
+    return (np.concatenate(probs) if probs else np.zeros((0, len(class_names)), np.float32),
+            ids, labels)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _table(fmt: str, inputs: _Inputs, ids: list[str], labels: list[str | None],
+           probs: np.ndarray, predicted: list[str], class_names: list[str]) -> pd.DataFrame:
+    """Kaggle's `ImageId,Label`, or `id,class[,label],prob_<class>...` (label: the true class
+    where the source knows it, e.g. a test split or class folders; empty elsewhere)."""
+    if fmt == "kaggle":
+        image_ids = inputs.image_ids(ids) if inputs.image_ids else np.arange(1, len(ids) + 1)
+        return pd.DataFrame({KAGGLE_COLUMNS[0]: image_ids, KAGGLE_COLUMNS[1]: predicted})
+    columns: dict[str, Any] = {"id": ids, "class": predicted}
+    if any(lab is not None for lab in labels):
+        columns["label"] = ["" if lab is None else lab for lab in labels]
+    for k, name in enumerate(class_names):
+        columns[f"prob_{name}"] = probs[:, k]
+    return pd.DataFrame(columns)
+
+
+def _check_out(out: str | os.PathLike) -> Path:
+    """The output path, checked before any work: not a folder, and writable."""
+    path = Path(out).expanduser().absolute()
+    if path.is_dir():
+        raise TlrayError(f"--out {str(out)!r} is a directory; expected a CSV file path")
+    parent = path.parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise TlrayError(f"--out {str(out)!r}: {existing} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise TlrayError(f"--out {str(out)!r}: folder {existing} is not writable")
+    return path
+
+
+def _summary(rows: int, what: str, model: str, path: Path, fmt: str, predicted: list[str],
+             class_names: list[str], accuracy: float | None, labelled: int) -> str:
+    counts = Counter(predicted)
+    shown = (class_names if len(class_names) <= _SUMMARY_CLASSES else
+             [c for c, _ in counts.most_common(_SUMMARY_CLASSES)])
+    dist = ", ".join(f"{c}: {counts.get(c, 0)}" for c in shown)
+    if len(class_names) > len(shown):
+        dist += f", ... ({len(class_names) - len(shown)} more classes)"
+    try:
+        where = os.path.relpath(path)
+    except ValueError:
+        where = str(path)
+    where = where if not where.startswith("..") else str(path)
+    kind = "Kaggle submission ImageId,Label" if fmt == "kaggle" else "class probabilities"
+    line = (f"predicted {rows} rows of {what} with {model}: wrote {where} ({kind}); "
+            f"predicted classes {dist}")
+    if accuracy is not None:
+        line += f"; accuracy {accuracy:.4f} on {labelled} labelled rows"
+    return line
+

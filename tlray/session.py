@@ -1,0 +1,41 @@
+"""Connecting to Ray: one place that starts or joins a cluster the way tlray needs it.
+
+Joins the cluster in `RAY_ADDRESS` (set by `ray job submit`) or starts a local one, quiets
+the per-task chatter of Ray Data and Ray Train so that a person sees one line per epoch,
+and hands tlray's settings (TLRAY_HOME, MLflow) to every worker process.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+
+FORWARDED_ENV = ("TLRAY_HOME", "MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "HF_HOME")
+
+
+def ray_data_logging_config() -> str:
+    return str(resources.files("tlray") / "ray_data_logging.yaml")
+
+
+def init_ray(num_cpus: int | None = None, **kwargs) -> None:
+    """`ray.init` unless already connected; local clusters get `num_cpus` logical CPUs."""
+    import ray
+
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", ray_data_logging_config())
+    if not ray.is_initialized():
+        env = {k: os.environ[k] for k in FORWARDED_ENV + ("RAY_DATA_LOGGING_CONFIG",)
+               if k in os.environ}
+        local = "RAY_ADDRESS" not in os.environ and "address" not in kwargs
+        ray.init(num_cpus=num_cpus if local else None, logging_level="ERROR",
+                 logging_config=ray.LoggingConfig(log_level="WARNING"),
+                 runtime_env={"env_vars": env}, **kwargs)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def quiet_logging_config():
+    """For Ray Train's RunConfig: Train's own INFO lines stay in its log files."""
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level="WARNING")
