@@ -26,6 +26,7 @@ def cache_dir() -> Path:
     return home() / "cache"
 
 
-def ray_results_dir() -> Path:
-    """Default Ray Train/Tune storage path (must be shared storage on a multi-node cluster)."""
-    return home() / "ray_results"
+def ray_results_dir() -> str:
+    """Default Ray Train/Tune storage path: `$TLRAY_STORAGE` (e.g. s3://bucket/ray_results,
+    which a multi-node cluster needs: every node must reach every checkpoint), else local."""
+    return os.environ.get("TLRAY_STORAGE") or str(home() / "ray_results")
