@@ -18,8 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/tlray prepare builtin:mnist
-	$(VENV)/bin/tlray inspect $${TLRAY_HOME:-$$HOME/.tlray}/datasets/mnist-builtin
+	$(VENV)/bin/python jobs/tune_mnist.py
 
 test: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

@@ -1,4 +1,4 @@
-"""`tlray` command line: prepare | inspect | models | benchmark.
+"""`tlray` command line: prepare | inspect | models | train | tune | compare | predict | benchmark.
 
 Each sub-command parses its options, calls the library, and prints a short summary.
 User errors (`TlrayError`) are printed as one line and exit with status 2.
@@ -15,11 +15,15 @@ from tlray.errors import TlrayError
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
+    if extra and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if getattr(args, "takes_overrides", False):
+            merge_overrides(args, extra)
         return args.run(args) or 0
     except TlrayError as e:
         print(f"tlray: error: {e}", file=sys.stderr)
@@ -29,9 +33,26 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def merge_overrides(args: argparse.Namespace, extra: list[str]) -> argparse.Namespace:
+    """Adds `parse_known_args`' leftovers to `args.overrides`; each must be --section.key=value.
+
+    Raises:
+        TlrayError: for anything else (a mistyped option, `--model.lr 0.1` with a space).
+    """
+    for item in extra:
+        key, sep, _ = item.partition("=")
+        if not (item.startswith("--") and sep and "." in key):
+            raise TlrayError(f"unrecognized argument {item!r}: expected an option of this "
+                             f"command or a config override --section.key=value")
+    args.overrides = [*(getattr(args, "overrides", None) or []), *extra]
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tlray", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(title="commands")
+    # No abbreviations: `--smok` must be an error, not a silent `--smoke`.
+    parser = argparse.ArgumentParser(prog="tlray", description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
+    sub = parser.add_subparsers(title="commands", parser_class=_NoAbbrevParser)
 
     p = sub.add_parser("prepare", help="validate a labelled image source and write it as a "
                                        "sharded Parquet dataset")
@@ -63,13 +84,86 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("backbone")
     d.set_defaults(run=_models_describe)
 
+    for name, run, help_text in (
+            ("train", _train, "one training run on Ray Train, tracked in MLflow"),
+            ("tune", _tune, "a Ray Tune sweep over learning rate x freeze depth; registers "
+                            "the best model as @champion")):
+        p = sub.add_parser(name, help=help_text, description=help_text + ". Any setting can "
+                           "be overridden as --section.key=value (see tlray/config.py).")
+        add_config_arguments(p)
+        if name == "tune":
+            p.add_argument("--resume", action="store_true",
+                           help="continue the latest unfinished sweep (or --tune.name=NAME)")
+        p.set_defaults(run=run)
+
+    from tlray.compare import add_compare_arguments
+    from tlray.predict import add_predict_arguments
+
+    p = sub.add_parser("compare", help="scratch CNN vs the transfer model, same budget")
+    add_compare_arguments(p)
+    p.set_defaults(takes_overrides=True)
+    p = sub.add_parser("predict", help="predict a dataset, a Kaggle test.csv or images with "
+                                       "an MLflow model (e.g. models:/NAME@champion)")
+    add_predict_arguments(p)
+
     p = sub.add_parser("benchmark", help="speed benchmarks, each against a baseline")
     bsub = p.add_subparsers(title="benchmarks")
     b = bsub.add_parser("ingest", help="Ray Data ingest vs a plain pyarrow read")
     b.add_argument("--batch-size", type=int, default=256)
     b.add_argument("--json", action="store_true", help="also print the results as JSON")
     b.set_defaults(run=_benchmark_ingest)
+    from tlray.bench_train import add_train_benchmark_arguments
+
+    add_train_benchmark_arguments(bsub.add_parser(
+        "train", help="tlray's Ray Train loop vs a plain PyTorch loop"))
     return parser
+
+
+class _NoAbbrevParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """--config FILE plus free-form --section.key=value overrides."""
+    p.add_argument("--config", help="YAML config file (sections data, model, optim, train, "
+                                    "scaling, tracking, tune)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config and exit")
+    p.set_defaults(takes_overrides=True)
+
+
+def load_config(args):
+    from tlray import config
+
+    cfg = config.load(args.config, args.overrides)
+    if args.print_config:
+        print(config.dump_yaml(cfg), end="")
+        return None
+    return cfg
+
+
+def _train(args) -> int:
+    from tlray import trainer
+
+    cfg = load_config(args)
+    if cfg is None:
+        return 0
+    result = trainer.train(cfg)
+    print(trainer.summary(result, cfg.train.monitor))
+    return 0
+
+
+def _tune(args) -> int:
+    from tlray import sweep
+
+    cfg = load_config(args)
+    if cfg is None:
+        return 0
+    result = sweep.sweep(cfg, resume=args.resume)
+    print(sweep.format_summary(result, cfg.train.monitor))
+    return 0
 
 
 def _prepare(args) -> int:
@@ -120,6 +214,18 @@ def _models_describe(args) -> int:
 
     print(format_groups(args.backbone, describe_backbone(args.backbone)))
     return 0
+
+
+def run_job(command: str, config_path: str | None, overrides: list[str], **kwargs) -> int:
+    """Entry point for jobs/*.py: resolve the config, run, print a summary; clean errors."""
+    args = argparse.Namespace(config=config_path, overrides=overrides, print_config=False,
+                              **kwargs)
+    run = {"train": _train, "tune": _tune}[command]
+    try:
+        return run(args)
+    except TlrayError as e:
+        print(f"{command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 def _benchmark_ingest(args) -> int:

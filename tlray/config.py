@@ -25,6 +25,7 @@ SCHEDULES = ("cosine", "constant")
 HEADS = ("linear", "mlp")
 # Metrics every epoch reports; the second item is the direction in which they improve.
 MONITORS = {"val_loss": "min", "val_acc": "max", "val_auc": "max", "train_loss": "min"}
+CHAMPION_METRICS = {"test_acc": "max", "test_auc": "max", "test_loss": "min"}
 
 
 @dataclass
@@ -103,6 +104,26 @@ class TrackingConfig:
 
 
 @dataclass
+class TuneConfig:
+    """The sweep (`tlray tune`): what to search, how many trials, how to stop bad ones early."""
+
+    num_samples: int = 4
+    lr_min: float = 1e-4  # learning rate, log-uniform in [lr_min, lr_max]
+    lr_max: float = 1e-2
+    freeze: str = "auto"  # depths to try, e.g. "0,3,all"; auto: every depth from 0 to all
+    space: dict | None = None  # more fields, e.g. {"optim.weight_decay": [0, 0.05]} (a choice)
+    #                            or {"optim.label_smoothing": {"uniform": [0, 0.2]}}
+    search: str = "random"  # random | optuna (TPE; needs the optuna package)
+    grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
+    reduction_factor: int = 2
+    max_concurrent: int = 0  # 0: as many trials as the cluster's CPUs/GPUs hold at once
+    max_failures: int = 1  # retries of a failed trial
+    name: str | None = None  # the sweep's name in Ray storage (default: dataset-backbone-time)
+    registered_name: str | None = None  # registry name (default: dataset and backbone)
+    champion_metric: str = "test_acc"  # test_acc | test_auc | test_loss
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -110,6 +131,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     storage_path: str | None = None  # Ray results; shared storage (s3://, NFS) on a cluster
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,7 +176,8 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None,
 
 def validate(config: Config) -> Config:
     """Checks values that types alone do not catch, before any resource is reserved."""
-    d, m, o, t, s = config.data, config.model, config.optim, config.train, config.scaling
+    d, m, o, t, s, u = (config.data, config.model, config.optim, config.train, config.scaling,
+                        config.tune)
     checks = [
         (d.image_size >= 8, "data.image_size", "an int >= 8", d.image_size),
         (d.batch_size >= 1, "data.batch_size", "an int >= 1", d.batch_size),
@@ -179,6 +202,15 @@ def validate(config: Config) -> Config:
         (s.gpus_per_worker > 0, "scaling.gpus_per_worker", "a number > 0", s.gpus_per_worker),
         (s.max_failures >= -1, "scaling.max_failures", "an int >= 0, or -1 for no limit",
          s.max_failures),
+        (u.num_samples >= 1, "tune.num_samples", "an int >= 1", u.num_samples),
+        (0 < u.lr_min <= u.lr_max, "tune.lr_min/lr_max", "0 < lr_min <= lr_max",
+         (u.lr_min, u.lr_max)),
+        (u.search in ("random", "optuna"), "tune.search", "random or optuna", u.search),
+        (u.grace_period >= 1, "tune.grace_period", "an int >= 1", u.grace_period),
+        (u.reduction_factor >= 2, "tune.reduction_factor", "an int >= 2", u.reduction_factor),
+        (u.max_concurrent >= 0, "tune.max_concurrent", "an int >= 0", u.max_concurrent),
+        (u.champion_metric in CHAMPION_METRICS, "tune.champion_metric",
+         ", ".join(CHAMPION_METRICS), u.champion_metric),
     ]
     for ok, key, expected, got in checks:
         if not ok:
@@ -275,6 +307,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return float(value)
         if base is str:
             return str(value)
+        if base is dict:
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
     except (TypeError, ValueError):
         pass
     else:

@@ -199,8 +199,9 @@ def start_run(
     run_name: str | None = None,
     tags: Mapping[str, Any] | None = None,
     parent_run_id: str | None = None,
+    run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Start a run that never stays RUNNING, whatever happens inside the block.
+    """Start (or, with `run_id`, resume) a run that never stays RUNNING, whatever happens.
 
     Success ends it FINISHED; an exception FAILED; KeyboardInterrupt (or another interruption)
     KILLED. The exception is always re-raised. A run started while another is active, or
@@ -212,16 +213,20 @@ def start_run(
         run_name: Display name of the run.
         tags: Extra run tags (values are stringified).
         parent_run_id: Id of the sweep's parent run.
+        run_id: An existing run to continue (e.g. a resumed sweep's parent run).
     """
     experiment_id = get_or_create_experiment(experiment)
     nested = mlflow.active_run() is not None
-    run = mlflow.start_run(
-        experiment_id=experiment_id,
-        run_name=run_name,
-        tags={k: str(v) for k, v in (tags or {}).items()},
-        parent_run_id=parent_run_id,
-        nested=nested,
-    )
+    if run_id is not None:
+        run = mlflow.start_run(run_id=run_id, nested=nested)
+    else:
+        run = mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=run_name,
+            tags={k: str(v) for k, v in (tags or {}).items()},
+            parent_run_id=parent_run_id,
+            nested=nested,
+        )
     run_id = run.info.run_id
     try:
         yield run

@@ -58,6 +58,10 @@ def check_model(cfg: Config, info: DatasetInfo) -> tuple[torch.nn.Module, ModelI
                        drop_rate=cfg.model.drop_rate)
 
 
+# CPUs left to Ray Data's read tasks beside the Train workers; without it they can starve.
+DATA_CPU_RESERVE = 0.5
+
+
 def check_resources(cfg: Config) -> None:
     """Fails fast, instead of waiting forever, when the cluster cannot hold the workers."""
     import ray
@@ -72,11 +76,12 @@ def check_resources(cfg: Config) -> None:
         raise TlrayError(f"{s.num_workers} workers x {s.gpus_per_worker:g} GPU need "
                          f"{s.num_workers * s.gpus_per_worker:g} GPUs; the cluster has "
                          f"{total.get('GPU', 0):g}")
-    need_cpu = s.num_workers * s.cpus_per_worker
+    need_cpu = s.num_workers * s.cpus_per_worker + DATA_CPU_RESERVE
     if total.get("CPU", 0) < need_cpu:
-        raise TlrayError(f"{s.num_workers} workers x {s.cpus_per_worker:g} CPU need "
-                         f"{need_cpu:g} CPUs; the cluster has {total.get('CPU', 0):g} (use "
-                         f"fractional --scaling.cpus_per_worker, e.g. 0.5)")
+        raise TlrayError(f"{s.num_workers} workers x {s.cpus_per_worker:g} CPU, plus "
+                         f"{DATA_CPU_RESERVE:g} for reading data, need {need_cpu:g} CPUs; the "
+                         f"cluster has {total.get('CPU', 0):g} (use fractional "
+                         f"--scaling.cpus_per_worker, e.g. 0.5)")
 
 
 def experiment_name(cfg: Config, info: DatasetInfo) -> str:

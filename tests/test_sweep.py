@@ -1,0 +1,136 @@
+"""The sweep on a real local Ray cluster and a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from tlray import config, sweep
+from tlray.datasets import prepare
+from tlray.errors import TlrayError
+from tlray.predict import predict
+
+pytestmark = pytest.mark.ray
+
+SMALL = ["--model.backbone=test_efficientnet", "--model.weights=none", "--data.image_size=32",
+         "--scaling.num_workers=1", "--scaling.cpus_per_worker=0.5", "--train.epochs=2",
+         "--train.monitor=val_acc", "--tune.freeze=0,2,all", "--tune.lr_min=1e-3",
+         "--tune.lr_max=1e-2", "--tune.max_concurrent=2", "--tune.registered_name=digits"]
+
+
+@pytest.fixture
+def mnist(tlray_home):
+    return prepare("builtin:mnist", progress=False)
+
+
+def children(parent_run_id: str):
+    client = MlflowClient()
+    exp = client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+def test_sweep_registers_champion_and_a_worse_one_does_not_move_it(ray_cluster, mnist,
+                                                                   tmp_path):
+    cfg = config.load(None, SMALL + [f"--data.dataset={mnist.uri}", "--tune.num_samples=4"])
+    first = sweep.sweep(cfg)
+
+    runs = children(first.parent_run_id)
+    assert len(runs) == 4
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)
+    assert MlflowClient().get_run(first.parent_run_id).info.status == "FINISHED"
+    assert {t["status"] for t in first.trials} <= {"COMPLETED", "STOPPED"}
+    artifacts = {a.path for a in MlflowClient().list_artifacts(first.parent_run_id)}
+    assert {"sweep_results.csv", "search_space.json", "config.yaml", "plots"} <= artifacts
+    assert first.registered is not None and first.registered.moved
+    champion = MlflowClient().get_model_version_by_alias("digits", "champion")
+    assert int(champion.version) == first.registered.version
+
+    # The champion predicts a Kaggle-style test.csv into a valid submission.
+    digits = mnist_test_csv(tmp_path / "test.csv", mnist)
+    out = predict("models:/digits@champion", str(tmp_path / "test.csv"),
+                  out=str(tmp_path / "submission.csv"), verbose=False)
+    submission = pd.read_csv(tmp_path / "submission.csv")
+    assert list(submission.columns) == ["ImageId", "Label"]
+    assert submission["ImageId"].tolist() == list(range(1, len(digits) + 1))
+    assert set(submission["Label"]) <= set(range(10)) and len(out) == len(digits)
+
+    # A deliberately worse sweep registers a version but leaves the alias where it was.
+    worse = config.load(None, SMALL + [f"--data.dataset={mnist.uri}", "--tune.num_samples=1",
+                                       "--tune.lr_min=1e-9", "--tune.lr_max=1e-9",
+                                       "--tune.freeze=all", "--train.epochs=1"])
+    second = sweep.sweep(worse)
+    assert second.registered is not None and not second.registered.moved
+    assert second.registered.version == first.registered.version + 1
+    champion = MlflowClient().get_model_version_by_alias("digits", "champion")
+    assert int(champion.version) == first.registered.version
+    model = mlflow.pytorch.load_model("models:/digits@champion", device="cpu")
+    assert model is not None
+
+
+def mnist_test_csv(path, info):
+    """Unlabelled pixel rows from the dataset's test split, as Kaggle's test.csv."""
+    from tlray.datasets import sample_per_class
+
+    images, _ = sample_per_class(info, "test", per_class=3)
+    pixels = images.reshape(len(images), -1)
+    pd.DataFrame(pixels, columns=[f"pixel{i}" for i in range(pixels.shape[1])]).to_csv(
+        path, index=False)
+    return pixels
+
+
+def test_killed_sweep_resumes_without_repeating_finished_trials(ray_cluster, mnist, tmp_path):
+    overrides = SMALL + [f"--data.dataset={mnist.uri}", "--tune.num_samples=3",
+                         "--tune.max_concurrent=1", "--tune.name=resumable",
+                         "--train.epochs=1", "--tune.grace_period=2"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([sys.executable, "-m", "tlray.cli", "tune", *overrides],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    client = MlflowClient()
+    finished_trial = None
+    deadline = time.time() + 400
+    while finished_trial is None and time.time() < deadline and driver.poll() is None:
+        time.sleep(2)
+        for exp in client.search_experiments():
+            for run in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'"):
+                finished_trial = finished_trial or run.data.tags.get("tune_trial_id")
+    assert finished_trial is not None, "no trial finished before the deadline"
+    os.killpg(driver.pid, signal.SIGKILL)  # the sweep's driver dies mid-sweep
+    driver.wait()
+
+    result = sweep.sweep(config.load(None, overrides), resume=True)
+    assert result.name == "resumable"
+    runs = children(result.parent_run_id)
+    per_trial = pd.Series([r.data.tags.get("tune_trial_id") for r in runs]).value_counts()
+    assert per_trial[finished_trial] == 1  # not trained again
+    assert len(result.trials) == 3
+    assert all(t["status"] == "COMPLETED" for t in result.trials)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_bad_sweep_input_fails_before_any_trial(ray_cluster, mnist):
+    base = SMALL + [f"--data.dataset={mnist.uri}"]
+    with pytest.raises(TlrayError, match="tune.num_samples"):
+        config.load(None, base + ["--tune.num_samples=0"])
+    with pytest.raises(TlrayError, match="train.monitor"):
+        config.load(None, base + ["--train.monitor=val_f1"])
+    with pytest.raises(TlrayError, match="empty list of freeze depths"):
+        sweep.sweep(config.load(None, base + ["--tune.freeze=,"]))
+    with pytest.raises(TlrayError, match="not a freeze depth"):
+        sweep.sweep(config.load(None, base + ["--tune.freeze=0,99"]))
+    with pytest.raises(TlrayError, match="GPUs"):
+        sweep.sweep(config.load(None, base + ["--scaling.use_gpu=true"]))
+    with pytest.raises(TlrayError, match="nope"):
+        sweep.sweep(config.load(None, base + ["--model.weights=models:/nope@champion"]))
+    with pytest.raises(TlrayError, match="unknown setting"):
+        sweep.sweep(config.load(None, base + ['--tune.space={"optim.nope": [1, 2]}']))
+    assert not MlflowClient().search_runs(
+        [e.experiment_id for e in MlflowClient().search_experiments()])

@@ -1,0 +1,344 @@
+"""The sweep: Ray Tune over learning rate x freeze depth (and any other field) with ASHA.
+
+`sweep(cfg)` answers the transfer-learning question "how much of the pretrained network
+should I keep, at what learning rate?". Each trial is one `trainer.train` run, launched from
+a Tune function trainable (the Train V2 pattern: `TuneReportCallback` forwards every epoch's
+report to Tune, so ASHA can stop weak trials early). MLflow gets one parent run per sweep with
+a nested child run per trial; the best completed trial's model (already tested on the test
+split and logged by its trial) is registered, and the `champion` alias moves only when its
+test metric beats the current champion's.
+
+A sweep lives in `<storage>/<name>`; `resume=True` continues an interrupted one without
+re-running finished trials, under the same MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+from tlray import config as config_mod
+from tlray import paths, plots, tracking, trainer
+from tlray.config import Config
+from tlray.errors import TlrayError
+from tlray.session import init_ray
+
+STATE_FILE = "tlray_sweep.json"
+
+
+@dataclass
+class SweepResult:
+    name: str
+    path: str
+    parent_run_id: str
+    best_config: dict  # the searched values of the winner
+    best_metrics: dict  # its val and test metrics
+    best_run_id: str
+    model_uri: str | None
+    registered: tracking.RegistrationResult | None
+    registered_name: str
+    trials: list[dict]  # one row per trial: searched values, status, metrics
+
+
+def freeze_choices(cfg: Config, group_names: tuple[str, ...]) -> list[str]:
+    """The freeze depths to try: every depth from 0 to "all", or the user's list, checked."""
+    n = len(group_names)
+    if cfg.tune.freeze.strip() == "auto":
+        return [str(k) for k in range(n)] + ["all"]
+    choices = [c.strip() for c in cfg.tune.freeze.split(",") if c.strip()]
+    for c in choices:
+        if c != "all" and not (c.isdigit() and int(c) <= n):
+            raise TlrayError(f"--tune.freeze: {c!r} is not a freeze depth of "
+                             f"{cfg.model.backbone} (0..{n} or 'all'; groups: "
+                             f"{', '.join(group_names)})")
+    if not choices:
+        raise TlrayError("--tune.freeze: empty list of freeze depths")
+    return choices
+
+
+def search_space(cfg: Config, group_names: tuple[str, ...]) -> dict:
+    """Tune's param_space: flat `section.key` names, so the trial table reads like the config."""
+    from ray import tune
+
+    space = {"optim.lr": tune.loguniform(cfg.tune.lr_min, cfg.tune.lr_max)
+             if cfg.tune.lr_min < cfg.tune.lr_max else cfg.tune.lr_min,
+             "model.freeze": tune.choice(freeze_choices(cfg, group_names))}
+    for key, spec in (cfg.tune.space or {}).items():
+        config_mod.load(None, [f"{key}={_example(spec)}"], base=cfg)  # the key must exist
+        space[key] = _distribution(key, spec)
+    return space
+
+
+def _example(spec):
+    if isinstance(spec, list):
+        if not spec:
+            raise TlrayError("--tune.space: an empty list of choices")
+        return json.dumps(spec[0])
+    if isinstance(spec, dict) and len(spec) == 1:
+        (_, bounds), = spec.items()
+        return json.dumps(bounds[0]) if isinstance(bounds, list) and bounds else "null"
+    return json.dumps(spec)
+
+
+def _distribution(key: str, spec):
+    from ray import tune
+
+    if isinstance(spec, list):
+        return tune.choice(spec)
+    if isinstance(spec, dict) and len(spec) == 1:
+        (kind, bounds), = spec.items()
+        makers = {"loguniform": tune.loguniform, "uniform": tune.uniform,
+                  "randint": tune.randint}
+        if kind in makers and isinstance(bounds, list) and len(bounds) == 2:
+            return makers[kind](*bounds)
+    raise TlrayError(f"--tune.space {key}: expected a list of choices or one of "
+                     f"{{loguniform|uniform|randint: [low, high]}}, got {spec!r}")
+
+
+def run_trial(params: dict, *, base: dict, parent_run_id: str, tracking_uri: str) -> None:
+    """One trial, inside Tune: the base config with this trial's values, trained by Ray Train."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    overrides = [f"{k}={json.dumps(v)}" for k, v in params.items()]
+    cfg = config_mod.load(None, overrides, base=config_mod.from_plain(base))
+    cfg.tracking.tracking_uri = tracking_uri
+    trial_id = tune.get_context().get_trial_id()
+    trainer.train(cfg, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()],
+                  extra_tags={"tune_trial_id": trial_id}, run_name=f"trial-{trial_id}")
+
+
+def concurrency(cfg: Config) -> int:
+    """Trials that fit the cluster at once, from the resources one trial's workers take.
+
+    One CPU stays free for Ray Data's read tasks: if Train workers held every CPU, the
+    reads of the last trials to start would wait forever (see trainer.check_resources).
+    """
+    import ray
+
+    if cfg.tune.max_concurrent:
+        return cfg.tune.max_concurrent
+    total = ray.cluster_resources()
+    s = cfg.scaling
+    by_cpu = (total.get("CPU", 0) - trainer.DATA_CPU_RESERVE) // (s.num_workers * s.cpus_per_worker)
+    if s.use_gpu:
+        by_gpu = total.get("GPU", 0) // (s.num_workers * s.gpus_per_worker)
+        return max(1, int(min(by_gpu, by_cpu)))
+    return max(1, int(by_cpu))
+
+
+def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
+    """Runs (or resumes) a sweep and registers its winner; see the module docstring."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    info = trainer.resolve_dataset(cfg.data.dataset)
+    _, minfo = trainer.check_model(cfg, info)
+    space = search_space(cfg, minfo.group_names)
+    if cfg.tracking.tracking_uri:
+        import os
+
+        os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking.tracking_uri
+    uri = tracking.configure()
+    tracking.check_tracking_server(uri)
+    init_ray()
+    trainer.check_resources(cfg)
+
+    storage = cfg.storage_path or paths.ray_results_dir()
+    name, parent_id = _sweep_name(cfg, info, storage, resume)
+    sweep_dir = f"{storage.rstrip('/')}/{name}"
+    registered_name = cfg.tune.registered_name or tracking.default_registered_name(
+        info.name, cfg.model.backbone)
+    metric, mode = cfg.train.monitor, cfg.monitor_mode
+    tags = {"sweep": name, "dataset": info.name, "backbone": cfg.model.backbone,
+            "weights": cfg.model.weights, "dataset_hash": info.fingerprint}
+    with tracking.start_run(trainer.experiment_name(cfg, info), run_name=name, tags=tags,
+                            run_id=parent_id) as parent:
+        parent_id = parent.info.run_id
+        _write_state(sweep_dir, {"name": name, "parent_run_id": parent_id, "finished": False})
+        if not resume:
+            tracking.log_config(cfg.to_dict())
+            import mlflow
+
+            mlflow.log_dict({k: repr(v) for k, v in space.items()}, "search_space.json")
+            mlflow.log_params({"sweep.metric": metric, "sweep.mode": mode,
+                               "sweep.scheduler": "ASHA", "sweep.search": cfg.tune.search})
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, base=cfg.to_dict(), parent_run_id=parent_id,
+                                 tracking_uri=uri),
+            {"CPU": 0.01})  # the trial driver only waits on its Train workers
+        if resume:
+            tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            scheduler = ASHAScheduler(time_attr="training_iteration",
+                                      max_t=cfg.train.epochs + 1,
+                                      grace_period=cfg.tune.grace_period,
+                                      reduction_factor=cfg.tune.reduction_factor)
+            tuner = tune.Tuner(
+                trainable, param_space=space,
+                tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler,
+                                            num_samples=cfg.tune.num_samples,
+                                            max_concurrent_trials=concurrency(cfg),
+                                            search_alg=_search_alg(cfg, metric, mode)),
+                run_config=tune.RunConfig(
+                    name=name, storage_path=storage,
+                    failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures)))
+        results = tuner.fit()
+        tracking.close_dangling_runs(parent_run_id=parent_id, status="KILLED")
+        outcome = _pick_and_register(cfg, results, parent_id, registered_name, metric, mode)
+        _log_sweep(outcome["trials"], metric)
+        _write_state(sweep_dir, {"name": name, "parent_run_id": parent_id, "finished": True})
+    return SweepResult(name=name, path=sweep_dir, parent_run_id=parent_id,
+                       registered_name=registered_name, **outcome)
+
+
+def _search_alg(cfg: Config, metric: str, mode: str):
+    if cfg.tune.search == "random":
+        return None  # Tune's default: random sampling of the space
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+        import optuna  # noqa: F401
+    except ImportError:
+        raise TlrayError("--tune.search=optuna needs the optuna package "
+                         "(pip install optuna), or use --tune.search=random") from None
+    return OptunaSearch(metric=metric, mode=mode)
+
+
+def _pick_and_register(cfg, results, parent_id, registered_name, metric, mode) -> dict:
+    """The best trial by its best validation metric; only completed trials have been tested."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    children = {r.data.tags.get("tune_trial_id"): r for r in client.search_runs(
+        [client.get_run(parent_id).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10_000)}
+    trials, best = [], None
+    best_key = f"best_{metric}"
+    for result in results:
+        m = result.metrics or {}
+        searched = {k: v for k, v in (result.config or {}).items()}
+        child = children.get(m.get("trial_id"))
+        row = {"trial_id": m.get("trial_id"), **searched,
+               "status": "ERROR" if result.error else (
+                   "COMPLETED" if "test_acc" in m else "STOPPED"),
+               "epochs": m.get("epochs_run", m.get("epoch")),
+               metric: m.get(best_key, m.get(metric)),
+               "test_acc": m.get("test_acc"), "test_auc": m.get("test_auc"),
+               "mlflow_run_id": child.info.run_id if child else None,
+               "model_uri": child.data.tags.get("model_uri") if child else None}
+        trials.append(row)
+        if row["status"] == "COMPLETED" and row[metric] is not None:
+            better = best is None or (row[metric] < best[metric] if mode == "min"
+                                      else row[metric] > best[metric])
+            best = row if better else best
+    if best is None:
+        errors = [str(r.error).splitlines()[0] for r in results if r.error]
+        raise TlrayError("no trial of the sweep completed" +
+                         (f"; first error: {errors[0]}" if errors else ""))
+    best_result = next(r for r in results if (r.metrics or {}).get("trial_id") == best["trial_id"])
+    best_metrics = {k: v for k, v in best_result.metrics.items()
+                    if k.startswith(("val_", "test_", "best_", "train_"))}
+    registered = None
+    if best["model_uri"]:
+        registered = tracking.register_champion(
+            best["model_uri"], registered_name, cfg.tune.champion_metric,
+            best_metrics[cfg.tune.champion_metric],
+            higher_is_better=config_mod.CHAMPION_METRICS[cfg.tune.champion_metric] == "max")
+    return {"best_config": {k: best[k] for k in best_result.config},
+            "best_metrics": best_metrics, "best_run_id": best["mlflow_run_id"],
+            "model_uri": best["model_uri"], "registered": registered, "trials": trials}
+
+
+def _log_sweep(trials: list[dict], metric: str) -> None:
+    """The results table, the sweep plot and the winner, on the parent run."""
+    import mlflow
+    import pandas as pd
+
+    frame = pd.DataFrame(trials)
+    mlflow.log_text(frame.to_csv(index=False), "sweep_results.csv")
+    rows = [{"lr": t["optim.lr"], "freeze_depth": t["model.freeze"], metric: t[metric]}
+            for t in trials if t.get(metric) is not None and "optim.lr" in t]
+    if rows:
+        tracking.log_figure(plots.sweep_plot(rows, metric), "plots/sweep.png")
+
+
+def _sweep_name(cfg: Config, info, storage: str, resume: bool) -> tuple[str, str | None]:
+    """(name, parent run id to continue): a fresh name, or the sweep to resume."""
+    if not resume:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return cfg.tune.name or f"sweep-{info.name}-{cfg.model.backbone}-{stamp}", None
+    if "://" in storage:
+        if not cfg.tune.name:
+            raise TlrayError("--resume on remote storage needs --tune.name=NAME of the sweep")
+        candidates = [cfg.tune.name]
+    elif cfg.tune.name:
+        candidates = [cfg.tune.name]
+    else:
+        prefix = f"sweep-{info.name}-{cfg.model.backbone}-"
+        found = sorted(Path(storage).glob(prefix + "*"), key=lambda p: p.stat().st_mtime)
+        candidates = [p.name for p in reversed(found)
+                      if not _read_state(f"{storage}/{p.name}").get("finished", True)]
+        if not candidates:
+            raise TlrayError(f"--resume: no unfinished sweep of {info.name} with "
+                             f"{cfg.model.backbone} under {storage}; name one with "
+                             f"--tune.name=NAME")
+    from ray import tune
+
+    name = candidates[0]
+    path = f"{storage.rstrip('/')}/{name}"
+    if not tune.Tuner.can_restore(path):
+        raise TlrayError(f"--resume: {path} holds no sweep that can be resumed")
+    return name, _read_state(path).get("parent_run_id")
+
+
+def _write_state(sweep_dir: str, state: dict) -> None:
+    from tlray.datasets import filesystem
+
+    fs, path = filesystem(sweep_dir)
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/{STATE_FILE}") as f:
+        f.write(json.dumps(state).encode())
+
+
+def _read_state(sweep_dir: str) -> dict:
+    from tlray.datasets import filesystem
+
+    fs, path = filesystem(sweep_dir)
+    try:
+        with fs.open_input_stream(f"{path}/{STATE_FILE}") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError):
+        return {}
+
+
+def format_summary(result: SweepResult, monitor: str) -> str:
+    m = result.best_metrics
+    searched = ", ".join(f"{k}={_fmt(v)}" for k, v in result.best_config.items())
+    lines = [f"sweep {result.name}: {len(result.trials)} trials "
+             f"({sum(t['status'] == 'COMPLETED' for t in result.trials)} completed, "
+             f"{sum(t['status'] == 'STOPPED' for t in result.trials)} stopped early by ASHA)",
+             f"best trial: {searched}",
+             f"  best {monitor} {_fmt(m.get(f'best_{monitor}'))}  val_acc "
+             f"{_fmt(m.get('val_acc'))}",
+             f"  test  acc {_fmt(m.get('test_acc'))}  auc {_fmt(m.get('test_auc'))}  "
+             f"loss {_fmt(m.get('test_loss'))}"]
+    if result.registered is not None:
+        r = result.registered
+        lines.append(f"registered: models:/{result.registered_name}/{r.version}; champion is "
+                     f"version {r.champion_version}"
+                     + (" (moved to this one)" if r.moved else " (kept: not beaten)"))
+        lines.append(f"load it: mlflow.pytorch.load_model('models:/{result.registered_name}"
+                     f"@champion')")
+    lines.append(f"MLflow parent run {result.parent_run_id}: {tracking.ui_command()}")
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else "nan"
+    return str(v)
