@@ -31,7 +31,13 @@ def ray_cluster():
 @pytest.fixture
 def tlray_home(tmp_path, monkeypatch):
     """A private TLRAY_HOME (datasets, MLflow store, caches) for one test."""
+    from tlray import tracking
+
     home = tmp_path / "tlray-home"
     monkeypatch.setenv("TLRAY_HOME", str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return home
+    # MLflow keeps the last tracking URI in a global (and exports it to the environment):
+    # point both at this test's store, so clients created before any tlray call agree.
+    tracking.configure()
+    yield home
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

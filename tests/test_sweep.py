@@ -91,8 +91,9 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(ray_cluster, mni
                          "--tune.max_concurrent=1", "--tune.name=resumable",
                          "--train.epochs=1", "--tune.grace_period=2"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    log = open(tmp_path / "driver.log", "w")
     driver = subprocess.Popen([sys.executable, "-m", "tlray.cli", "tune", *overrides],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=env, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
     client = MlflowClient()
     finished_trial = None
@@ -102,7 +103,8 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(ray_cluster, mni
         for exp in client.search_experiments():
             for run in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'"):
                 finished_trial = finished_trial or run.data.tags.get("tune_trial_id")
-    assert finished_trial is not None, "no trial finished before the deadline"
+    assert finished_trial is not None, (
+        "no trial finished before the deadline:\n" + (tmp_path / "driver.log").read_text()[-3000:])
     os.killpg(driver.pid, signal.SIGKILL)  # the sweep's driver dies mid-sweep
     driver.wait()
 

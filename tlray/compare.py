@@ -24,7 +24,6 @@ import argparse
 import csv
 import io
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -145,21 +144,11 @@ def compare(cfg: Config, *, scratch_overrides: list[str] | None = None,
 
     # Resolve (prepare) the dataset once, and pin both runs to the same prepared splits.
     info = trainer.resolve_dataset(cfg.data.dataset, progress=progress)
-    missing = [s for s in ("train", "val", "test") if s not in info.splits]
-    if missing:
-        raise TlrayError(f"dataset {info.uri} has no {missing[0]!r} split; prepare it with "
-                         f"train, val and test fractions")
+    trainer.require_splits(info)
     configs = {"transfer": _on_dataset(cfg, info.uri),
                "scratch": _on_dataset(scratch_cfg, info.uri)}
     model_infos = {role: trainer.check_model(c, info)[1] for role, c in configs.items()}
-    if cfg.tracking.tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking.tracking_uri
-    uri = tracking.configure()
-    tracking.check_tracking_server(uri)
-    from tlray.session import init_ray
-
-    init_ray()
-    trainer.check_resources(cfg)
+    trainer.connect(cfg)
 
     import mlflow
 

@@ -25,6 +25,7 @@ SCHEDULES = ("cosine", "constant")
 HEADS = ("linear", "mlp")
 # Metrics every epoch reports; the second item is the direction in which they improve.
 MONITORS = {"val_loss": "min", "val_acc": "max", "val_auc": "max", "train_loss": "min"}
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 CHAMPION_METRICS = {"test_acc": "max", "test_auc": "max", "test_loss": "min"}
 
 
@@ -91,6 +92,7 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0  # fractions work: 2 workers on a 2-core laptop use 0.5 each
     gpus_per_worker: float = 1.0
     max_failures: int = 1  # worker failures a run survives by resuming from its checkpoint
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD (one worker per node)
 
 
 @dataclass
@@ -202,6 +204,8 @@ def validate(config: Config) -> Config:
         (s.gpus_per_worker > 0, "scaling.gpus_per_worker", "a number > 0", s.gpus_per_worker),
         (s.max_failures >= -1, "scaling.max_failures", "an int >= 0, or -1 for no limit",
          s.max_failures),
+        (s.placement_strategy in PLACEMENT_STRATEGIES, "scaling.placement_strategy",
+         ", ".join(PLACEMENT_STRATEGIES), s.placement_strategy),
         (u.num_samples >= 1, "tune.num_samples", "an int >= 1", u.num_samples),
         (0 < u.lr_min <= u.lr_max, "tune.lr_min/lr_max", "0 < lr_min <= lr_max",
          (u.lr_min, u.lr_max)),

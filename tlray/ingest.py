@@ -16,7 +16,6 @@ from __future__ import annotations
 import warnings
 from typing import Iterator
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch

@@ -53,6 +53,7 @@ class LoopState:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -82,18 +83,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state = LoopState()
     best_weights = None
 
-    # Resume: Ray hands back the last reported checkpoint after a worker failure.
+    model = ray.train.torch.prepare_model(model)  # moves to the device; DDP when world > 1
+    core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+    # Resume: Ray hands back the last reported checkpoint after a worker failure. Loaded
+    # after the move to the device, so the optimizer's state lands beside its parameters.
     checkpoint = ray.train.get_checkpoint()
     restored = checkpoint is not None
     if restored:
         with checkpoint.as_directory() as d:
-            state, best_weights = load_training_state(Path(d), model, optimizer, scheduler)
+            state, best_weights = load_training_state(Path(d), core, optimizer, scheduler)
         state.resumed += 1
         if rank == 0:
             say(f"resumed from the checkpoint of epoch {state.epoch}")
-
-    model = ray.train.torch.prepare_model(model)  # moves to the device; DDP when world > 1
-    core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     if cuda and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if cfg.train.compile else model
@@ -105,6 +107,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     logger = EpochLogger(loop_config.get("mlflow_run_id"), loop_config.get("tracking_uri"),
                          enabled=rank == 0)
     show_bar = rank == 0 and loop_config.get("interactive", False)
+    logger.tag("train_node_ids", ",".join(sorted(set(_gather(
+        ray.get_runtime_context().get_node_id(), world)))))
 
     for epoch in range(state.epoch, cfg.train.epochs):
         # ---- train one epoch on this worker's shard ----
@@ -333,6 +337,14 @@ class EpochLogger:
                          if isinstance(v, (int, float)) and math.isfinite(float(v))]
         self.flush()
 
+    def tag(self, key: str, value: str) -> None:
+        """A run tag, e.g. the Ray nodes the workers ran on; best effort."""
+        if self.enabled:
+            try:
+                self.client.set_tag(self.run_id, key, value)
+            except Exception as e:  # noqa: BLE001 - a tag is not worth failing a run for
+                sys.stderr.write(f"could not set MLflow tag {key} ({type(e).__name__})\n")
+
     def flush(self) -> bool:
         try:
             for start in range(0, len(self.pending), 500):
@@ -355,6 +367,15 @@ def _improved(value: float, best: float | None, mode: str) -> bool:
     if value is None or not math.isfinite(value):
         return False
     return best is None or (value < best if mode == "min" else value > best)
+
+
+def _gather(value, world: int) -> list:
+    """Every rank's `value`, on every rank."""
+    if world == 1:
+        return [value]
+    out = [None] * world
+    dist.all_gather_object(out, value)
+    return out
 
 
 def _all_reduce(t: torch.Tensor, world: int) -> torch.Tensor:

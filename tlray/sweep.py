@@ -25,7 +25,6 @@ from tlray import config as config_mod
 from tlray import paths, plots, tracking, trainer
 from tlray.config import Config
 from tlray.errors import TlrayError
-from tlray.session import init_ray
 
 STATE_FILE = "tlray_sweep.json"
 
@@ -137,18 +136,16 @@ def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
     from ray.tune.schedulers import ASHAScheduler
 
     info = trainer.resolve_dataset(cfg.data.dataset)
+    trainer.require_splits(info)
     _, minfo = trainer.check_model(cfg, info)
     space = search_space(cfg, minfo.group_names)
-    if cfg.tracking.tracking_uri:
-        import os
-
-        os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking.tracking_uri
-    uri = tracking.configure()
-    tracking.check_tracking_server(uri)
-    init_ray()
-    trainer.check_resources(cfg)
+    uri = trainer.connect(cfg)
 
     storage = cfg.storage_path or paths.ray_results_dir()
+    # Trials run in other processes, maybe on other machines: give them absolute answers
+    # (the prepared dataset, the storage, the tracking store), not defaults to re-resolve.
+    cfg = config_mod.load(None, [f"data.dataset={info.uri}", f"storage_path={storage}",
+                                 f"tracking.tracking_uri={uri}"], base=cfg)
     name, parent_id = _sweep_name(cfg, info, storage, resume)
     sweep_dir = f"{storage.rstrip('/')}/{name}"
     registered_name = cfg.tune.registered_name or tracking.default_registered_name(
@@ -175,8 +172,11 @@ def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
             tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
         else:
+            # A trial reports once per epoch plus once with its test results. max_t stays
+            # above that count: a trial that reaches max_t is stopped at once, which would
+            # kill it while it still logs its model.
             scheduler = ASHAScheduler(time_attr="training_iteration",
-                                      max_t=cfg.train.epochs + 1,
+                                      max_t=cfg.train.epochs + 2,
                                       grace_period=cfg.tune.grace_period,
                                       reduction_factor=cfg.tune.reduction_factor)
             tuner = tune.Tuner(
@@ -202,7 +202,7 @@ def _search_alg(cfg: Config, metric: str, mode: str):
         return None  # Tune's default: random sampling of the space
     try:
         from ray.tune.search.optuna import OptunaSearch
-        import optuna  # noqa: F401
+        import optuna  # noqa: F401  (OptunaSearch imports it lazily)
     except ImportError:
         raise TlrayError("--tune.search=optuna needs the optuna package "
                          "(pip install optuna), or use --tune.search=random") from None

@@ -84,6 +84,28 @@ def check_resources(cfg: Config) -> None:
                          f"--scaling.cpus_per_worker, e.g. 0.5)")
 
 
+def connect(cfg: Config) -> str:
+    """Tracking and cluster checks every command does before it starts work.
+
+    Points MLflow at the configured store (failing fast if a server is unreachable), joins
+    or starts Ray, and checks that the workers fit. Returns the tracking URI.
+    """
+    if cfg.tracking.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking.tracking_uri
+    uri = tracking.configure()
+    tracking.check_tracking_server(uri)
+    init_ray()
+    check_resources(cfg)
+    return uri
+
+
+def require_splits(info: DatasetInfo) -> None:
+    missing = [s for s in ("train", "val", "test") if s not in info.splits]
+    if missing:
+        raise TlrayError(f"dataset {info.uri} has no {missing[0]!r} split; prepare it with "
+                         f"train, val and test fractions")
+
+
 def experiment_name(cfg: Config, info: DatasetInfo) -> str:
     return cfg.tracking.experiment or f"tlray-{info.name}"
 
@@ -99,13 +121,9 @@ def train(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict | N
         run_name: MLflow/Ray run name (default: from the config).
     """
     info = resolve_dataset(cfg.data.dataset)
+    require_splits(info)
     _, minfo = check_model(cfg, info)
-    if cfg.tracking.tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking.tracking_uri
-    uri = tracking.configure()
-    tracking.check_tracking_server(uri)
-    init_ray()
-    check_resources(cfg)
+    uri = connect(cfg)
 
     tags = {**tracking.standard_tags(cfg.model.backbone, cfg.model.weights, minfo.freeze_depth,
                                      info.fingerprint),
@@ -139,10 +157,6 @@ def _fit(cfg: Config, info: DatasetInfo, run_id: str, tracking_uri: str, name: s
     from tlray.ingest import exact_split_data_config, read_split
     from tlray.loop import train_loop_per_worker
 
-    missing = [s for s in ("train", "val", "test") if s not in info.splits]
-    if missing:
-        raise TlrayError(f"dataset {info.uri} has no {missing[0]!r} split; prepare it with "
-                         f"train, val and test fractions")
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     trainer = TorchTrainer(
@@ -151,7 +165,8 @@ def _fit(cfg: Config, info: DatasetInfo, run_id: str, tracking_uri: str, name: s
                            "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
                            "interactive": sys.stdout.isatty()},
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy=s.placement_strategy),
         run_config=ray.train.RunConfig(
             name=f"{name}-{run_id[:8]}",
             storage_path=cfg.storage_path or str(paths.ray_results_dir()),
