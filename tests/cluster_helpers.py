@@ -116,8 +116,11 @@ class RayCluster:
     """`ray start --head` plus `ray start --address=...` workers, each with --block."""
 
     def __init__(self, num_cpus_per_node: int = 2, object_store_mb: int = 300):
-        # Short, so the unix socket paths under it stay below ~107 characters.
+        # Short, so the unix socket paths under it stay below ~107 characters. One per node:
+        # nodes that share a temp dir share `runtime_resources/`, and one node's runtime-env
+        # agent then deletes the job's working_dir (the driver's cwd) under the other.
         self.temp_dir = tempfile.mkdtemp(prefix="/tmp/tlr")
+        self.temp_dirs = [self.temp_dir]
         self.token = secrets.token_hex(32)
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
@@ -132,8 +135,12 @@ class RayCluster:
             # Our own token, never ~/.ray/auth_token (RAY_AUTH_TOKEN wins over the file).
             "RAY_AUTH_TOKEN": self.token,
             "RAY_USAGE_STATS_ENABLED": "0",
+            # Every Ray process of this cluster (raylets pass their environment on) finds it
+            # here, not by scanning the machine: other Ray clusters run beside this one, and
+            # e.g. Train's placement-group cleaner would otherwise fail with "Found multiple
+            # active Ray instances" (or, with a single other one, query the wrong cluster).
+            "RAY_ADDRESS": f"127.0.0.1:{self.gcs_port}",
         }
-        self.env.pop("RAY_ADDRESS", None)
 
     @property
     def address(self) -> str:
@@ -144,7 +151,7 @@ class RayCluster:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def _start(self, args: list[str], log_name: str) -> subprocess.Popen:
-        log = open(Path(self.temp_dir) / log_name, "wb")
+        log = open(Path(self.temp_dir) / log_name, "wb")  # noqa: SIM115 - the child owns it
         common = ["--block", "--node-ip-address=127.0.0.1", f"--num-cpus={self.num_cpus}",
                   "--num-gpus=0", f"--object-store-memory={self.object_store_bytes}",
                   f"--dashboard-agent-listen-port={free_port()}",
@@ -165,7 +172,10 @@ class RayCluster:
 
     def add_node(self) -> None:
         expected = len(self.procs) + 1
-        self._start([f"--address={self.address}"], f"node{len(self.procs)}.log")
+        temp_dir = tempfile.mkdtemp(prefix="/tmp/tlr")
+        self.temp_dirs.append(temp_dir)
+        self._start([f"--address={self.address}", f"--temp-dir={temp_dir}"],
+                    f"node{len(self.procs)}.log")
         wait_for(lambda: len(self.alive_node_ids()) == expected, 120, "the new Ray node", 1.0)
 
     # ---- the dashboard's HTTP API, with the cluster's token ----
@@ -215,7 +225,8 @@ class RayCluster:
     def stop(self) -> None:
         # GCS, monitor and `ray start --block` linger on SIGTERM: a short grace, then SIGKILL.
         kill_trees(self.procs, grace_s=3.0)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        for d in self.temp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 class MlflowServer:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_helpers import MlflowServer, RayCluster, wait_for
+from cluster_helpers import VENV_BIN, MlflowServer, RayCluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
@@ -70,17 +70,23 @@ def submit(cluster: RayCluster, server: MlflowServer, home: Path, args: list[str
     """`ray job submit --no-wait` of jobs/tune_mnist.py; returns the submission id."""
     submission_id = f"tlray-e2e-{uuid.uuid4().hex[:8]}"
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": server.url, "TLRAY_HOME": str(home),
-                                "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}}
-    cmd = ["ray", "job", "submit", "--address", cluster.dashboard_url, "--no-wait",
+                                "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+                                "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}}  # TEMP workaround
+    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url, "--no-wait",
            "--submission-id", submission_id, "--working-dir", str(ROOT),
            "--runtime-env-json", json.dumps(runtime_env), "--",
            "python", "jobs/tune_mnist.py", "--smoke", "--scaling.num_workers=2",
-           "--scaling.placement_strategy=STRICT_SPREAD", *args]
+           "--scaling.placement_strategy=STRICT_SPREAD",
+           # One trial at a time: a trial is ~8 processes of ~0.7 GB (driver, Train
+           # controller, 2 workers, Ray Data coordinators); two at once beside another test
+           # run got workers OOM-killed by Ray's memory monitor on a 24 GB machine.
+           "--tune.max_concurrent=1", *args]
     t0 = time.monotonic()
     # The client authenticates with the cluster's token (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN).
     out = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, f"ray job submit failed:\n{out.stdout}\n{out.stderr}"
-    _say(f"submitted {submission_id} in {time.monotonic() - t0:.1f} s")
+    uploads = [line for line in (out.stdout + out.stderr).splitlines() if "package" in line]
+    _say(f"submitted {submission_id} in {time.monotonic() - t0:.1f} s; {uploads}")
     return submission_id
 
 

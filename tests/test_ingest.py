@@ -63,14 +63,15 @@ def test_two_workers_see_every_row_exactly_once_per_epoch(ray_cluster, tmp_path)
         assert len(a) + len(b) == n and set(a) | set(b) == every_row  # complete, no repeats
 
 
-def test_read_split_batches_match_shards(ray_cluster, tmp_path):
+@pytest.mark.parametrize("cache", [False, True])
+def test_read_split_batches_match_shards(ray_cluster, tmp_path, cache):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (50, 5, 4, 1), dtype=np.uint8)
     info = prepare(from_arrays(images, np.arange(50) % 2), tmp_path / "ds",
                    fractions={"train": 1.0}, rows_per_shard=8, progress=False)
     got = {}
-    for x, y, ids in iter_image_batches(read_split(info, "train"), info.image_shape, 16,
-                                        with_ids=True):
+    dataset = read_split(info, "train", shuffle=True, cache=cache)
+    for x, y, ids in iter_image_batches(dataset, info.image_shape, 16, with_ids=True):
         for image, label, row in zip(x.numpy(), y.numpy(), ids):
             got[int(row.split(":")[1])] = (image, label)
     assert sorted(got) == list(range(50))

@@ -28,8 +28,13 @@ from tlray.datasets import DatasetInfo, decode_images, filesystem
 READ_NUM_CPUS = 0.25
 
 
+def split_bytes(info: DatasetInfo, split: str) -> int:
+    """Raw pixel bytes of a split: what caching it in Ray's object store costs."""
+    return info.splits[split].rows * info.height * info.width * info.channels
+
+
 def read_split(info: DatasetInfo, split: str, *, shuffle: bool = False,
-               seed: int | None = None):
+               seed: int | None = None, cache: bool = False):
     """A Ray Dataset over one split's shards (columns image, label, id), one block per shard.
 
     Each shard is read by one Ray task with `pyarrow.parquet.read_table`. On this project's
@@ -40,6 +45,9 @@ def read_split(info: DatasetInfo, split: str, *, shuffle: bool = False,
         shuffle: randomise the order of shards (rows inside each shard were already shuffled
             when the dataset was prepared); combine with a local shuffle buffer when iterating.
         seed: fixes the shard order; None draws a new order each time the dataset is read.
+        cache: read the shards once, now, into Ray's object store; every epoch then streams
+            from memory instead of re-reading Parquet (the first epoch of a run, and every
+            epoch of a small dataset, is otherwise dominated by starting the read tasks).
     """
     import ray.data
 
@@ -47,6 +55,8 @@ def read_split(info: DatasetInfo, split: str, *, shuffle: bool = False,
     ds = ray.data.from_items([{"path": p} for p in shards], override_num_blocks=len(shards))
     ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
                         num_cpus=READ_NUM_CPUS)
+    if cache:
+        ds = ds.materialize()
     return ds.randomize_block_order(seed=seed) if shuffle else ds
 
 

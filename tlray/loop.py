@@ -67,6 +67,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     cuda = device.type == "cuda"
     torch.manual_seed(cfg.train.seed)
+    if not cuda:
+        # Ray gives a worker int(num_cpus) threads, at least 1; use what it was allotted.
+        torch.set_num_threads(max(1, round(cfg.scaling.cpus_per_worker)))
     if cuda:
         torch.backends.cudnn.benchmark = True
 

@@ -154,7 +154,7 @@ def _fit(cfg: Config, info: DatasetInfo, run_id: str, tracking_uri: str, name: s
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from tlray.ingest import exact_split_data_config, read_split
+    from tlray.ingest import exact_split_data_config, read_split, split_bytes
     from tlray.loop import train_loop_per_worker
 
     s = cfg.scaling
@@ -177,8 +177,9 @@ def _fit(cfg: Config, info: DatasetInfo, run_id: str, tracking_uri: str, name: s
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
             logging_config=quiet_logging_config(),
             callbacks=callbacks or None),
-        datasets={"train": read_split(info, "train", shuffle=True),
-                  "val": read_split(info, "val"), "test": read_split(info, "test")},
+        datasets={name: read_split(info, name, shuffle=name == "train",
+                                   cache=split_bytes(info, name) <= cfg.data.cache_gb * 2**30)
+                  for name in ("train", "val", "test")},
         dataset_config=exact_split_data_config(),
     )
     try:
