@@ -1,20 +1,22 @@
 """End to end on a real two-node Ray cluster, through `ray job submit`, on loopback only.
 
-A Ray head and a second raylet (two nodes, token authentication on, with a token made for
-this test: the user's ~/.ray/auth_token is never read or written), a real `mlflow server`
-(SQLite store, artifacts uploaded through the server), and `jobs/tune_mnist.py` submitted
-as a job with the checkout as its working dir. Then, through the MLflow server only: every
-trial has a run, none is left RUNNING, `@champion` loads and predicts, and the Train workers
-of a trial ran on both nodes. A second sweep survives a restart of the MLflow server in the
-middle of training with every epoch's metrics intact.
+A Ray head plus a second raylet (two nodes; token authentication on, with a token made for
+this test: ~/.ray/auth_token is neither read nor written), a real `mlflow server` (SQLite
+store, artifacts uploaded through the server), and `jobs/tune_mnist.py --smoke` submitted as
+a job with the checkout as its working dir. The MLflow server is killed after the first
+trial's first epoch and started again on the same port and store while training goes on.
+Then, through the server only: every trial has a run and none is left RUNNING, every
+finished trial has every epoch's metrics, `@champion` loads and predicts, and the Train
+workers of the trials ran on both nodes.
 
-Everything started here is stopped by the fixtures' finalizers, also when a test fails:
-each process group is ours (`start_new_session=True`), and nothing is stopped by name.
+One sweep serves every check (a second would cost minutes on 2 cores). Everything started
+here is stopped by the fixtures' finalizers, also when a test fails.
 """
 
 from __future__ import annotations
 
 import json
+import os  # TEMPVERIFY
 import subprocess
 import time
 import uuid
@@ -22,12 +24,15 @@ from pathlib import Path
 
 import pytest
 
-from cluster_helpers import VENV_BIN, MlflowServer, RayCluster
+from cluster_helpers import VENV_BIN, MlflowServer, RayCluster, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(os.environ.get("TLRAY_E2E_ROOT") or Path(__file__).resolve().parents[1])  # TEMPVERIFY
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+SWEEP = EXPERIMENT = REGISTERED = "tlray-e2e"
+EPOCHS = 2  # the outage starts after epoch 1, so epoch 2's metrics are written into it
+TRIALS = 2  # --smoke
 
 
 def _say(msg: str) -> None:
@@ -35,189 +40,171 @@ def _say(msg: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def stack(tmp_path_factory):
+    """(Ray cluster, MLflow server), started side by side and stopped whatever happens."""
     t0 = time.monotonic()
-    c = RayCluster(num_cpus_per_node=2, object_store_mb=300)
-    try:
-        c.start_head()
-        c.add_node()
-        _say(f"2-node Ray cluster up in {time.monotonic() - t0:.1f} s "
-             f"(dashboard {c.dashboard_url}, nodes {c.alive_node_ids()})")
-        yield c
-    finally:
-        t1 = time.monotonic()
-        c.stop()
-        _say(f"Ray cluster stopped in {time.monotonic() - t1:.1f} s")
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
+    cluster = RayCluster(num_cpus_per_node=2, object_store_mb=300)
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     try:
-        _say(f"MLflow server up in {server.start():.1f} s at {server.url}")
-        yield server
+        server.launch()
+        cluster.start_head()
+        cluster.add_node()
+        server.wait_ready()
+        _say(f"2-node Ray cluster (dashboard {cluster.dashboard_url}) and MLflow server "
+             f"({server.url}) up in {time.monotonic() - t0:.1f} s")
+        yield cluster, server
     finally:
+        t1 = time.monotonic()
         server.stop()
+        cluster.stop()
+        _say(f"Ray cluster and MLflow server stopped in {time.monotonic() - t1:.1f} s")
+
+
+def _reports(home: Path) -> int:
+    """Results Tune has recorded for the sweep's trials so far (one line per report)."""
+    return sum(len(f.read_text().splitlines())
+               for f in (home / "ray_results" / SWEEP).glob("*/result.json"))
 
 
 @pytest.fixture(scope="module")
-def job_home(tmp_path_factory):
-    """TLRAY_HOME of the submitted jobs: shared, so the second reuses the prepared data."""
-    return tmp_path_factory.mktemp("tlray-home")
+def sweep(stack, tmp_path_factory):
+    """Submits the sweep, restarts the MLflow server mid-training, waits for the job."""
+    from mlflow import MlflowClient
 
-
-def submit(cluster: RayCluster, server: MlflowServer, home: Path, args: list[str]) -> str:
-    """`ray job submit --no-wait` of jobs/tune_mnist.py; returns the submission id."""
-    submission_id = f"tlray-e2e-{uuid.uuid4().hex[:8]}"
+    cluster, server = stack
+    home = tmp_path_factory.mktemp("tlray-home")
+    job = f"tlray-e2e-{uuid.uuid4().hex[:8]}"
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": server.url, "TLRAY_HOME": str(home),
-                                "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-                                "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}}  # TEMP workaround
-    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url, "--no-wait",
-           "--submission-id", submission_id, "--working-dir", str(ROOT),
+                                "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}}
+    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url,
+           "--no-wait", "--submission-id", job, "--working-dir", str(ROOT),
            "--runtime-env-json", json.dumps(runtime_env), "--",
-           "python", "jobs/tune_mnist.py", "--smoke", "--scaling.num_workers=2",
-           "--scaling.placement_strategy=STRICT_SPREAD",
+           "python", "jobs/tune_mnist.py", "--smoke", f"--train.epochs={EPOCHS}",
+           "--scaling.num_workers=2", "--scaling.placement_strategy=STRICT_SPREAD",
            # One trial at a time: a trial is ~8 processes of ~0.7 GB (driver, Train
-           # controller, 2 workers, Ray Data coordinators); two at once beside another test
-           # run got workers OOM-killed by Ray's memory monitor on a 24 GB machine.
-           "--tune.max_concurrent=1", *args]
+           # controller, 2 workers, Ray Data coordinators); two at once beside other tests
+           # got workers OOM-killed by Ray's memory monitor on a 24 GB machine.
+           "--tune.max_concurrent=1", f"--tune.name={SWEEP}",
+           f"--tracking.experiment={EXPERIMENT}", f"--tune.registered_name={REGISTERED}"]
     t0 = time.monotonic()
-    # The client authenticates with the cluster's token (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN).
+    # The client sends the cluster's token: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN in env.
     out = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, f"ray job submit failed:\n{out.stdout}\n{out.stderr}"
-    uploads = [line for line in (out.stdout + out.stderr).splitlines() if "package" in line]
-    _say(f"submitted {submission_id} in {time.monotonic() - t0:.1f} s; {uploads}")
-    return submission_id
+    _say(f"submitted {job} (working dir {ROOT}) in {time.monotonic() - t0:.1f} s")
 
+    client = MlflowClient(tracking_uri=server.url)
+    outage: dict = {}
 
-def wait_job(cluster: RayCluster, submission_id: str, timeout_s: float, on_poll=None) -> str:
-    """Polls the job until it ends; on failure the job's logs are in the assertion message."""
-    t0 = time.monotonic()
+    def restart_server_after_first_epoch() -> None:
+        """Kills the server once a trial has logged epoch 1; it stays down until Tune has
+        recorded a newer report (rank 0 logs an epoch right after reporting it, so a write
+        is known to hit the dead server), then comes back on the same port and store."""
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        logged = exp and client.search_runs([exp.experiment_id], "metrics.val_loss > -1")
+        if not logged:
+            return
+        reports, down = _reports(home), time.time()
+        server.stop(grace_s=0)  # SIGKILL: a crash, not a clean shutdown
+        try:
+            wait_for(lambda: _reports(home) > reports
+                     or cluster.job_status(job)["status"] in TERMINAL, 600,
+                     "a trial's report after the MLflow server went down", 1.0)
+            time.sleep(3)  # rank 0 is now retrying that epoch's write
+        finally:
+            restart_s = server.start()
+            outage.update(down=down, up=time.time())
+        _say(f"MLflow server down for {outage['up'] - down:.1f} s (restart {restart_s:.1f} s) "
+             f"after {logged[0].info.run_name} logged epoch 1")
+
     try:
-        while True:
-            status = cluster.job(submission_id)["status"]
-            if status in TERMINAL:
-                break
-            if time.monotonic() - t0 > timeout_s:
-                raise TimeoutError(f"job {submission_id} still {status} after {timeout_s:g} s")
-            if on_poll is not None:
-                on_poll()
+        while (status := cluster.job_status(job)["status"]) not in TERMINAL:
+            assert time.monotonic() - t0 < 900, f"job {job} still {status} after 900 s"
+            if not outage:
+                restart_server_after_first_epoch()
             time.sleep(2)
     except BaseException:
-        print(cluster.job_logs(submission_id))
-        cluster.stop_job(submission_id)
+        print(cluster.job_logs(job))
+        cluster.stop_job(job)
         raise
-    logs = cluster.job_logs(submission_id)
-    _say(f"job {submission_id} {status} after {time.monotonic() - t0:.1f} s")
-    assert status == "SUCCEEDED", (f"job {submission_id} {status}: "
-                                   f"{cluster.job(submission_id).get('message')}\n{logs}")
-    return logs
+    logs = cluster.job_logs(job)
+    _say(f"job {job} {status} after {time.monotonic() - t0:.1f} s")
+    assert status == "SUCCEEDED", f"{cluster.job_status(job).get('message')}\n{logs}"
+    print(logs[-2500:])
+    return {"client": client, "outage": outage, "logs": logs, "cluster": cluster,
+            "server": server}
 
 
-def sweep_runs(client, experiment: str, sweep: str):
-    """(parent run, child runs) of one sweep, read through the tracking server."""
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None, f"no MLflow experiment {experiment!r}"
-    parents = client.search_runs([exp.experiment_id], f"tags.sweep = '{sweep}'")
-    assert len(parents) == 1, f"expected one parent run of sweep {sweep}, got {len(parents)}"
+def _runs(client):
+    """(parent run, child runs) of the sweep, read through the tracking server."""
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    parents = client.search_runs([exp.experiment_id], f"tags.sweep = '{SWEEP}'")
+    assert len(parents) == 1, [p.info.run_name for p in parents]
     children = client.search_runs(
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
     return parents[0], children
 
 
-def test_sweep_job_on_two_nodes(cluster, mlflow_server, job_home):
-    import mlflow
-    import numpy as np
-    import torch
-    from mlflow import MlflowClient
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    sweep, experiment, registered = "e2e-smoke", "tlray-e2e-smoke", "tlray-e2e-smoke"
-    job = submit(cluster, mlflow_server, job_home,
-                 [f"--tune.name={sweep}", f"--tracking.experiment={experiment}",
-                  f"--tune.registered_name={registered}"])
-    logs = wait_job(cluster, job, timeout_s=600)
-    print(logs[-3000:])
-
-    client = MlflowClient(tracking_uri=mlflow_server.url)
-    parent, children = sweep_runs(client, experiment, sweep)
-    assert len(children) == 2, [c.info.run_name for c in children]  # --smoke: 2 trials
-    exp_id = parent.info.experiment_id
-    running = client.search_runs([exp_id], "attributes.status = 'RUNNING'")
-    assert not running, f"runs left RUNNING: {[r.info.run_name for r in running]}"
+def test_every_trial_tracked_and_none_left_running(sweep):
+    client = sweep["client"]
+    parent, children = _runs(client)
+    assert len(children) == TRIALS, [c.info.run_name for c in children]
     assert parent.info.status == "FINISHED"
+    running = client.search_runs([parent.info.experiment_id], "attributes.status = 'RUNNING'")
+    assert not running, [r.info.run_name for r in running]
+    _say(f"trial runs: {[(c.info.run_name, c.info.status) for c in children]}")
 
-    # Train workers ran on both nodes: rank 0 tags every trial's run with the nodes it saw.
-    nodes = set(cluster.alive_node_ids())
+
+def test_train_workers_ran_on_both_nodes(sweep):
+    nodes = set(sweep["cluster"].alive_node_ids())
     assert len(nodes) == 2
+    _, children = _runs(sweep["client"])
     seen = {}
-    for run in children:
+    for run in children:  # rank 0 tags its run with the nodes of all its workers
         tag = run.data.tags.get("train_node_ids")
         assert tag, f"trial run {run.info.run_name} has no train_node_ids tag"
         seen[run.info.run_name] = set(tag.split(","))
         assert seen[run.info.run_name] <= nodes, (seen, nodes)
     assert any(ids == nodes for ids in seen.values()), (seen, nodes)
-    _say(f"trial node ids: {seen}")
+    _say(f"cluster nodes {sorted(nodes)}; per trial: {seen}")
 
-    # The champion loads from the registry, through the server, and predicts.
-    with _use_tracking_uri(mlflow_server.url):
-        uri = f"models:/{registered}@champion"
+
+def test_champion_loads_through_the_server_and_predicts(sweep):
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    uri = f"models:/{REGISTERED}@champion"
+    with _use_tracking_uri(sweep["server"].url):  # restores the process's URI afterwards
         meta = mlflow.models.get_model_info(uri).metadata
-        pre = meta["preprocess"]
         model = mlflow.pytorch.load_model(uri, device="cpu")
-    batch = torch.from_numpy(np.random.default_rng(0).standard_normal(
-        (3, pre["channels"], *pre["size"])).astype(np.float32))
+    pre = meta["preprocess"]
+    batch = np.random.default_rng(0).standard_normal((3, pre["channels"], *pre["size"]))
     with torch.no_grad():
-        logits = model(batch)
+        logits = model(torch.from_numpy(batch.astype(np.float32)))
     assert tuple(logits.shape) == (3, len(meta["class_names"])) == (3, 10)
     assert torch.isfinite(logits).all()
 
 
-def test_sweep_survives_mlflow_restart(cluster, mlflow_server, job_home):
-    from mlflow import MlflowClient
-
-    sweep, experiment, epochs = "e2e-outage", "tlray-e2e-outage", 3
-    job = submit(cluster, mlflow_server, job_home,
-                 [f"--tune.name={sweep}", f"--tracking.experiment={experiment}",
-                  f"--tune.registered_name={experiment}", f"--train.epochs={epochs}"])
-    client = MlflowClient(tracking_uri=mlflow_server.url)
-    outage = {}
-
-    def restart_after_first_metric() -> None:
-        """Once a trial has logged an epoch, kill the server, wait, start it again."""
-        if outage:
-            return
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            return
-        logged = client.search_runs([exp.experiment_id], "metrics.val_loss > -1")
-        if not logged:
-            return
-        t0 = time.monotonic()
-        mlflow_server.stop(grace_s=0)  # a crash, not a clean shutdown
-        time.sleep(5)
-        restart_s = mlflow_server.start()
-        outage.update(seconds=time.monotonic() - t0, restart_s=restart_s,
-                      after_epoch_of=logged[0].info.run_name)
-        _say(f"MLflow server down for {outage['seconds']:.1f} s "
-             f"(restart {restart_s:.1f} s), after {outage['after_epoch_of']} logged epoch 1")
-
-    logs = wait_job(cluster, job, timeout_s=900, on_poll=restart_after_first_metric)
-    print(logs[-3000:])
-    assert outage, "the sweep ended before any trial logged a metric: no outage was tested"
-    buffered = logs.count("MLflow unavailable")
-    _say(f"EpochLogger reported {buffered} failed write(s) it kept for retry")
-
-    parent, children = sweep_runs(client, experiment, sweep)
-    assert len(children) == 2
-    assert not client.search_runs([parent.info.experiment_id], "attributes.status = 'RUNNING'")
+def test_epoch_metrics_complete_across_mlflow_restart(sweep):
+    client, outage = sweep["client"], sweep["outage"]
+    assert outage, "the sweep ended before any trial logged an epoch: no outage was tested"
+    _, children = _runs(client)
     finished = [r for r in children if r.info.status == "FINISHED"]
     assert finished, [(r.info.run_name, r.info.status) for r in children]
-    for run in finished:
-        for key in ("val_loss", "val_acc"):
-            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
-            assert steps == list(range(1, epochs + 1)), (run.info.run_name, key, steps)
+    during = []
     for run in children:
-        if run.info.status != "FINISHED":  # stopped by ASHA: its epochs so far, no gaps
-            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss"))
-            assert steps == list(range(1, len(steps) + 1)), (run.info.run_name, steps)
+        for key in ("val_loss", "val_acc"):
+            history = client.get_metric_history(run.info.run_id, key)
+            steps = sorted(m.step for m in history)
+            if run.info.status == "FINISHED":  # every epoch, exactly once
+                assert steps == list(range(1, EPOCHS + 1)), (run.info.run_name, key, steps)
+            else:  # stopped early by ASHA: the epochs it ran, without gaps
+                assert steps == list(range(1, len(steps) + 1)), (run.info.run_name, key, steps)
+            during += [(run.info.run_name, key, m.step) for m in history
+                       if outage["down"] * 1000 <= m.timestamp <= outage["up"] * 1000]
+    # A metric's timestamp is when rank 0 logged it: these were logged into the outage.
+    assert during, "no metric was logged while the server was down: the outage missed"
+    _say(f"logged while the server was down, stored after it came back: {during}; "
+         f"EpochLogger buffered {sweep['logs'].count('MLflow unavailable')} failed write(s) "
+         f"(MLflow's client retries for ~4 min before an error reaches it)")
