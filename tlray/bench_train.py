@@ -18,17 +18,21 @@ images/s says what tlray's machinery costs:
 
 Fairness: each side is timed on the same number of steps per pass; the first pass (plain:
 `warmup` steps; tlray: the first epoch) is left out and the headline figure of each side is
-the best of the following passes. The plain loop runs in a process of its own with what a
+the best of the following passes (the plain ones half before, half after the tlray run). The plain loop runs in a process of its own with what a
 Ray worker process gets, which the benchmark asks a Ray worker with the same CPUs for:
 
 - threads: Ray gives a worker `OMP_NUM_THREADS = max(1, floor(CPUs of the worker))` unless
-  that variable is already set (torch then caps it at the cores it may use), so a worker
-  with the default `cpus_per_worker=1` trains on ONE thread where a plain process would
-  take every core. `--threads N` gives each worker N CPUs, hence N threads.
+  that variable is already set (torch then caps it at the cores it may use), and on CPU
+  `tlray.loop` sets `torch.set_num_threads(max(1, round(cpus_per_worker)))` itself, so a
+  worker with the default `cpus_per_worker=1` trains on ONE thread where a plain process
+  would take every core. `--threads N` gives each worker N CPUs, hence N threads.
 - priority: Ray starts worker processes at niceness 15 (`RAY_worker_niceness`). On an idle
   machine that changes nothing; on one busy with other work a niceness-15 worker gets a
   much smaller share of the CPU than a niceness-0 process, which is not a cost of tlray's
   loop, so the plain process runs at the workers' niceness too.
+
+With `workers > 1` the tlray figure is all workers together against one plain process, so the
+ratio then also shows how training scales (on CPU, give the cluster the cores for it).
 
 The data are stored at `data_size` pixels and resized on the device to `image_size`, as
 tlray does with every dataset (MNIST's 28 px is trained at 32-224 px); on CUDA the default
@@ -81,12 +85,13 @@ class TrainBenchResult:
     nice: int  # niceness of the Ray workers (Ray's RAY_worker_niceness)
     plain_nice: int  # niceness of the plain process (= nice unless it could not be raised)
     steps: int  # timed steps per pass (plain) and per epoch and worker (tlray)
-    plain_img_s: float  # best timed pass
+    plain_img_s: float  # best timed pass (half of them before the tlray run, half after)
     tlray_img_s: float  # best epoch after the first
     plain_passes_img_s: list[float] = field(default_factory=list)
     tlray_epochs_img_s: list[float] = field(default_factory=list)  # epoch 1 included
     tlray_epoch_seconds: list[float] = field(default_factory=list)  # incl. val + checkpoint
     tlray_wall_s: float = 0.0  # the whole train() call: Ray start, workers, MLflow, test
+    load_avg: list[float] = field(default_factory=list)  # 1-min load: at start, at end
 
     @property
     def ratio(self) -> float:
@@ -196,6 +201,38 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _plain_child(cfg_dict: dict, train_rows: int, data_size: int, seed: int, steps: int,
+                 passes: int, warmup: int, device: str, threads: int, nice: int
+                 ) -> tuple[list[float], int]:
+    """The plain loop in a fresh process at the Ray workers' niceness (and thread count)."""
+    current = os.nice(0)
+    if nice > current:
+        current = os.nice(nice - current)
+    images, labels, _ = synthetic_images(train_rows, data_size, seed)
+    rates = plain_loop(config_mod.from_plain(cfg_dict), images, labels, steps=steps,
+                       passes=passes, warmup=warmup, device=device, threads=threads)
+    return rates, current
+
+
+def plain_process(cfg: config_mod.Config, *, train_rows: int, data_size: int, seed: int,
+                  steps: int, passes: int, warmup: int, device: str, threads: int,
+                  nice: int) -> tuple[list[float], int]:
+    """Runs `plain_loop` in a spawned child process; returns its rates and niceness.
+
+    A Ray worker runs at a lower priority than the driver (niceness 15): on a machine that
+    is busy with other work it gets a smaller share of the CPU than a plain process would,
+    which is not a cost of tlray's loop. The plain loop therefore runs at the same niceness
+    (which a process can raise but not lower again, hence the child). Like any `spawn`ed
+    process it re-imports the caller's main module: call this from a `__main__` guard.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_plain_child, cfg.to_dict(), train_rows, data_size, seed, steps,
+                           passes, warmup, device, threads, nice).result()
+
+
 # ---------------------------------------------------------------------------------------
 # tlray's path
 
@@ -219,37 +256,6 @@ def ray_worker_settings(cpus: float) -> tuple[int, int]:
     remote = ray.remote(_worker_process_settings).options(num_cpus=cpus)
     threads, nice = ray.get(remote.remote())
     return int(threads), int(nice)
-
-
-def _plain_child(cfg_dict: dict, train_rows: int, data_size: int, seed: int, steps: int,
-                 passes: int, warmup: int, device: str, threads: int, nice: int
-                 ) -> tuple[list[float], int]:
-    """The plain loop in a fresh process at the Ray workers' niceness (and thread count)."""
-    current = os.nice(0)
-    if nice > current:
-        current = os.nice(nice - current)
-    images, labels, _ = synthetic_images(train_rows, data_size, seed)
-    rates = plain_loop(config_mod.from_plain(cfg_dict), images, labels, steps=steps,
-                       passes=passes, warmup=warmup, device=device, threads=threads)
-    return rates, current
-
-
-def plain_process(cfg: config_mod.Config, *, train_rows: int, data_size: int, seed: int,
-                  steps: int, passes: int, warmup: int, device: str, threads: int,
-                  nice: int) -> tuple[list[float], int]:
-    """Runs `plain_loop` in a spawned child process; returns its rates and niceness.
-
-    A Ray worker runs at a lower priority than the driver (niceness 15): on a machine that
-    is busy with other work it gets a smaller share of the CPU than a plain process would,
-    which is not a cost of tlray's loop. The plain loop therefore runs at the same niceness
-    (which a process can raise but not lower again, hence the child).
-    """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_plain_child, cfg.to_dict(), train_rows, data_size, seed, steps,
-                           passes, warmup, device, threads, nice).result()
 
 
 def tlray_run(cfg: config_mod.Config, workdir: str):
@@ -301,7 +307,8 @@ def train_benchmark(*, backbone: str | None = None, weights: str | None = None,
 
     Args:
         steps: timed steps per plain pass, and optimizer steps per tlray epoch (per worker).
-        epochs: tlray epochs; the plain loop runs `epochs - 1` timed passes (at least 1).
+        epochs: tlray epochs; the plain loop runs `epochs - 1` timed passes (at least 1),
+            half of them before the tlray run and half after.
         threads: CPUs per Ray worker (default: tlray's `cpus_per_worker`, 1); the plain
             loop uses as many torch threads as such a worker gets.
         overrides: `--section.key=value` settings applied to both sides (e.g.
@@ -325,6 +332,7 @@ def train_benchmark(*, backbone: str | None = None, weights: str | None = None,
     warmup = d["warmup"] if warmup is None else warmup
     cpus = float(threads) if threads else config_mod.ScalingConfig().cpus_per_worker
 
+    load_start = os.getloadavg()[0]
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tlray-bench-"))
@@ -341,16 +349,24 @@ def train_benchmark(*, backbone: str | None = None, weights: str | None = None,
         # tasks (0.25 CPU each) never wait behind workers that hold every CPU.
         init_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(workers * cpus) + 1))
         n_threads, worker_nice = ray_worker_settings(cpus)
+        if not cuda:
+            # tlray.loop then sets the worker's threads itself, from the CPUs it holds.
+            n_threads = max(1, round(cfg.scaling.cpus_per_worker))
         train_rows = steps * batch_size * workers
         del images, labels  # the plain process makes the same ones from the seed
-        plain, plain_nice = plain_process(
-            cfg, train_rows=train_rows, data_size=data_size, seed=seed, steps=steps,
-            passes=max(1, epochs - 1), warmup=warmup, device="cuda" if cuda else "cpu",
-            threads=n_threads, nice=worker_nice)
+        # The plain passes are split around the tlray run, so that a machine getting busier
+        # or quieter meanwhile does not favour one side.
+        passes = max(1, epochs - 1)
+        plain_args = dict(train_rows=train_rows, data_size=data_size, seed=seed, steps=steps,
+                          warmup=warmup, device="cuda" if cuda else "cpu", threads=n_threads,
+                          nice=worker_nice)
+        plain, plain_nice = plain_process(cfg, passes=(passes + 1) // 2, **plain_args)
 
         t0 = time.perf_counter()
         result = tlray_run(cfg, workdir)
         wall = time.perf_counter() - t0
+        if passes // 2:
+            plain += plain_process(cfg, passes=passes // 2, **plain_args)[0]
         history = result.history
         rates = [row["img_per_s"] for row in history]
         return TrainBenchResult(
@@ -360,7 +376,8 @@ def train_benchmark(*, backbone: str | None = None, weights: str | None = None,
             steps=steps,
             plain_img_s=max(plain), tlray_img_s=max(rates[1:] or rates),
             plain_passes_img_s=plain, tlray_epochs_img_s=rates,
-            tlray_epoch_seconds=[row["epoch_seconds"] for row in history], tlray_wall_s=wall)
+            tlray_epoch_seconds=[row["epoch_seconds"] for row in history], tlray_wall_s=wall,
+            load_avg=[load_start, os.getloadavg()[0]])
 
 
 def _device_name(cuda: bool) -> str:
@@ -377,11 +394,18 @@ def format_train(result: TrainBenchResult) -> str:
     row = (f"{r.device[:15]:<16}{r.backbone[:23]:<24}{r.image_size:>5}{r.batch_size:>6}"
            f"{r.workers:>8}{r.threads:>8}{nice:>5}{r.plain_img_s:>13,.0f}"
            f"{r.tlray_img_s:>13,.0f}{r.ratio:>7.2f}")
-    note = (f"plain: best of {len(r.plain_passes_img_s)} passes of {r.steps} steps "
+    note = (f"plain: best of {len(r.plain_passes_img_s)} passes of {r.steps} steps, before and "
+            f"after tlray "
             f"({', '.join(f'{x:,.0f}' for x in r.plain_passes_img_s)}); tlray: best epoch "
             f"after the first ({', '.join(f'{x:,.0f}' for x in r.tlray_epochs_img_s)}), "
             f"{r.steps} steps per worker and epoch; data {r.data_size} px -> {r.image_size} px")
-    return "\n".join([header, row, note])
+    lines = [header, row, note]
+    cores = os.cpu_count() or 1
+    if r.device.startswith("cpu") and max(r.load_avg or [0]) > cores:
+        lines.append(f"warning: the machine was busy (1-min load average "
+                     f"{' -> '.join(f'{x:.1f}' for x in r.load_avg)} on {cores} cores): "
+                     f"CPU timings are noisy, compare the per-pass figures")
+    return "\n".join(lines)
 
 
 def train_json(result: TrainBenchResult) -> str:

@@ -410,6 +410,19 @@ def _recover_interrupted_swap(dest: str) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def read_shards(batch: pa.Table) -> pa.Table:
+    """Reads the Parquet shards named in a batch's `path` column into one table.
+
+    Ray Data runs this in its read tasks; it lives here, away from torch, so that those
+    processes start in a fraction of a second and a fraction of the memory.
+    """
+    tables = []
+    for uri in batch.column("path").to_pylist():
+        fs, path = filesystem(uri)
+        tables.append(pq.read_table(path, filesystem=fs))
+    return pa.concat_tables(tables)
+
+
 def sample_per_class(info: DatasetInfo, split: str = "train", per_class: int = 1
                      ) -> tuple[np.ndarray, np.ndarray]:
     """The first `per_class` images of every class in a split (uint8 NHWC, labels)."""

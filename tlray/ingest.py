@@ -16,12 +16,10 @@ from __future__ import annotations
 import warnings
 from typing import Iterator
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from tlray.datasets import DatasetInfo, decode_images, filesystem
+from tlray.datasets import DatasetInfo, decode_images, read_shards
 
 # Ray Data's own tasks need a slice of a CPU; on a 2-core laptop whole CPUs would all be
 # held by Train workers and the read task would wait forever (see FIELD_NOTES).
@@ -58,15 +56,6 @@ def read_split(info: DatasetInfo, split: str, *, shuffle: bool = False,
     if cache:
         ds = ds.materialize()
     return ds.randomize_block_order(seed=seed) if shuffle else ds
-
-
-def read_shards(batch: pa.Table) -> pa.Table:
-    """Reads the Parquet shards named in a batch's `path` column into one table."""
-    tables = []
-    for uri in batch.column("path").to_pylist():
-        fs, path = filesystem(uri)
-        tables.append(pq.read_table(path, filesystem=fs))
-    return pa.concat_tables(tables)
 
 
 def exact_split_data_config():

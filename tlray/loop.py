@@ -117,7 +117,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # ---- train one epoch on this worker's shard ----
         model.train()
         t0 = time.perf_counter()
-        sums = torch.zeros(3, device=device)  # loss * n, correct, n (kept on the device)
+        sums = torch.zeros(2, device=device)  # loss * n, correct: kept on the device, so
+        seen = 0  # no step waits for the GPU; the row count is known on the host anyway
         batches = iter_image_batches(shards["train"], info.image_shape, cfg.data.batch_size,
                                      device=device, shuffle_buffer=cfg.data.shuffle_buffer or None)
         with _join(model), _progress(show_bar, steps_per_epoch, epoch, cfg.train.epochs) as bar:
@@ -133,14 +134,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if scheduler is not None:
                     scheduler.step_update(num_updates=state.step)
                 sums += torch.stack([loss.detach() * len(labels),
-                                     (logits.argmax(1) == labels).sum().float(),
-                                     torch.tensor(float(len(labels)), device=device)])
+                                     (logits.argmax(1) == labels).sum().float()])
+                seen += len(labels)
                 bar.update(1)
                 if (rank == cfg.train.kill_rank and state.step == cfg.train.kill_at_step
                         and not restored):
                     os.kill(os.getpid(), signal.SIGKILL)  # test-only: a worker dies mid-epoch
         train_seconds = time.perf_counter() - t0
-        loss_sum, correct, seen = _all_reduce(sums, world).tolist()
+        totals = torch.cat([sums, torch.tensor([float(seen)], device=device)])
+        loss_sum, correct, seen = _all_reduce(totals, world).tolist()
 
         # ---- validate on every worker's shard, then combine ----
         val = evaluate(core, shards["val"], info, cfg, prep, amp, device, world)
