@@ -71,11 +71,13 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:  # a zombie counts as dead
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+def _session(pid: int) -> int | None:
+    """The session id of a live process (None when gone or a zombie)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return False
+        return None
+    return None if fields[0] == "Z" else int(fields[3])
 
 
 def start_group(cmd: list[str], log: Path, **kwargs) -> subprocess.Popen:
@@ -93,7 +95,12 @@ def start_group(cmd: list[str], log: Path, **kwargs) -> subprocess.Popen:
 
 
 def kill_groups(procs: list[subprocess.Popen], grace_s: float) -> None:
-    """SIGTERM the groups led by `procs`, then SIGKILL them and any straggler."""
+    """SIGTERM the groups led by `procs`, then SIGKILL them and any straggler.
+
+    Each leader also leads its own session; a descendant that left the group but not the
+    session is killed by pid. Nothing outside these sessions is touched.
+    """
+    sessions = {proc.pid for proc in procs}
     pids: set[int] = set()
     for proc in procs:
         pids |= {proc.pid} | _descendants(proc.pid)
@@ -102,16 +109,16 @@ def kill_groups(procs: list[subprocess.Popen], grace_s: float) -> None:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        pids |= {d for p in list(pids) if _alive(p) for d in _descendants(p)}
+    while time.monotonic() < deadline and any(_session(p) in sessions for p in pids):
+        pids |= {d for p in list(pids) if _session(p) in sessions for d in _descendants(p)}
         time.sleep(0.2)
     for proc in procs:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # the guard too
         except ProcessLookupError:
             pass
-    for pid in pids:  # descendants that moved to another group
-        if _alive(pid):
+    for pid in pids:
+        if _session(pid) in sessions:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

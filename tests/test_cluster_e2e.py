@@ -16,7 +16,6 @@ here is stopped by the fixtures' finalizers, also when a test fails.
 from __future__ import annotations
 
 import json
-import os  # TEMPVERIFY
 import subprocess
 import time
 import uuid
@@ -28,7 +27,7 @@ from cluster_helpers import VENV_BIN, MlflowServer, RayCluster, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
-ROOT = Path(os.environ.get("TLRAY_E2E_ROOT") or Path(__file__).resolve().parents[1])  # TEMPVERIFY
+ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 SWEEP = EXPERIMENT = REGISTERED = "tlray-e2e"
 EPOCHS = 2  # the outage starts after epoch 1, so epoch 2's metrics are written into it
@@ -43,8 +42,8 @@ def _say(msg: str) -> None:
 def stack(tmp_path_factory):
     """(Ray cluster, MLflow server), started side by side and stopped whatever happens."""
     t0 = time.monotonic()
-    cluster = RayCluster(num_cpus_per_node=2, object_store_mb=300)
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    cluster = RayCluster(num_cpus_per_node=2, object_store_mb=300)
     try:
         server.launch()
         cluster.start_head()

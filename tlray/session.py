@@ -26,6 +26,11 @@ def init_ray(num_cpus: int | None = None, **kwargs) -> None:
         env = {k: os.environ[k] for k in FORWARDED_ENV + ("RAY_DATA_LOGGING_CONFIG",)
                if k in os.environ}
         local = "RAY_ADDRESS" not in os.environ and "address" not in kwargs
+        # Under `ray job submit --runtime-env-json '{"env_vars": {...}}'` the job's runtime env
+        # may set the same variables; Ray refuses a driver runtime env that repeats one ("Failed
+        # to merge the Job's runtime env") unless told that the driver's values win.
+        if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+            os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(num_cpus=num_cpus if local else None, logging_level="ERROR",
                  logging_config=ray.LoggingConfig(log_level="WARNING"),
                  runtime_env={"env_vars": env}, **kwargs)
