@@ -7,7 +7,7 @@ images/s says what tlray's machinery costs:
 
 - plain: one process, the images held in host memory as one uint8 array (pinned on CUDA),
   each batch a zero-copy slice that is moved to the device and normalised/resized there by
-  `tlray.ingest.to_model_input`, bf16 autocast + channels_last on CUDA as in `tlray.loop`.
+  `tlray.loop.train_step` (the loop's own step), bf16 autocast + channels_last on CUDA.
   No metrics, no shuffling, no checkpoints: the floor any training loop has to pay.
 - tlray: exactly what a user runs, `tlray.trainer.train(cfg)`: the images prepared as a
   Parquet dataset, read by Ray Data, trained by `tlray.loop.train_loop_per_worker` in Ray
@@ -55,7 +55,8 @@ import torch
 import torch.nn as nn
 
 from tlray import config as config_mod
-from tlray.ingest import to_model_input
+
+from tlray import loop
 from tlray.loop import make_optimizer
 from tlray.models import build_model
 
@@ -167,18 +168,11 @@ def plain_loop(cfg: config_mod.Config, images: np.ndarray, labels: np.ndarray, *
         def train_step() -> None:
             nonlocal step
             start = (step % n_batches) * batch
-            x = host_images[start:start + batch].to(device, non_blocking=True)
-            y = host_labels[start:start + batch].to(device, non_blocking=True)
-            x = to_model_input(x, **prep)
-            with amp:
-                logits = forward(x)
-                loss = criterion(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
             step += 1
-            if scheduler is not None:
-                scheduler.step_update(num_updates=step)
+            loop.train_step(host_images[start:start + batch].to(device, non_blocking=True),
+                            host_labels[start:start + batch].to(device, non_blocking=True),
+                            step, forward=forward, criterion=criterion, optimizer=optimizer,
+                            scheduler=scheduler, amp=amp, prep=prep)
 
         model.train()
         for _ in range(warmup):

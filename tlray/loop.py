@@ -12,6 +12,7 @@ Only rank 0 writes checkpoints, logs metrics to MLflow and prints progress.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -105,6 +106,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.train.amp)
     prep = dict(mean=mean, std=std, size=size, channels_last=cuda and cfg.train.channels_last)
+    step = functools.partial(train_step, forward=forward, criterion=criterion,
+                             optimizer=optimizer, scheduler=scheduler, amp=amp, prep=prep)
 
     shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "val", "test")}
     logger = EpochLogger(loop_config.get("mlflow_run_id"), loop_config.get("tracking_uri"),
@@ -123,16 +126,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                      device=device, shuffle_buffer=cfg.data.shuffle_buffer or None)
         with _join(model), _progress(show_bar, steps_per_epoch, epoch, cfg.train.epochs) as bar:
             for images, labels in batches:
-                x = to_model_input(images, **prep)
-                with amp:
-                    logits = forward(x)
-                    loss = criterion(logits.float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
                 state.step += 1
-                if scheduler is not None:
-                    scheduler.step_update(num_updates=state.step)
+                logits, loss = step(images, labels, state.step)
                 sums += torch.stack([loss.detach() * len(labels),
                                      (logits.argmax(1) == labels).sum().float()])
                 seen += len(labels)
@@ -200,6 +195,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ray.train.report(final, checkpoint=ckpt)
     logger.log({k: v for k, v in final.items() if k.startswith("test_")}, state.epoch)
     logger.close()
+
+
+def train_step(images: torch.Tensor, labels: torch.Tensor, step: int, *, forward, criterion,
+               optimizer, scheduler, amp, prep: dict):
+    """One optimizer step on a uint8 batch (the loop's and its benchmark baseline's)."""
+    x = to_model_input(images, **prep)
+    with amp:
+        logits = forward(x)
+        loss = criterion(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step_update(num_updates=step)
+    return logits, loss
 
 
 def make_optimizer(model: nn.Module, cfg, steps_per_epoch: int):
