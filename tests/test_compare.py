@@ -104,4 +104,6 @@ def test_bad_input_fails_before_anything_is_started(tlray_home, capsys):
     assert len(err) == 2 and all(line.startswith("tlray: error: ") for line in err)
     assert "nothing to compare" in err[0] and "'--smok'" in err[1]
     # Nothing was prepared, tracked or trained.
-    assert not tlray_home.exists()
+    assert not (tlray_home / "datasets").exists() and not (tlray_home / "ray_results").exists()
+    assert not MlflowClient().search_runs(
+        [e.experiment_id for e in MlflowClient().search_experiments()])

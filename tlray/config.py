@@ -78,8 +78,8 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True  # on CUDA
     compile: bool = False  # torch.compile, once per run
-    # Test-only: the worker of this rank kills itself (SIGKILL) at this global step, unless the
-    # run was restored from a checkpoint, to prove that recovery works.
+    # Test-only: the worker of this rank kills itself (SIGKILL) at this global step, once per
+    # run, to prove that recovery from the last checkpoint works.
     kill_rank: int = -1
     kill_at_step: int = -1
 
@@ -172,9 +172,19 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None,
         key, sep, value = item.lstrip("-").partition("=")
         if not sep:
             raise TlrayError(f"override {item!r}: expected --section.key=value")
-        _set(config, key, yaml.safe_load(value) if value != "" else None, origin="override")
+        _set(config, key, _parse_value(value), origin="override")
     validate(config)
     return config
+
+
+def _parse_value(text: str) -> Any:
+    """A YAML scalar/list/mapping (`3e-4`, `true`, `[0, 1]`), else the text itself (`0,3,all`)."""
+    if text == "":
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def validate(config: Config) -> Config:

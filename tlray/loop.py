@@ -93,8 +93,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Resume: Ray hands back the last reported checkpoint after a worker failure. Loaded
     # after the move to the device, so the optimizer's state lands beside its parameters.
     checkpoint = ray.train.get_checkpoint()
-    restored = checkpoint is not None
-    if restored:
+    if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state, best_weights = load_training_state(Path(d), core, optimizer, scheduler)
         state.resumed += 1
@@ -132,9 +131,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                      (logits.argmax(1) == labels).sum().float()])
                 seen += len(labels)
                 bar.update(1)
-                if (rank == cfg.train.kill_rank and state.step == cfg.train.kill_at_step
-                        and not restored):
-                    os.kill(os.getpid(), signal.SIGKILL)  # test-only: a worker dies mid-epoch
+                if rank == cfg.train.kill_rank and state.step == cfg.train.kill_at_step:
+                    _die_once(loop_config.get("mlflow_run_id"))  # test-only: see TrainConfig
         train_seconds = time.perf_counter() - t0
         totals = torch.cat([sums, torch.tensor([float(seen)], device=device)])
         loss_sum, correct, seen = _all_reduce(totals, world).tolist()
@@ -376,6 +374,23 @@ class EpochLogger:
             if not self.enabled or not self.pending or self.flush():
                 return
             time.sleep(pause)
+
+
+def _die_once(run_id: str | None) -> None:
+    """Test-only: this worker process dies (SIGKILL) mid-epoch, once per run.
+
+    Waits until Ray Train has registered every checkpoint reported so far, so that what is
+    being tested is the resume, not a race with the controller; a marker file keeps the
+    restarted workers alive.
+    """
+    import ray.train
+
+    marker = Path(tempfile.gettempdir()) / f"tlray-killed-{run_id}"
+    if marker.exists():
+        return
+    ray.train.get_all_reported_checkpoints()
+    marker.touch()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _improved(value: float, best: float | None, mode: str) -> bool:

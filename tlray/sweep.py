@@ -223,6 +223,10 @@ def _pick_and_register(cfg, results, parent_id, registered_name, metric, mode) -
         m = result.metrics or {}
         searched = {k: v for k, v in (result.config or {}).items()}
         child = children.get(m.get("trial_id"))
+        if child is not None and result.error is None and child.info.status == "FAILED":
+            # ASHA stopped this trial; stopping it broke its Train run mid-way, which the trial
+            # recorded as a failure. It was killed, not broken.
+            tracking.end_run_with_status(child.info.run_id, "KILLED")
         row = {"trial_id": m.get("trial_id"), **searched,
                "status": "ERROR" if result.error else (
                    "COMPLETED" if "test_acc" in m else "STOPPED"),
