@@ -31,7 +31,8 @@ def run_cfg(mnist, *extra):
     return config.load(None, SMALL + [f"--data.dataset={mnist.uri}", *extra])
 
 
-def test_two_worker_run_logs_everything(ray_cluster, mnist, tmp_path):
+def test_two_worker_run_logs_everything(ray_cluster, mnist, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     cfg = run_cfg(mnist, "--train.epochs=2")
     result = trainer.train(cfg)
 
@@ -51,6 +52,7 @@ def test_two_worker_run_logs_everything(ray_cluster, mnist, tmp_path):
         logged = {m.step: m.value for m in client.get_metric_history(result.run_id, key)}
         assert logged == pytest.approx({row["epoch"]: row[key] for row in result.history})
     assert run.data.metrics["test_acc"] == pytest.approx(result.metrics["test_acc"])
+    assert any(k.startswith("system/") for k in run.data.metrics)  # system metrics
 
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "dataset.json", "test_metrics.json", "plots"} <= artifacts

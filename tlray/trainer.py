@@ -129,6 +129,8 @@ def train(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict | N
                                      info.fingerprint),
             "dataset": info.name, **(extra_tags or {})}
     name = run_name or cfg.tracking.run_name or f"{cfg.model.backbone}-f{cfg.model.freeze}"
+    # CPU, memory (and GPU, where there is one) of this process's machine, as system/* metrics.
+    os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
     with tracking.start_run(experiment_name(cfg, info), run_name=name, tags=tags,
                             parent_run_id=parent_run_id) as run:
         run_id = run.info.run_id
