@@ -459,7 +459,7 @@ def _csv_inputs(path: Path, channels: int) -> _Inputs:
         header = next(csv.reader(f), None)
     labelled = bool(header) and header[0] == "label"
     # sources' reader is private; it is the one parser of pixel CSVs (see the report).
-    images, raw = sources._read_pixel_csv(path, labelled=labelled)
+    images, raw = sources.read_pixel_csv(path, labelled=labelled)
     images = _to_channels(images, channels)
     ids = [f"{path.name}:row {i + 1}" for i in range(len(images))]
     labels = [str(int(v)) for v in raw] if labelled else [None] * len(images)
@@ -534,16 +534,16 @@ def _image_inputs(tree, source: str, channels: int, class_names: list[str]) -> _
 
     from tlray import sources
 
-    files = [f for f in tree.files() if not sources._is_ignored(f[0])]
+    files = [f for f in tree.files() if not sources.is_ignored(f[0])]
     items = [rel for rel, _, _ in files if Path(rel).suffix.lower() in sources.IMAGE_EXTENSIONS]
     if not items:
         raise TlrayError(f"{tree.name}: no images found (expected files ending in "
                          f"{', '.join(sorted(sources.IMAGE_EXTENSIONS))}, directly or in "
                          f"sub-folders; {len(files)} other file(s) there)")
     # Every header is read up front, so an unreadable file fails before any prediction.
-    sources._read_headers(tree, items, False, [])
+    sources.read_headers(tree, items, False, [])
     wanted = set(items)
-    prefix = sources._class_root([f for f in files if f[0] in wanted])
+    prefix = sources.class_root([f for f in files if f[0] in wanted])
     known = set(class_names)
     labels: list[str | None] = []
     for rel in items:
@@ -555,7 +555,7 @@ def _image_inputs(tree, source: str, channels: int, class_names: list[str]) -> _
         try:
             with Image.open(io.BytesIO(tree.read(rel))) as im:
                 im.load()
-                arr = sources._to_mode(im, mode)
+                arr = sources.to_mode(im, mode)
         except (OSError, SyntaxError, ValueError) as e:
             raise TlrayError(f"{tree.name}: {rel}: cannot decode image ({e})") from None
         return arr if arr.ndim == 3 else arr[..., None]

@@ -164,7 +164,7 @@ def _with_transform(src: _ArraySource, image_size, mode, classes) -> SourceImage
     if mode == "RGB" and images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
     elif mode == "L" and images.shape[-1] == 3:
-        images = np.stack([_to_mode(Image.fromarray(im), "L") for im in images])[..., None]
+        images = np.stack([to_mode(Image.fromarray(im), "L") for im in images])[..., None]
     height, width = images.shape[1:3]
     if image_size is not None and tuple(image_size) != (height, width):
         height, width = image_size
@@ -208,13 +208,13 @@ def _builtin_mnist() -> _ArraySource:
 
 def _kaggle_csv(train: Path, test: Path | None) -> _ArraySource:
     """Kaggle digit-recognizer: `label,pixel0..pixelN` rows; test.csv without `label`."""
-    images, labels = _read_pixel_csv(train, labelled=True)
+    images, labels = read_pixel_csv(train, labelled=True)
     ids = np.array([f"{train.name}:row {i + 1}" for i in range(len(labels))])
     fixed = np.full(len(labels), None, dtype=object)
     digest = hashlib.sha256()
     digest.update(_file_digest(train).encode())
     if test is not None:
-        test_images, _ = _read_pixel_csv(test, labelled=False)
+        test_images, _ = read_pixel_csv(test, labelled=False)
         if test_images.shape[1:] != images.shape[1:]:
             raise TlrayError(f"{test}: images are {test_images.shape[1]}x{test_images.shape[2]}"
                              f" but {train.name} has {images.shape[1]}x{images.shape[2]}")
@@ -227,7 +227,7 @@ def _kaggle_csv(train: Path, test: Path | None) -> _ArraySource:
                         images, labels, ids, fixed if test is not None else None)
 
 
-def _read_pixel_csv(path: Path, labelled: bool) -> tuple[np.ndarray, np.ndarray]:
+def read_pixel_csv(path: Path, labelled: bool) -> tuple[np.ndarray, np.ndarray]:
     """Reads a pixel CSV into uint8 (N, S, S, 1) images and int64 labels, or explains why not."""
     with open(path, newline="") as f:
         header = next(csv.reader(f), None)
@@ -370,9 +370,6 @@ class DirTree:
     def read(self, rel: str) -> bytes:
         return (self.root / rel).read_bytes()
 
-    def fingerprint(self, files: list[tuple[str, int, int]]) -> str:
-        # Names, sizes and modification times: cheap, and changes whenever a file does.
-        return hashlib.sha256(repr(files).encode()).hexdigest()
 
 
 class ZipTree:
@@ -394,11 +391,14 @@ class ZipTree:
         with zipfile.ZipFile(self.path) as z:
             return z.read(rel)
 
-    def fingerprint(self, files: list[tuple[str, int, int]]) -> str:
-        return hashlib.sha256(repr(files).encode()).hexdigest()
 
 
-def _is_ignored(rel: str) -> bool:
+def _fingerprint(files: list[tuple[str, int, int]]) -> str:
+    """Names, sizes and modification times (CRCs in a zip): cheap, and changes with any file."""
+    return hashlib.sha256(repr(files).encode()).hexdigest()
+
+
+def is_ignored(rel: str) -> bool:
     parts = rel.split("/")
     return (any(p.startswith(".") or p == "__MACOSX" for p in parts)
             or parts[-1].lower() in IGNORED_NAMES)
@@ -406,8 +406,8 @@ def _is_ignored(rel: str) -> bool:
 
 def _image_folder(tree, uri: str, image_size, mode, classes, skip_corrupt) -> SourceImages:
     """One sub-folder per class; a single wrapping folder (e.g. `cell_images/`) is skipped."""
-    files = [f for f in tree.files() if not _is_ignored(f[0])]
-    prefix = _class_root(files)
+    files = [f for f in tree.files() if not is_ignored(f[0])]
+    prefix = class_root(files)
     by_class: dict[str, list[str]] = {}
     stray: list[str] = []
     for rel, _, _ in files:
@@ -446,7 +446,7 @@ def _image_folder(tree, uri: str, image_size, mode, classes, skip_corrupt) -> So
                 continue
             items.append(rel)
             labels.append(label)
-    headers = _read_headers(tree, items, skip_corrupt, skips)
+    headers = read_headers(tree, items, skip_corrupt, skips)
     keep = [i for i, h in enumerate(headers) if h is not None]
     items = [items[i] for i in keep]
     labels = [labels[i] for i in keep]
@@ -485,11 +485,11 @@ def _image_folder(tree, uri: str, image_size, mode, classes, skip_corrupt) -> So
 
     return SourceImages(
         "image-folder" if isinstance(tree, DirTree) else "image-zip", uri,
-        tree.fingerprint(files), names, np.array(labels, dtype=np.int64), item_arr, None,
+        _fingerprint(files), names, np.array(labels, dtype=np.int64), item_arr, None,
         out_mode, int(height), int(width), load, skips)
 
 
-def _class_root(files: list[tuple[str, int, int]]) -> str:
+def class_root(files: list[tuple[str, int, int]]) -> str:
     """Descends through single wrapping folders (`cell_images/cell_images/...`)."""
     prefix = ""
     while True:
@@ -507,14 +507,14 @@ def _class_root(files: list[tuple[str, int, int]]) -> str:
 def _class_dirs(tree, prefix: str, files) -> list[str]:
     if isinstance(tree, DirTree):
         root = tree.root / prefix if prefix else tree.root
-        return sorted(p.name for p in root.iterdir() if p.is_dir() and not _is_ignored(p.name))
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and not is_ignored(p.name))
     names = tree._zip.namelist()
     dirs = {n[len(prefix):].split("/")[0] for n in names if n.startswith(prefix)
             and "/" in n[len(prefix):]}
-    return sorted(d for d in dirs if d and not _is_ignored(d))
+    return sorted(d for d in dirs if d and not is_ignored(d))
 
 
-def _read_headers(tree, items: list[str], skip_corrupt: bool, skips: list[Skip]):
+def read_headers(tree, items: list[str], skip_corrupt: bool, skips: list[Skip]):
     """Mode and size of every image from its header, without decoding the pixels."""
 
     def header(rel: str):
@@ -534,13 +534,13 @@ def _read_headers(tree, items: list[str], skip_corrupt: bool, skips: list[Skip])
 def _decode(data: bytes, mode: str, size: tuple[int, int]) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
         im.load()  # raises on truncated files, which Image.open alone does not notice
-        arr = _to_mode(im, mode)
+        arr = to_mode(im, mode)
     if arr.shape[:2] != size:
         arr = _resize(arr, size)
     return arr if arr.ndim == 3 else arr[..., None]
 
 
-def _to_mode(im: Image.Image, mode: str) -> np.ndarray:
+def to_mode(im: Image.Image, mode: str) -> np.ndarray:
     if im.mode in ("RGBA", "LA", "P") and mode == "RGB":
         # Transparent pixels become white, as image viewers show them.
         rgba = im.convert("RGBA")
