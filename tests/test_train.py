@@ -74,9 +74,10 @@ def test_two_worker_run_logs_everything(ray_cluster, mnist, tmp_path, monkeypatc
 
 
 def test_early_stopping_stops_a_stalled_run(ray_cluster, mnist):
-    # A learning rate this small cannot change a single prediction: val_acc stalls.
+    # Only the head trains (every BatchNorm frozen too, so no running statistics move), at a
+    # learning rate too small to change a single prediction: val_acc stalls exactly.
     cfg = run_cfg(mnist, "--train.epochs=6", "--train.patience=1", "--train.monitor=val_acc",
-                  "--optim.lr=1e-12", "--tracking.log_model=false",
+                  "--optim.lr=1e-12", "--model.freeze=all", "--tracking.log_model=false",
                   "--scaling.num_workers=1", "--scaling.cpus_per_worker=1")
     result = trainer.train(cfg)
     assert result.metrics["stopped_early"] is True
