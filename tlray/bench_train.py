@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -57,6 +58,7 @@ import torch.nn as nn
 from tlray import config as config_mod
 
 from tlray import loop
+from tlray.ingest import to_model_input
 from tlray.loop import make_optimizer
 from tlray.models import build_model
 
@@ -155,9 +157,9 @@ def plain_loop(cfg: config_mod.Config, images: np.ndarray, labels: np.ndarray, *
         forward = torch.compile(model) if cfg.train.compile else model
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.train.amp)
-        prep = dict(mean=minfo.data_config["mean"], std=minfo.data_config["std"],
-                    size=(cfg.data.image_size,) * 2,
-                    channels_last=cuda and cfg.train.channels_last)
+        feed = functools.partial(to_model_input, mean=minfo.data_config["mean"],
+                                 std=minfo.data_config["std"], size=(cfg.data.image_size,) * 2,
+                                 channels_last=cuda and cfg.train.channels_last)
         host_images = torch.from_numpy(images)
         host_labels = torch.from_numpy(labels.astype(np.int64))
         if cuda:
@@ -172,7 +174,7 @@ def plain_loop(cfg: config_mod.Config, images: np.ndarray, labels: np.ndarray, *
             loop.train_step(host_images[start:start + batch].to(device, non_blocking=True),
                             host_labels[start:start + batch].to(device, non_blocking=True),
                             step, forward=forward, criterion=criterion, optimizer=optimizer,
-                            scheduler=scheduler, amp=amp, prep=prep)
+                            scheduler=scheduler, amp=amp, feed=feed)
 
         model.train()
         for _ in range(warmup):

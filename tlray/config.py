@@ -25,6 +25,7 @@ SCHEDULES = ("cosine", "constant")
 HEADS = ("linear", "mlp")
 # Metrics every epoch reports; the second item is the direction in which they improve.
 MONITORS = {"val_loss": "min", "val_acc": "max", "val_auc": "max", "train_loss": "min"}
+FEATURE_CACHE_MODES = ("auto", "always", "never")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 CHAMPION_METRICS = {"test_acc": "max", "test_auc": "max", "test_loss": "min"}
 
@@ -78,6 +79,10 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True  # on CUDA
     compile: bool = False  # torch.compile, once per run
+    # Frozen-backbone feature cache (tlray.features): "auto" caches the frozen front's outputs
+    # when those of train + val fit in data.cache_gb; "always"; "never" (YAML reads on/off as
+    # booleans, hence the words).
+    feature_cache: str = "auto"
     # Test-only: the worker of this rank kills itself (SIGKILL) at this global step, once per
     # run, to prove that recovery from the last checkpoint works.
     kill_rank: int = -1
@@ -210,6 +215,8 @@ def validate(config: Config) -> Config:
         (t.epochs >= 1, "train.epochs", "an int >= 1", t.epochs),
         (t.patience is None or t.patience >= 1, "train.patience", "an int >= 1", t.patience),
         (t.monitor in MONITORS, "train.monitor", ", ".join(MONITORS), t.monitor),
+        (t.feature_cache in FEATURE_CACHE_MODES, "train.feature_cache",
+         ", ".join(FEATURE_CACHE_MODES), t.feature_cache),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints", "an int >= 1", t.keep_checkpoints),
         (s.num_workers >= 1, "scaling.num_workers", "an int >= 1", s.num_workers),
         (s.cpus_per_worker > 0, "scaling.cpus_per_worker", "a number > 0", s.cpus_per_worker),

@@ -72,14 +72,25 @@ class DatasetInfo:
     skipped: list[dict] = field(default_factory=list)
     created: str = ""
     tlray_version: str = __version__
+    # A feature cache (see tlray.features) reuses this layout for a frozen front's outputs:
+    # `image` then holds float32 arrays of `shape`, and `features` says what computed them.
+    dtype: str = "uint8"
+    shape: list[int] | None = None
+    features: dict | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (self.height, self.width, self.channels)
+    def image_shape(self) -> tuple[int, ...]:
+        """Shape of one row's array: (H, W, C) for images, `shape` for cached features."""
+        return tuple(self.shape) if self.shape else (self.height, self.width, self.channels)
+
+    def split_bytes(self, split: str) -> int:
+        """Bytes of a split's arrays: what caching it in Ray's object store costs."""
+        return (self.splits[split].rows * int(np.prod(self.image_shape))
+                * np.dtype(self.dtype).itemsize)
 
     def shard_uris(self, split: str) -> list[str]:
         """Full paths/URIs of a split's shards, e.g. for `ray.data.read_parquet`."""
@@ -94,14 +105,24 @@ class DatasetInfo:
         return {"format": FORMAT, "version": FORMAT_VERSION, **out}
 
 
-def decode_images(column: pa.ChunkedArray | pa.Array, shape: tuple[int, int, int]) -> np.ndarray:
-    """The `image` column (fixed-size binary) as a uint8 [N, H, W, C] array, zero-copy."""
+def decode_images(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...],
+                  dtype: str | np.dtype = np.uint8) -> np.ndarray:
+    """The `image` column (fixed-size binary) as a [N, *shape] array (uint8 HWC images, or
+    a feature cache's float32 arrays), zero-copy."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    row_bytes = int(np.prod(shape))
-    data = np.frombuffer(column.buffers()[1], dtype=np.uint8)
-    start = column.offset * row_bytes
-    return data[start:start + len(column) * row_bytes].reshape((len(column), *shape))
+    row_items = int(np.prod(shape))
+    data = np.frombuffer(column.buffers()[1], dtype=dtype)
+    start = column.offset * row_items
+    return data[start:start + len(column) * row_items].reshape((len(column), *shape))
+
+
+def encode_arrays(arrays: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """[N, ...] arrays as one fixed-size binary value per row (the `image` column)."""
+    arrays = np.ascontiguousarray(arrays)
+    row_bytes = arrays.itemsize * int(np.prod(arrays.shape[1:]))
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(row_bytes), len(arrays),
+                                                [None, pa.py_buffer(arrays.tobytes())])
 
 
 def load_info(uri: str | os.PathLike) -> DatasetInfo:
@@ -208,7 +229,7 @@ def prepare(
             return existing
 
     splits = split_indices(src, fractions, seed)
-    tmp = _sibling(root, "tmp")
+    tmp = temporary_sibling(root, "tmp")
     fs.create_dir(tmp, recursive=True)
     try:
         written, skipped = _write_splits(fs, tmp, src, splits, rows_per_shard, seed, progress)
@@ -222,7 +243,7 @@ def prepare(
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         with fs.open_output_stream(_join(tmp, "dataset.json")) as f:
             f.write(json.dumps(info.to_json(), indent=2).encode())
-        _swap_into_place(fs, tmp, root)
+        swap_into_place(fs, tmp, root)
     except BaseException:
         fs.delete_dir(tmp) if fs.get_file_info(tmp).type != pafs.FileType.NotFound else None
         raise
@@ -289,11 +310,8 @@ def _write_splits(fs, tmp: str, src: SourceImages, splits: dict[str, np.ndarray]
             skipped.extend(chunk_skips)
             keep = _kept(chunk, src, chunk_skips)
             labels, ids = src.labels[keep], src.ids[keep]
-            flat = pa.FixedSizeBinaryArray.from_buffers(
-                pa.binary(row_bytes), len(images), [None, pa.py_buffer(
-                    np.ascontiguousarray(images).tobytes())])
             table = pa.Table.from_arrays(
-                [flat, pa.array(labels, pa.int64()), pa.array([str(i) for i in ids])],
+                [encode_arrays(images), pa.array(labels, pa.int64()), pa.array([str(i) for i in ids])],
                 schema=schema)
             rel = f"{split}/part-{len(shards):05d}.parquet"
             pq.write_table(table, _join(tmp, rel), filesystem=fs, compression="zstd",
@@ -370,7 +388,9 @@ def _join(root: str, rel: str) -> str:
     return root.rstrip("/") + "/" + rel
 
 
-def _sibling(root: str, tag: str) -> str:
+def temporary_sibling(root: str, tag: str) -> str:
+    """A hidden, unique sibling path of `root`, where a new version is built before it is
+    moved into place."""
     parent, _, base = root.rstrip("/").rpartition("/")
     return f"{parent}/.{base}.{tag}-{uuid.uuid4().hex[:8]}"
 
@@ -379,14 +399,14 @@ def _non_empty(fs, root: str) -> bool:
     return bool(fs.get_file_info(pafs.FileSelector(root, recursive=False)))
 
 
-def _swap_into_place(fs, tmp: str, root: str) -> None:
+def swap_into_place(fs, tmp: str, root: str) -> None:
     """Moves the finished dataset to `root`; an existing one is kept aside until then."""
     parent = root.rstrip("/").rpartition("/")[0]
     if parent:
         fs.create_dir(parent, recursive=True)
     old = None
     if fs.get_file_info(root).type != pafs.FileType.NotFound:
-        old = _sibling(root, "old")
+        old = temporary_sibling(root, "old")
         fs.move(root, old)
     fs.move(tmp, root)
     if old is not None:

@@ -26,11 +26,6 @@ from tlray.datasets import DatasetInfo, decode_images, read_shards
 READ_NUM_CPUS = 0.25
 
 
-def split_bytes(info: DatasetInfo, split: str) -> int:
-    """Raw pixel bytes of a split: what caching it in Ray's object store costs."""
-    return info.splits[split].rows * info.height * info.width * info.channels
-
-
 def read_split(info: DatasetInfo, split: str, *, shuffle: bool = False,
                seed: int | None = None, cache: bool = False):
     """A Ray Dataset over one split's shards (columns image, label, id), one block per shard.
@@ -84,11 +79,13 @@ def exact_split_data_config():
     return ExactSplitDataConfig()
 
 
-def iter_image_batches(data, shape: tuple[int, int, int], batch_size: int, *,
-                       device: torch.device | str = "cpu", shuffle_buffer: int | None = None,
-                       prefetch_batches: int = 2, with_ids: bool = False
-                       ) -> Iterator[tuple[torch.Tensor, ...]]:
+def iter_image_batches(data, shape: tuple[int, ...], batch_size: int, *,
+                       dtype: str = "uint8", device: torch.device | str = "cpu",
+                       shuffle_buffer: int | None = None, prefetch_batches: int = 2,
+                       with_ids: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
     """Yields (images uint8 [N,H,W,C], labels int64 [N]) from a Ray Dataset or DataIterator.
+
+    From a feature cache (`dtype` float32) the first tensor is [N, *shape] activations.
 
     On CUDA the host tensors are pinned and copied asynchronously, so the next batch is in
     flight while the current one trains.
@@ -101,7 +98,7 @@ def iter_image_batches(data, shape: tuple[int, int, int], batch_size: int, *,
             # Arrow's buffers are read-only and torch warns about that; nothing writes to
             # them (the first step on the device, `to_model_input`, makes a float copy).
             warnings.simplefilter("ignore", UserWarning)
-            images = torch.from_numpy(decode_images(table.column("image"), shape))
+            images = torch.from_numpy(decode_images(table.column("image"), shape, dtype))
         labels = torch.tensor(table.column("label").to_numpy(), dtype=torch.int64)
         if cuda:
             images = images.pin_memory().to(device, non_blocking=True)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tlray import config as config_mod
 from tlray import metrics
 from tlray.datasets import load_info
+from tlray.features import split_model
 from tlray.ingest import iter_image_batches, to_model_input
 from tlray.models import build_model
 
@@ -79,34 +80,50 @@ def train_loop_per_worker(loop_config: dict) -> None:
         cfg.model.backbone, info.num_classes, in_chans=info.channels,
         img_size=cfg.data.image_size, weights=cfg.model.weights,
         head=cfg.model.head, freeze=cfg.model.freeze, drop_rate=cfg.model.drop_rate)
-    mean, std = minfo.data_config["mean"], minfo.data_config["std"]
     size = (cfg.data.image_size, cfg.data.image_size)
+    channels_last = cuda and cfg.train.channels_last
+
+    # With a feature cache, train and val batches are the frozen front's outputs, and only
+    # the rest of the model (which shares its parameters) runs; see tlray.features.
+    fed_info, split = info, None
+    if loop_config.get("features_uri"):
+        fed_info = load_info(loop_config["features_uri"])
+        split = split_model(model, minfo.data_config["input_size"])
+        if split is None or split.cut != fed_info.features["cut"]:
+            raise RuntimeError(f"feature cache {fed_info.uri} was cut at "
+                               f"{fed_info.features['cut']}, this model at "
+                               f"{split.cut if split else 'nowhere'}")
+    feed_images = functools.partial(to_model_input, mean=minfo.data_config["mean"],
+                                    std=minfo.data_config["std"], size=size,
+                                    channels_last=channels_last)
+    feed = functools.partial(features_input, channels_last=channels_last) if split else feed_images
 
     steps_per_epoch = max(1, math.ceil(info.splits["train"].rows / world / cfg.data.batch_size))
     optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch)
     state = LoopState()
     best_weights = None
 
-    model = ray.train.torch.prepare_model(model)  # moves to the device; DDP when world > 1
-    core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    # `net` is what trains (DDP-wrapped when world > 1); `model` is the whole model, whose
+    # weights are checkpointed and which evaluates the test split on images.
+    net = ray.train.torch.prepare_model(split.rest if split else model)  # to the device
+    trained = net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
 
     # Resume: Ray hands back the last reported checkpoint after a worker failure. Loaded
     # after the move to the device, so the optimizer's state lands beside its parameters.
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state, best_weights = load_training_state(Path(d), core, optimizer, scheduler)
+            state, best_weights = load_training_state(Path(d), model, optimizer, scheduler)
         state.resumed += 1
         if rank == 0:
             say(f"resumed from the checkpoint of epoch {state.epoch}")
-    if cuda and cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if cfg.train.compile else model
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    forward = torch.compile(net) if cfg.train.compile else net
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.train.amp)
-    prep = dict(mean=mean, std=std, size=size, channels_last=cuda and cfg.train.channels_last)
     step = functools.partial(train_step, forward=forward, criterion=criterion,
-                             optimizer=optimizer, scheduler=scheduler, amp=amp, prep=prep)
+                             optimizer=optimizer, scheduler=scheduler, amp=amp, feed=feed)
 
     shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "val", "test")}
     logger = EpochLogger(loop_config.get("mlflow_run_id"), loop_config.get("tracking_uri"),
@@ -117,13 +134,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     for epoch in range(state.epoch, cfg.train.epochs):
         # ---- train one epoch on this worker's shard ----
-        model.train()
+        net.train()
         t0 = time.perf_counter()
         sums = torch.zeros(2, device=device)  # loss * n, correct: kept on the device, so
         seen = 0  # no step waits for the GPU; the row count is known on the host anyway
-        batches = iter_image_batches(shards["train"], info.image_shape, cfg.data.batch_size,
-                                     device=device, shuffle_buffer=cfg.data.shuffle_buffer or None)
-        with _join(model), _progress(show_bar, steps_per_epoch, epoch, cfg.train.epochs) as bar:
+        batches = iter_image_batches(shards["train"], fed_info.image_shape, cfg.data.batch_size,
+                                     dtype=fed_info.dtype, device=device,
+                                     shuffle_buffer=cfg.data.shuffle_buffer or None)
+        with _join(net), _progress(show_bar, steps_per_epoch, epoch, cfg.train.epochs) as bar:
             for images, labels in batches:
                 state.step += 1
                 logits, loss = step(images, labels, state.step)
@@ -138,7 +156,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         loss_sum, correct, seen = _all_reduce(totals, world).tolist()
 
         # ---- validate on every worker's shard, then combine ----
-        val = evaluate(core, shards["val"], info, cfg, prep, amp, device, world)
+        val = evaluate(trained, shards["val"], fed_info, cfg, feed, amp, device, world)
         row = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(seen, 1),
@@ -152,7 +170,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         state.epoch = epoch + 1
         if _improved(row[cfg.train.monitor], state.best, cfg.monitor_mode):
             state.best, state.best_epoch, state.bad_epochs = row[cfg.train.monitor], epoch + 1, 0
-            best_weights = {k: v.detach().to("cpu", copy=True) for k, v in core.state_dict().items()}
+            best_weights = {k: v.detach().to("cpu", copy=True)
+                            for k, v in model.state_dict().items()}
         else:
             state.bad_epochs += 1
         state.stopped_early = bool(cfg.train.patience and state.bad_epochs >= cfg.train.patience
@@ -163,7 +182,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                save_training_state(Path(tmp), core, optimizer, scheduler, state, best_weights)
+                save_training_state(Path(tmp), model, optimizer, scheduler, state, best_weights)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(report, checkpoint=ckpt)
         logger.log(row, epoch + 1)
@@ -178,8 +197,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # ---- the best weights, evaluated once on the test split ----
     if best_weights is not None:
-        core.load_state_dict(best_weights)
-    test = evaluate(core, shards["test"], info, cfg, prep, amp, device, world, keep=True)
+        model.load_state_dict(best_weights)
+    model.to(device)  # with a feature cache, the front joins the rest for the test on images
+    test = evaluate(model, shards["test"], info, cfg, feed_images, amp, device, world, keep=True)
     best_row = state.history[state.best_epoch - 1] if state.best_epoch else state.history[-1]
     final = {**best_row, "best_epoch": state.best_epoch,
              f"best_{cfg.train.monitor}": state.best, "stopped_early": state.stopped_early,
@@ -188,17 +208,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if rank == 0:
-            save_final(Path(tmp), core, state, test, info.classes)
+            save_final(Path(tmp), model, state, test, info.classes)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(final, checkpoint=ckpt)
     logger.log({k: v for k, v in final.items() if k.startswith("test_")}, state.epoch)
     logger.close()
 
 
-def train_step(images: torch.Tensor, labels: torch.Tensor, step: int, *, forward, criterion,
-               optimizer, scheduler, amp, prep: dict):
-    """One optimizer step on a uint8 batch (the loop's and its benchmark baseline's)."""
-    x = to_model_input(images, **prep)
+def train_step(batch: torch.Tensor, labels: torch.Tensor, step: int, *, forward, criterion,
+               optimizer, scheduler, amp, feed):
+    """One optimizer step (the loop's and its benchmark baseline's).
+
+    `feed` turns the batch (uint8 images, or cached features) into the model's input.
+    """
+    x = feed(batch)
     with amp:
         logits = forward(x)
         loss = criterion(logits.float(), labels)
@@ -208,6 +231,13 @@ def train_step(images: torch.Tensor, labels: torch.Tensor, step: int, *, forward
     if scheduler is not None:
         scheduler.step_update(num_updates=step)
     return logits, loss
+
+
+def features_input(features: torch.Tensor, *, channels_last: bool = False) -> torch.Tensor:
+    """Cached features are the model's input as they are (channels_last for conv maps)."""
+    if channels_last and features.ndim == 4:
+        return features.contiguous(memory_format=torch.channels_last)
+    return features
 
 
 def make_optimizer(model: nn.Module, cfg, steps_per_epoch: int):
@@ -230,7 +260,7 @@ def make_optimizer(model: nn.Module, cfg, steps_per_epoch: int):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, shard, info, cfg, prep: dict, amp, device, world: int,
+def evaluate(model: nn.Module, shard, info, cfg, feed, amp, device, world: int,
              keep: bool = False) -> dict:
     """Loss, accuracy and AUC over every worker's part of a split, identical on all ranks.
 
@@ -242,9 +272,9 @@ def evaluate(model: nn.Module, shard, info, cfg, prep: dict, amp, device, world:
     model.eval()
     losses, labels_all, probs_all, images_kept = [], [], [], []
     for images, labels in iter_image_batches(shard, info.image_shape, cfg.data.batch_size,
-                                             device=device):
+                                             dtype=info.dtype, device=device):
         with amp:
-            logits = model(to_model_input(images, **prep)).float()
+            logits = model(feed(images)).float()
         losses.append(F.cross_entropy(logits, labels, reduction="sum"))
         labels_all.append(labels.cpu())
         probs_all.append(logits.softmax(1).cpu())

@@ -149,8 +149,14 @@ class ScratchCNN(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.dense(self.features(x))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return x if pre_logits else self.classifier(x)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.dense(self.features(x)))
+        return self.forward_head(self.forward_features(x))
 
 
 def build_model(

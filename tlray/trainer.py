@@ -122,8 +122,9 @@ def train(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict | N
     """
     info = resolve_dataset(cfg.data.dataset)
     require_splits(info)
-    _, minfo = check_model(cfg, info)
+    model, minfo = check_model(cfg, info)
     uri = connect(cfg)
+    cache, cache_note = feature_caches([cfg], info, built=[(model, minfo)])[0]
 
     tags = {**tracking.standard_tags(cfg.model.backbone, cfg.model.weights, minfo.freeze_depth,
                                      info.fingerprint),
@@ -141,7 +142,8 @@ def train(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict | N
                            "model.total_params": minfo.total_params,
                            "model.freeze_depth": minfo.freeze_depth})
         mlflow.log_dict(info.to_json(), "dataset.json")
-        result = _fit(cfg, info, run_id, uri, name, callbacks)
+        mlflow.set_tag("feature_cache", cache.uri if cache else cache_note)
+        result = _fit(cfg, info, run_id, uri, name, callbacks, cache)
         with result.checkpoint.as_directory() as d:
             outcome = _log_final(Path(d), cfg, info, minfo)
         mlflow.log_metrics({k: v for k, v in outcome["metrics"].items()
@@ -151,12 +153,77 @@ def train(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict | N
                        model_uri=outcome["model_uri"], dataset=info)
 
 
+def feature_caches(cfgs: list[Config], info: DatasetInfo, built: list | None = None
+                   ) -> list[tuple[DatasetInfo | None, str]]:
+    """The frozen-front feature cache each config trains from (None: images), and why.
+
+    Missing caches are built now, in parallel, each by a Ray task with one Train worker's
+    resources (its GPU too), and kept under `<storage>/feature_cache` for every later run
+    and sweep trial with the same data, weights, freeze depth and input size.
+
+    Args:
+        built: the configs' (model, ModelInfo) from `check_model`, if the caller has them.
+    """
+    import ray
+
+    from tlray import features
+
+    plans, pending = [], {}
+    for cfg, (model, minfo) in zip(cfgs, built or [check_model(c, info) for c in cfgs]):
+        split, why = features.choose(cfg.train.feature_cache, model,
+                                     minfo.data_config["input_size"], info,
+                                     cfg.data.cache_gb * 2**30)
+        if split is None:
+            plans.append((None, why))
+            continue
+        key = features.cache_key(split, info, minfo.data_config, cfg.data.image_size)
+        cache_uri = features.cache_uri(_feature_cache_root(cfg), key)
+        plans.append((cache_uri, why))
+        if features.existing(cache_uri) is None and cache_uri not in pending:
+            s = cfg.scaling
+            build = ray.remote(_build_feature_cache).options(
+                num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker if s.use_gpu else 0)
+            pending[cache_uri] = build.remote(cfg.to_dict(), info.uri, cache_uri, key)
+            print(f"feature cache: computing the {why} (freeze {cfg.model.freeze})", flush=True)
+    try:
+        ray.get(list(pending.values()))
+    except Exception as e:  # Ray wraps the task's error; show its root cause
+        raise TlrayError(f"building the feature cache failed: {_root_cause(e)}") from e
+    return [(features.existing(u) if u else None, why) for u, why in plans]
+
+
+def _feature_cache_root(cfg: Config) -> str:
+    return f"{(cfg.storage_path or str(paths.ray_results_dir())).rstrip('/')}/feature_cache"
+
+
+def _build_feature_cache(cfg_dict: dict, dataset_uri: str, cache_uri: str, key: str) -> str:
+    """Ray task: one cache, computed where a Train worker would run."""
+    from tlray import config as config_mod
+    from tlray import features
+
+    cfg = config_mod.from_plain(cfg_dict)
+    info = load_info(dataset_uri)
+    model, minfo = check_model(cfg, info)
+    split = features.split_model(model, minfo.data_config["input_size"])
+    if split is None or features.cache_key(split, info, minfo.data_config,
+                                           cfg.data.image_size) != key:
+        raise TlrayError(f"the weights of {cfg.model.backbone} ({cfg.model.weights}) changed "
+                         f"while the feature cache was being planned; run again")
+    cuda = cfg.scaling.use_gpu and torch.cuda.is_available()
+    if not cuda:
+        torch.set_num_threads(max(1, round(cfg.scaling.cpus_per_worker)))
+    built = features.build(split, info, cache_uri, mean=minfo.data_config["mean"],
+                           std=minfo.data_config["std"], size=cfg.data.image_size,
+                           device="cuda" if cuda else "cpu", amp=cuda and cfg.train.amp)
+    return built.uri
+
+
 def _fit(cfg: Config, info: DatasetInfo, run_id: str, tracking_uri: str, name: str,
-         callbacks: list | None):
+         callbacks: list | None, cache: DatasetInfo | None = None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from tlray.ingest import exact_split_data_config, read_split, split_bytes
+    from tlray.ingest import exact_split_data_config, read_split
     from tlray.loop import train_loop_per_worker
 
     s = cfg.scaling
@@ -165,6 +232,7 @@ def _fit(cfg: Config, info: DatasetInfo, run_id: str, tracking_uri: str, name: s
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "dataset_uri": info.uri,
                            "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
+                           "features_uri": cache.uri if cache else None,
                            "interactive": sys.stdout.isatty()},
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources,
@@ -179,9 +247,12 @@ def _fit(cfg: Config, info: DatasetInfo, run_id: str, tracking_uri: str, name: s
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
             logging_config=quiet_logging_config(),
             callbacks=callbacks or None),
-        datasets={name: read_split(info, name, shuffle=name == "train",
-                                   cache=split_bytes(info, name) <= cfg.data.cache_gb * 2**30)
-                  for name in ("train", "val", "test")},
+        # Train and val come from the feature cache when there is one; test is always
+        # evaluated on images, by the whole model.
+        datasets={name: read_split(fed, name, shuffle=name == "train",
+                                   cache=fed.split_bytes(name) <= cfg.data.cache_gb * 2**30)
+                  for name, fed in (("train", cache or info), ("val", cache or info),
+                                    ("test", info))},
         dataset_config=exact_split_data_config(),
     )
     try:

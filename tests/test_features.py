@@ -1,0 +1,185 @@
+"""The frozen-backbone feature cache: splitting models, exact gradients, the cache on disk, runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from mlflow import MlflowClient
+
+from tlray import config, features, trainer
+from tlray.datasets import decode_images, prepare
+from tlray.ingest import iter_image_batches, read_split, to_model_input
+from tlray.models import build_model, freeze_groups, model_groups
+
+CASES = [("tf_efficientnet_lite0", "packaged", "3", "blocks.1"),
+         ("tf_efficientnet_lite0", "packaged", "all", "global_pool"),
+         ("resnet18", "none", "2", "layer1"),
+         ("resnet18", "none", "all", "global_pool"),
+         ("scratch_cnn", "none", "2", "features.1"),
+         ("scratch_cnn", "none", "all", "dense.0")]  # dense.1 is a dropout: not cacheable
+
+
+def _trainable_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("backbone,weights,freeze,cut", CASES)
+def test_cached_and_uncached_training_give_the_same_gradients(backbone, weights, freeze, cut):
+    torch.manual_seed(0)
+    model, minfo = build_model(backbone, 10, in_chans=1, img_size=32, weights=weights,
+                               freeze=freeze)
+    split = features.split_model(model, minfo.data_config["input_size"])
+    assert split is not None and split.cut == cut
+    # Every trainable parameter of the model is in the rest, and nothing else trains.
+    rest_params = {id(p) for p in split.rest.parameters() if p.requires_grad}
+    assert rest_params == {id(p) for p in model.parameters() if p.requires_grad}
+    assert not any(p.requires_grad for p in split.front.parameters())
+
+    model.train()  # training mode: the front must still be deterministic
+    x, y = torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,))
+    torch.manual_seed(1)  # the same dropout masks in the trainable part on both paths
+    F.cross_entropy(model(x), y).backward()
+    uncached = _trainable_grads(model)
+    model.zero_grad()
+    with torch.no_grad():
+        cached_input = split.front(x)
+    torch.manual_seed(1)
+    F.cross_entropy(split.rest(cached_input), y).backward()
+    cached = _trainable_grads(model)
+    assert uncached.keys() == cached.keys() and len(cached) > 0
+    for name in uncached:
+        torch.testing.assert_close(cached[name], uncached[name], rtol=1e-5, atol=1e-6,
+                                   msg=f"gradient of {name}")
+
+
+def test_nothing_to_cache_without_frozen_groups_or_with_random_layers():
+    model, _ = build_model("resnet18", 10, img_size=32, weights="none", freeze=0)
+    assert features.split_model(model, (3, 32, 32)) is None
+    # Drop-path makes frozen blocks random in training mode: the cut stops before them.
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=10, drop_path_rate=0.2)
+    freeze_groups(model, [names for _, names in model_groups(model)[:4]])
+    split = features.split_model(model, (3, 32, 32))
+    # The first block's drop-path rate is 0 (timm scales it up with depth); blocks.1 has one.
+    assert split is not None and split.cut == "blocks.0"
+    assert not any(getattr(m, "drop_prob", 0) for m in split.front.modules())
+
+
+def test_cache_key_follows_the_front_weights_and_input():
+    model, minfo = build_model("resnet18", 10, img_size=32, weights="none", freeze=2)
+    fake = type("Info", (), {"fingerprint": "abc"})()  # only the dataset's identity counts
+    split = features.split_model(model, (3, 32, 32))
+    key = features.cache_key(split, fake, minfo.data_config, 32)
+    assert features.cache_key(split, fake, minfo.data_config, 32) == key
+    assert features.cache_key(split, fake, minfo.data_config, 64) != key
+    original = model.conv1.weight.detach().clone()
+    with torch.no_grad():
+        model.conv1.weight[0, 0, 0, 0] += 1.0  # a frozen weight: the features change
+    assert features.cache_key(split, fake, minfo.data_config, 32) != key
+    with torch.no_grad():
+        model.conv1.weight.copy_(original)
+        model.fc.weight.zero_()  # a trained weight: the cache stays valid
+    assert features.cache_key(split, fake, minfo.data_config, 32) == key
+
+
+def test_cache_on_disk_holds_exactly_the_front_outputs(ray_cluster, tlray_home, tmp_path):
+    info = prepare("builtin:mnist", progress=False)
+    model, minfo = build_model("tf_efficientnet_lite0", 10, in_chans=1, img_size=32,
+                               freeze="3")
+    split = features.split_model(model, minfo.data_config["input_size"])
+    mean, std = minfo.data_config["mean"], minfo.data_config["std"]
+    uri = str(tmp_path / "cache")
+    cache = features.build(split, info, uri, mean=mean, std=std, size=32)
+    assert cache.features["cut"] == "blocks.1" and cache.dtype == "float32"
+    assert cache.image_shape == split.shape == (24, 8, 8)
+    assert {s: cache.splits[s].rows for s in cache.splits} == {
+        s: info.splits[s].rows for s in ("train", "val")}
+    assert not list(tmp_path.glob(".cache.tmp-*"))  # built aside, moved into place
+
+    # Read back through Ray Data as training does; every row equals the front's output for
+    # the image with the same id, bit for bit.
+    source = {}
+    for uri_ in info.shard_uris("val"):
+        table = pq.read_table(uri_)
+        for image, row_id in zip(decode_images(table.column("image"), info.image_shape),
+                                 table.column("id").to_pylist()):
+            source[row_id] = image
+    seen = 0
+    for batch, labels, ids in iter_image_batches(read_split(cache, "val"), cache.image_shape,
+                                                 50, dtype=cache.dtype, with_ids=True):
+        images = torch.from_numpy(np.stack([source[i] for i in ids]))
+        with torch.no_grad():
+            expected = split.front.eval()(to_model_input(images, mean, std, (32, 32)))
+        torch.testing.assert_close(batch, expected, rtol=1e-5, atol=1e-5)
+        seen += len(ids)
+    assert seen == info.splits["val"].rows
+
+    # A second build finds the finished cache and leaves it alone.
+    stamp = (Path(uri) / "dataset.json").stat().st_mtime_ns
+    assert features.build(split, info, uri, mean=mean, std=std, size=32).uri == uri
+    assert (Path(uri) / "dataset.json").stat().st_mtime_ns == stamp
+
+
+SMALL = ["--model.backbone=tf_efficientnet_lite0", "--data.image_size=32",
+         "--data.batch_size=64", "--scaling.num_workers=1", "--scaling.cpus_per_worker=1",
+         "--optim.lr=0.01", "--train.epochs=2", "--tracking.log_model=true"]
+
+
+def test_linear_probe_trains_from_the_cache_and_the_model_works_on_images(ray_cluster,
+                                                                          tlray_home):
+    info = prepare("builtin:mnist", progress=False)
+    cfg = config.load(None, SMALL + [f"--data.dataset={info.uri}", "--model.freeze=all"])
+    result = trainer.train(cfg)
+    run = MlflowClient().get_run(result.run_id)
+    cache_uri = run.data.tags["feature_cache"]
+    assert cache_uri.rsplit("/", 2)[-2] == "feature_cache"
+    cache = json.loads((Path(cache_uri) / "dataset.json").read_text())
+    assert cache["features"]["cut"] == "global_pool" and cache["shape"] == [1280]
+    # A linear probe on ImageNet features learns digits well above chance in 2 epochs, and
+    # the test split (evaluated on images by the whole model) agrees with validation.
+    assert result.metrics["val_acc"] > 0.6
+    assert abs(result.metrics["test_acc"] - result.metrics["val_acc"]) < 0.1
+
+    # The logged model is the whole network: images in, the reported test accuracy out.
+    import mlflow.pytorch
+
+    logged = mlflow.pytorch.load_model(result.model_uri, device="cpu")
+    from tlray.datasets import load_info
+
+    data = load_info(info.uri)
+    _, minfo = trainer.check_model(cfg, data)
+    correct = total = 0
+    for uri_ in data.shard_uris("test"):
+        table = pq.read_table(uri_)
+        images = torch.from_numpy(decode_images(table.column("image"), data.image_shape).copy())
+        x = to_model_input(images, minfo.data_config["mean"], minfo.data_config["std"], (32, 32))
+        with torch.no_grad():
+            preds = logged(x).argmax(1).numpy()
+        correct += int((preds == table.column("label").to_numpy()).sum())
+        total += len(preds)
+    assert correct / total == pytest.approx(result.metrics["test_acc"], abs=1e-9)
+
+    # A second run with the same data, weights and freeze depth reuses the cache as it is.
+    stamp = (Path(cache_uri) / "dataset.json").stat().st_mtime_ns
+    again = trainer.train(config.load(None, SMALL + [f"--data.dataset={info.uri}",
+                                                     "--model.freeze=all", "--optim.lr=0.02",
+                                                     "--tracking.log_model=false"]))
+    assert MlflowClient().get_run(again.run_id).data.tags["feature_cache"] == cache_uri
+    assert (Path(cache_uri) / "dataset.json").stat().st_mtime_ns == stamp
+
+
+def test_feature_cache_never_trains_on_images(ray_cluster, tlray_home):
+    info = prepare("builtin:mnist", progress=False)
+    cfg = config.load(None, SMALL + [f"--data.dataset={info.uri}", "--model.freeze=all",
+                                     "--train.feature_cache=never", "--train.epochs=1",
+                                     "--tracking.log_model=false"])
+    result = trainer.train(cfg)
+    tag = MlflowClient().get_run(result.run_id).data.tags["feature_cache"]
+    assert tag.startswith("not used")
+    assert not (Path(tlray_home) / "ray_results" / "feature_cache").exists()

@@ -1,0 +1,265 @@
+"""Frozen-backbone feature cache: run a model's frozen front once, train the rest from its outputs.
+
+A trial that freezes the first k groups of a backbone feeds every image through those groups
+every epoch, and every trial of a sweep with the same dataset, backbone, weights, freeze depth
+and input size does it again, although the result never changes: tlray applies no random
+augmentation, and frozen groups hold FrozenBatchNorm (no running statistics move). The cache
+computes those outputs once, stores them as a dataset of their own (the prepared-dataset
+layout, with float32 arrays in place of pixels) under `<storage>/feature_cache/<key>`, and
+training runs only the trainable rest of the model on them. Linear-probe and high-freeze
+trials become a small head's training.
+
+Splitting a model: a timm model computes `forward_head(forward_features(x))`, and for the
+CNN families tlray is used with (EfficientNet, ResNet, MobileNet, the scratch CNN)
+`forward_features` runs the model's child modules in the order they were registered. The
+front is the longest run of those children (descending into `blocks`-style containers) whose
+parameters are all frozen and which hold nothing random (dropout, drop-path, live BatchNorm);
+when the whole trunk is frozen and the head has no dropout, global pooling joins the front
+and only the classifier trains. Every split is checked numerically against the whole model
+before it is used; a model whose forward is not such a chain is simply trained uncached.
+
+The key is a hash of the dataset's fingerprint, the input size and normalisation, where the
+cut is, and the front's own weights and buffers: a cache can never be reused for different
+weights (a `models:/...@champion` alias that moved, a re-downloaded checkpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from tlray.datasets import (DatasetInfo, SplitInfo, decode_images, encode_arrays, filesystem,
+                            load_info, swap_into_place, temporary_sibling)
+from tlray.weights import classifier_names
+
+CACHED_SPLITS = ("train", "val")  # the test split is evaluated on images, by the whole model
+_TOLERANCE = 1e-4
+
+
+@dataclass
+class ModelSplit:
+    """A model cut in two: `rest(front(x)) == model(x)`, and only `rest` has trainable weights.
+
+    `rest` shares its parameters with the model, so training it trains the model.
+    """
+
+    front: nn.Module
+    rest: nn.Module
+    cut: str  # the last module of the front, e.g. "blocks.1", or "global_pool"
+    shape: tuple[int, ...] = ()  # the front's output for one image, e.g. (24, 12, 12)
+
+
+class _Rest(nn.Module):
+    """The trainable remainder: the trunk modules after the cut, then the model's own head."""
+
+    def __init__(self, units: list[tuple[str, nn.Module]], head: nn.Module):
+        super().__init__()
+        self.units = nn.Sequential(OrderedDict((n.replace(".", "_"), m) for n, m in units))
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head.forward_head(self.units(x))
+
+
+def split_model(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSplit | None:
+    """Cuts `model` after its frozen front; None when nothing can be cached.
+
+    Args:
+        model: a model from `tlray.models.build_model`, already frozen.
+        input_shape: (C, H, W) of its input, for the numerical check of the split.
+    """
+    if not (hasattr(model, "forward_head") and hasattr(model, "forward_features")):
+        return None
+    head_names = {*classifier_names(model), "global_pool"}
+    if not hasattr(model, "pretrained_cfg"):
+        head_names.add("classifier")
+    trunk = [(n, m) for n, m in model.named_children() if n not in head_names]
+    front: list[tuple[str, nn.Module]] = []
+    rest = list(trunk)
+    while rest:
+        name, unit = rest[0]
+        if _cacheable(unit):
+            front.append(rest.pop(0))
+        elif isinstance(unit, (nn.Sequential, nn.ModuleList)) and _cacheable(next(iter(unit), None)):
+            rest[0:1] = [(f"{name}.{n}", m) for n, m in unit.named_children()]
+        else:
+            break
+    if not any(p.numel() for _, m in front for p in m.parameters()):
+        return None
+    if not rest and not getattr(model, "drop_rate", 0) and hasattr(model, "global_pool"):
+        front.append(("global_pool", model.global_pool))
+        head = model.get_classifier()
+    else:
+        head = _Rest(rest, _head_view(model, head_names))
+    split = ModelSplit(front=nn.Sequential(OrderedDict(
+        (n.replace(".", "_"), m) for n, m in front)), rest=head, cut=front[-1][0])
+    shape = _reproduces(model, split, input_shape)
+    if shape is None:
+        return None
+    split.shape = shape
+    return split
+
+
+def choose(mode: str, model: nn.Module, input_shape: tuple[int, int, int], info: DatasetInfo,
+           budget_bytes: float) -> tuple[ModelSplit | None, str]:
+    """Whether to train this model from cached features (`train.feature_cache`), and why."""
+    if mode == "never":
+        return None, "not used (train.feature_cache=never)"
+    split = split_model(model, input_shape)
+    if split is None:
+        return None, "not used: no frozen front to cache (freeze depth 0, or not splittable)"
+    nbytes = sum(info.splits[s].rows for s in CACHED_SPLITS) * int(np.prod(split.shape)) * 4
+    if mode == "auto" and nbytes > budget_bytes:
+        return None, (f"not used: the outputs of {split.cut} for train+val would take "
+                      f"{nbytes / 2**30:.2f} GB, more than data.cache_gb")
+    return split, (f"outputs of {split.cut} {tuple(split.shape)} for train+val, "
+                   f"{nbytes / 2**20:.0f} MB")
+
+
+def _cacheable(module: nn.Module | None) -> bool:
+    """Frozen and deterministic: same output for the same input, in train mode too."""
+    if module is None or any(p.requires_grad for p in module.parameters()):
+        return False
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):  # live statistics (not frozen)
+            return False
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return False
+        if float(getattr(m, "drop_prob", 0.0) or 0.0) > 0:  # timm's DropPath
+            return False
+    return True
+
+
+def _head_view(model: nn.Module, head_names: set[str]) -> nn.Module:
+    """A shallow copy of `model` that owns only its head modules, so that calling its
+    `forward_head` runs the model's own head code on the model's own head weights."""
+    import copy
+
+    view = copy.copy(model)
+    view._modules = OrderedDict((n, m) for n, m in model._modules.items() if n in head_names)
+    view._parameters, view._buffers = OrderedDict(), OrderedDict()
+    return view
+
+
+@torch.no_grad()
+def _reproduces(model: nn.Module, split: ModelSplit, input_shape: tuple[int, int, int]
+                ) -> tuple[int, ...] | None:
+    """The front's output shape if `rest(front(x))` equals `model(x)`, else None."""
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+        middle = split.front(x)
+        whole, cut = model(x), split.rest(middle)
+    except Exception:  # noqa: BLE001 - a model that cannot be split is trained uncached
+        return None
+    finally:
+        model.train(was_training)
+    same = whole.shape == cut.shape and bool(torch.allclose(
+        whole, cut, atol=_TOLERANCE * max(1.0, float(whole.abs().max())), rtol=_TOLERANCE))
+    return tuple(middle.shape[1:]) if same else None
+
+
+def cache_key(split: ModelSplit, info: DatasetInfo, data_config: dict, size: int) -> str:
+    """What the cached outputs depend on: data, preprocessing, the cut and the front's weights."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"dataset": info.fingerprint, "size": size, "cut": split.cut,
+                              "mean": list(data_config["mean"]), "std": list(data_config["std"]),
+                              "version": 1}, sort_keys=True).encode())
+    for name, tensor in split.front.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def cache_uri(root: str, key: str) -> str:
+    return f"{root.rstrip('/')}/{key}"
+
+
+def existing(uri: str) -> DatasetInfo | None:
+    """The finished cache at `uri`, or None (absent or incomplete)."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(f"{path}/dataset.json").type != pafs.FileType.File:
+        return None
+    try:
+        return load_info(uri)
+    except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt
+        return None
+
+
+@torch.no_grad()
+def build(split: ModelSplit, info: DatasetInfo, uri: str, *, mean, std, size: int,
+          batch_size: int = 256, device: str = "cpu", amp: bool = False) -> DatasetInfo:
+    """Runs `split.front` over the cached splits and writes them as a dataset at `uri`.
+
+    One output shard per input shard, rows in the same order (labels and ids carried
+    over). Written to a temporary sibling and moved into place; if another process
+    finished the same cache first, its copy is kept and this one discarded.
+    """
+    from tlray.ingest import to_model_input
+
+    done = existing(uri)
+    if done is not None:
+        return done
+    started = time.perf_counter()
+    front = split.front.to(device).eval()
+    fs, root = filesystem(uri)
+    tmp = temporary_sibling(root, "tmp")
+    fs.create_dir(tmp, recursive=True)
+    splits, shape = {}, None
+    try:
+        for name in CACHED_SPLITS:
+            fs.create_dir(f"{tmp}/{name}", recursive=True)
+            shards = []
+            for i, shard_uri in enumerate(info.shard_uris(name)):
+                sfs, spath = filesystem(shard_uri)
+                table = pq.read_table(spath, filesystem=sfs)
+                images = decode_images(table.column("image"), info.image_shape)
+                outputs = []
+                for start in range(0, len(images), batch_size):
+                    x = to_model_input(torch.from_numpy(images[start:start + batch_size].copy())
+                                       .to(device), mean, std, (size, size))
+                    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                                        enabled=amp):
+                        outputs.append(front(x).float().cpu().numpy())
+                arrays = (np.concatenate(outputs) if outputs else
+                          np.zeros((0, *(shape or ())), np.float32))
+                shape = shape or list(arrays.shape[1:])
+                rel = f"{name}/part-{i:05d}.parquet"
+                pq.write_table(pa.Table.from_arrays(
+                    [encode_arrays(arrays), table.column("label"), table.column("id")],
+                    names=["image", "label", "id"]), f"{tmp}/{rel}", filesystem=fs,
+                    compression="none")
+                shards.append(rel)
+            splits[name] = SplitInfo(info.splits[name].rows, shards,
+                                     dict(info.splits[name].class_counts))
+        meta = DatasetInfo(
+            uri=uri, name=f"{info.name}-features", classes=info.classes, height=info.height,
+            width=info.width, channels=info.channels, mode=info.mode, splits=splits,
+            source={"kind": "feature-cache", "uri": info.uri, "fingerprint": info.fingerprint},
+            options={"size": size, "mean": list(mean), "std": list(std)},
+            fingerprint=uri.rstrip("/").rsplit("/", 1)[-1], dtype="float32", shape=shape,
+            features={"cut": split.cut, "seconds": round(time.perf_counter() - started, 2)},
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        with fs.open_output_stream(f"{tmp}/dataset.json") as f:
+            f.write(json.dumps(meta.to_json(), indent=2).encode())
+        if existing(uri) is None:
+            swap_into_place(fs, tmp, root)
+        else:
+            fs.delete_dir(tmp)
+    except BaseException:
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_dir(tmp)
+        raise
+    return load_info(uri)
