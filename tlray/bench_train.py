@@ -7,7 +7,7 @@ images/s says what tlray's machinery costs:
 
 - plain: one process, the images held in host memory as one uint8 array (pinned on CUDA),
   each batch a zero-copy slice that is moved to the device and normalised/resized there by
-  `tlray.loop.train_step` (the loop's own step), bf16 autocast + channels_last on CUDA.
+  `tlray.loop.train_step` (the loop's own step), channels_last, and bf16 autocast on CUDA.
   No metrics, no shuffling, no checkpoints: the floor any training loop has to pay.
 - tlray: exactly what a user runs, `tlray.trainer.train(cfg)`: the images prepared as a
   Parquet dataset, read by Ray Data, trained by `tlray.loop.train_loop_per_worker` in Ray
@@ -152,14 +152,14 @@ def plain_loop(cfg: config_mod.Config, images: np.ndarray, labels: np.ndarray, *
             freeze=cfg.model.freeze, drop_rate=cfg.model.drop_rate)
         optimizer, scheduler = make_optimizer(model, cfg, steps)
         model = model.to(device)
-        if cuda and cfg.train.channels_last:
+        if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         forward = torch.compile(model) if cfg.train.compile else model
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.train.amp)
         feed = functools.partial(to_model_input, mean=minfo.data_config["mean"],
                                  std=minfo.data_config["std"], size=(cfg.data.image_size,) * 2,
-                                 channels_last=cuda and cfg.train.channels_last)
+                                 channels_last=cfg.train.channels_last)
         host_images = torch.from_numpy(images)
         host_labels = torch.from_numpy(labels.astype(np.int64))
         if cuda:

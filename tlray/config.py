@@ -77,7 +77,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # best N by `monitor`
     seed: int = 42
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-    channels_last: bool = True  # on CUDA
+    channels_last: bool = True  # NHWC memory: faster on GPUs, and ~1.9x for EfficientNets on CPU
     compile: bool = False  # torch.compile, once per run
     # Frozen-backbone feature cache (tlray.features): "auto" caches the frozen front's outputs
     # when those of train + val fit in data.cache_gb; "always"; "never" (YAML reads on/off as
@@ -122,6 +122,7 @@ class TuneConfig:
     space: dict | None = None  # more fields, e.g. {"optim.weight_decay": [0, 0.05]} (a choice)
     #                            or {"optim.label_smoothing": {"uniform": [0, 0.2]}}
     search: str = "random"  # random | optuna (TPE; needs the optuna package)
+    seed: int | None = 42  # the same seed samples the same trials (None: a new draw each time)
     grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
     reduction_factor: int = 2
     max_concurrent: int = 0  # 0: as many trials as the cluster's CPUs/GPUs hold at once

@@ -200,7 +200,8 @@ def existing(uri: str) -> DatasetInfo | None:
 
 @torch.no_grad()
 def build(split: ModelSplit, info: DatasetInfo, uri: str, *, mean, std, size: int,
-          batch_size: int = 256, device: str = "cpu", amp: bool = False) -> DatasetInfo:
+          batch_size: int = 256, device: str = "cpu", amp: bool = False,
+          channels_last: bool = True) -> DatasetInfo:
     """Runs `split.front` over the cached splits and writes them as a dataset at `uri`.
 
     One output shard per input shard, rows in the same order (labels and ids carried
@@ -214,6 +215,8 @@ def build(split: ModelSplit, info: DatasetInfo, uri: str, *, mean, std, size: in
         return done
     started = time.perf_counter()
     front = split.front.to(device).eval()
+    if channels_last:
+        front.to(memory_format=torch.channels_last)
     fs, root = filesystem(uri)
     tmp = temporary_sibling(root, "tmp")
     fs.create_dir(tmp, recursive=True)
@@ -229,7 +232,8 @@ def build(split: ModelSplit, info: DatasetInfo, uri: str, *, mean, std, size: in
                 outputs = []
                 for start in range(0, len(images), batch_size):
                     x = to_model_input(torch.from_numpy(images[start:start + batch_size].copy())
-                                       .to(device), mean, std, (size, size))
+                                       .to(device), mean, std, (size, size),
+                                       channels_last=channels_last)
                     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
                                         enabled=amp):
                         outputs.append(front(x).float().cpu().numpy())
@@ -249,7 +253,8 @@ def build(split: ModelSplit, info: DatasetInfo, uri: str, *, mean, std, size: in
             width=info.width, channels=info.channels, mode=info.mode, splits=splits,
             source={"kind": "feature-cache", "uri": info.uri, "fingerprint": info.fingerprint},
             options={"size": size, "mean": list(mean), "std": list(std)},
-            fingerprint=uri.rstrip("/").rsplit("/", 1)[-1], dtype="float32", shape=shape,
+            fingerprint=cache_key(split, info, {"mean": mean, "std": std}, size),
+            dtype="float32", shape=shape,
             features={"cut": split.cut, "seconds": round(time.perf_counter() - started, 2)},
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         with fs.open_output_stream(f"{tmp}/dataset.json") as f:

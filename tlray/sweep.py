@@ -140,6 +140,12 @@ def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
     _, minfo = trainer.check_model(cfg, info)
     space = search_space(cfg, minfo.group_names)
     uri = trainer.connect(cfg)
+    # Every freeze depth's feature cache is computed once, now, in parallel, and shared by
+    # all the trials that freeze that deep (trials that change the input size or weights
+    # through tune.space compute their own on first use).
+    caches = trainer.feature_caches(
+        [config_mod.load(None, [f"model.freeze={c}"], base=cfg)
+         for c in freeze_choices(cfg, minfo.group_names)], info)
 
     storage = cfg.storage_path or paths.ray_results_dir()
     # Trials run in other processes, maybe on other machines: give them absolute answers
@@ -163,7 +169,8 @@ def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
 
             mlflow.log_dict({k: repr(v) for k, v in space.items()}, "search_space.json")
             mlflow.log_params({"sweep.metric": metric, "sweep.mode": mode,
-                               "sweep.scheduler": "ASHA", "sweep.search": cfg.tune.search})
+                               "sweep.scheduler": "ASHA", "sweep.search": cfg.tune.search,
+                               "sweep.feature_caches": sum(c is not None for c, _ in caches)})
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=cfg.to_dict(), parent_run_id=parent_id,
                                  tracking_uri=uri),
@@ -199,14 +206,16 @@ def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
 
 def _search_alg(cfg: Config, metric: str, mode: str):
     if cfg.tune.search == "random":
-        return None  # Tune's default: random sampling of the space
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=cfg.tune.seed)
     try:
         from ray.tune.search.optuna import OptunaSearch
         import optuna  # noqa: F401  (OptunaSearch imports it lazily)
     except ImportError:
         raise TlrayError("--tune.search=optuna needs the optuna package "
                          "(pip install optuna), or use --tune.search=random") from None
-    return OptunaSearch(metric=metric, mode=mode)
+    return OptunaSearch(metric=metric, mode=mode, seed=cfg.tune.seed)
 
 
 def _pick_and_register(cfg, results, parent_id, registered_name, metric, mode) -> dict:
@@ -233,6 +242,7 @@ def _pick_and_register(cfg, results, parent_id, registered_name, metric, mode) -
                "epochs": m.get("epochs_run", m.get("epoch")),
                metric: m.get(best_key, m.get(metric)),
                "test_acc": m.get("test_acc"), "test_auc": m.get("test_auc"),
+               "seconds": m.get("time_total_s"),
                "mlflow_run_id": child.info.run_id if child else None,
                "model_uri": child.data.tags.get("model_uri") if child else None}
         trials.append(row)

@@ -51,11 +51,17 @@ def resolve_dataset(spec: str, *, progress: bool = True) -> DatasetInfo:
 
 
 def check_model(cfg: Config, info: DatasetInfo) -> tuple[torch.nn.Module, ModelInfo]:
-    """Builds the model once on the driver: every model error surfaces before Ray starts."""
-    return build_model(cfg.model.backbone, info.num_classes, in_chans=info.channels,
-                       img_size=cfg.data.image_size, weights=cfg.model.weights,
-                       head=cfg.model.head, freeze=cfg.model.freeze,
-                       drop_rate=cfg.model.drop_rate)
+    """Builds the model once on the driver: every model error surfaces before Ray starts.
+
+    Seeded as the training loop seeds it, so that randomly initialised weights (and the
+    feature cache keyed on them) are the ones the workers will train.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        return build_model(cfg.model.backbone, info.num_classes, in_chans=info.channels,
+                           img_size=cfg.data.image_size, weights=cfg.model.weights,
+                           head=cfg.model.head, freeze=cfg.model.freeze,
+                           drop_rate=cfg.model.drop_rate)
 
 
 # CPUs left to Ray Data's read tasks beside the Train workers; without it they can starve.
@@ -165,6 +171,7 @@ def feature_caches(cfgs: list[Config], info: DatasetInfo, built: list | None = N
         built: the configs' (model, ModelInfo) from `check_model`, if the caller has them.
     """
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from tlray import features
 
@@ -182,7 +189,9 @@ def feature_caches(cfgs: list[Config], info: DatasetInfo, built: list | None = N
         if features.existing(cache_uri) is None and cache_uri not in pending:
             s = cfg.scaling
             build = ray.remote(_build_feature_cache).options(
-                num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker if s.use_gpu else 0)
+                num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker if s.use_gpu else 0,
+                # Outside the caller's placement group (a Tune trial's holds 0.01 CPU).
+                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
             pending[cache_uri] = build.remote(cfg.to_dict(), info.uri, cache_uri, key)
             print(f"feature cache: computing the {why} (freeze {cfg.model.freeze})", flush=True)
     try:
@@ -214,7 +223,8 @@ def _build_feature_cache(cfg_dict: dict, dataset_uri: str, cache_uri: str, key: 
         torch.set_num_threads(max(1, round(cfg.scaling.cpus_per_worker)))
     built = features.build(split, info, cache_uri, mean=minfo.data_config["mean"],
                            std=minfo.data_config["std"], size=cfg.data.image_size,
-                           device="cuda" if cuda else "cpu", amp=cuda and cfg.train.amp)
+                           device="cuda" if cuda else "cpu", amp=cuda and cfg.train.amp,
+                           channels_last=cfg.train.channels_last)
     return built.uri
 
 
