@@ -17,14 +17,9 @@ import argparse
 import sys
 
 from tlray.cli import run_job
+from tlray.presets import MNIST_SWEEP
 
-# Sized for a 2-core laptop: ~10 minutes, >= 97% test accuracy on the built-in subset.
-# Two trials at a time (0.75 CPU each, one thread each), half a CPU left for Ray Data.
-DEFAULTS = ["--data.image_size=48", "--data.batch_size=64", "--train.epochs=6",
-            "--train.monitor=val_acc", "--optim.name=adamw", "--tune.num_samples=4",
-            "--tune.lr_min=1e-3", "--tune.lr_max=6e-3", "--tune.freeze=0,1,3",
-            "--tune.grace_period=2", "--scaling.num_workers=1",
-            "--scaling.cpus_per_worker=0.75"]
+DEFAULTS = MNIST_SWEEP  # see tlray.presets
 SMOKE = ["--data.image_size=32", "--train.epochs=1", "--tune.num_samples=2",
          "--tune.grace_period=1", "--scaling.cpus_per_worker=0.5"]
 

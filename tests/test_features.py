@@ -183,3 +183,50 @@ def test_feature_cache_never_trains_on_images(ray_cluster, tlray_home):
     tag = MlflowClient().get_run(result.run_id).data.tags["feature_cache"]
     assert tag.startswith("not used")
     assert not (Path(tlray_home) / "ray_results" / "feature_cache").exists()
+
+
+def test_sweep_benchmark_times_both_sides_of_the_same_sweep(ray_cluster, tlray_home, tmp_path):
+    from tlray import bench_sweep
+
+    info = prepare("builtin:mnist", progress=False)
+    result = bench_sweep.sweep_benchmark(
+        ["--model.backbone=test_efficientnet", "--model.weights=none", "--data.image_size=32",
+         f"--data.dataset={info.uri}", "--train.epochs=1", "--tune.num_samples=2",
+         "--tune.freeze=all", "--tune.grace_period=1", "--scaling.cpus_per_worker=0.5",
+         "--tracking.log_model=false"], workdir=str(tmp_path))
+    assert list(result.sides) == ["auto", "never"]
+    for side in result.sides.values():
+        assert side.trials == 2 and side.wall_s > 0 and side.best_metric is not None
+        assert set(side.seconds_by_freeze) == set(side.epoch_seconds_by_freeze) == {"all"}
+    assert result.ratio == pytest.approx(result.sides["never"].wall_s /
+                                         result.sides["auto"].wall_s)
+    # Only the cached side wrote a cache, inside its own storage.
+    assert list((tmp_path / "auto" / "feature_cache").iterdir())
+    assert not (tmp_path / "never" / "feature_cache").exists()
+    # The seeded search sampled the same learning rates on both sides.
+    runs = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("tlray-benchmark-sweep").experiment_id])
+    lrs = {}
+    for run in (r for r in runs if "mlflow.parentRunId" in r.data.tags):  # the trials
+        lrs.setdefault(run.data.tags["feature_cache"].startswith("not used"), set()).add(
+            run.data.params["optim.lr"])
+    assert lrs[True] == lrs[False] and len(lrs[True]) == 2
+    text = bench_sweep.format_sweep(result)
+    assert "whole sweep" in text and "all:" in text
+    assert json.loads(bench_sweep.sweep_json(result))["ratio"] == pytest.approx(result.ratio)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cache_built_on_the_gpu_matches_the_cpu(tlray_home, tmp_path):
+    info = prepare("builtin:mnist", progress=False)
+    model, minfo = build_model("tf_efficientnet_lite0", 10, in_chans=1, img_size=64,
+                               freeze="all")
+    split = features.split_model(model, minfo.data_config["input_size"])
+    kwargs = dict(mean=minfo.data_config["mean"], std=minfo.data_config["std"], size=64)
+    cpu = features.build(split, info, str(tmp_path / "cpu"), **kwargs)
+    gpu = features.build(split, info, str(tmp_path / "gpu"), device="cuda", amp=True, **kwargs)
+    for a, b in zip(cpu.shard_uris("val"), gpu.shard_uris("val")):
+        x = decode_images(pq.read_table(a).column("image"), cpu.image_shape, cpu.dtype)
+        y = decode_images(pq.read_table(b).column("image"), gpu.image_shape, gpu.dtype)
+        np.testing.assert_allclose(y, x, rtol=0.05, atol=0.05)  # bf16 autocast on the GPU

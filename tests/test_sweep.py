@@ -149,3 +149,21 @@ def test_bad_sweep_input_fails_before_any_trial(ray_cluster, mnist):
         sweep.sweep(config.load(None, base + ['--tune.space={"optim.nope": [1, 2]}']))
     assert not MlflowClient().search_runs(
         [e.experiment_id for e in MlflowClient().search_experiments()])
+
+
+def test_small_inputs_share_a_gpu_between_trials():
+    from tlray import config as config_mod
+    from tlray.sweep import share_gpus
+
+    def share(*overrides):
+        cfg = config_mod.load(None, ["--scaling.use_gpu=true", *overrides])
+        return share_gpus(cfg).scaling.gpus_per_worker
+
+    assert share("--data.image_size=48") == 0.25
+    assert share("--data.image_size=128") == 0.5
+    assert share("--data.image_size=224") == 1.0
+    assert share("--data.image_size=48", "--tune.trials_per_gpu=3") == pytest.approx(1 / 3)
+    assert share("--data.image_size=48", "--scaling.gpus_per_worker=0.5") == 0.5  # user's
+    assert share("--data.image_size=48", "--scaling.num_workers=2") == 1.0  # DDP: whole GPUs
+    cpu = config_mod.load(None, ["--data.image_size=48"])
+    assert share_gpus(cpu).scaling.gpus_per_worker == 1.0  # no GPU: nothing to share

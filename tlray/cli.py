@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_benchmark_arguments(bsub.add_parser(
         "train", help="tlray's Ray Train loop vs a plain PyTorch loop"))
+    from tlray.bench_sweep import add_sweep_benchmark_arguments
+
+    add_sweep_benchmark_arguments(bsub.add_parser(
+        "sweep", help="a whole sweep with vs without the frozen-backbone feature cache"))
     return parser
 
 

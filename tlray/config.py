@@ -80,8 +80,8 @@ class TrainConfig:
     channels_last: bool = True  # NHWC memory: faster on GPUs, and ~1.9x for EfficientNets on CPU
     compile: bool = False  # torch.compile, once per run
     # Frozen-backbone feature cache (tlray.features): "auto" caches the frozen front's outputs
-    # when those of train + val fit in data.cache_gb; "always"; "never" (YAML reads on/off as
-    # booleans, hence the words).
+    # when they are at most 4x the input's size and those of train + val fit in
+    # data.cache_gb; "always"; "never" (YAML reads on/off as booleans, hence the words).
     feature_cache: str = "auto"
     # Test-only: the worker of this rank kills itself (SIGKILL) at this global step, once per
     # run, to prove that recovery from the last checkpoint works.
@@ -126,6 +126,9 @@ class TuneConfig:
     grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
     reduction_factor: int = 2
     max_concurrent: int = 0  # 0: as many trials as the cluster's CPUs/GPUs hold at once
+    # One-worker trials sharing a GPU (small inputs leave most of one idle: launch-bound).
+    # 0: from the input size, 4 up to 64 px, 2 up to 128 px, else 1.
+    trials_per_gpu: int = 0
     max_failures: int = 1  # retries of a failed trial
     name: str | None = None  # the sweep's name in Ray storage (default: dataset-backbone-time)
     registered_name: str | None = None  # registry name (default: dataset and backbone)
@@ -233,6 +236,8 @@ def validate(config: Config) -> Config:
         (u.grace_period >= 1, "tune.grace_period", "an int >= 1", u.grace_period),
         (u.reduction_factor >= 2, "tune.reduction_factor", "an int >= 2", u.reduction_factor),
         (u.max_concurrent >= 0, "tune.max_concurrent", "an int >= 0", u.max_concurrent),
+        (u.trials_per_gpu >= 0, "tune.trials_per_gpu", "an int >= 0 (0: auto)",
+         u.trials_per_gpu),
         (u.champion_metric in CHAMPION_METRICS, "tune.champion_metric",
          ", ".join(CHAMPION_METRICS), u.champion_metric),
     ]

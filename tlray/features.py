@@ -45,6 +45,9 @@ from tlray.weights import classifier_names
 
 CACHED_SPLITS = ("train", "val")  # the test split is evaluated on images, by the whole model
 _TOLERANCE = 1e-4
+# "auto" skips a cut whose outputs have more than this many times the input's elements: such
+# a front is shallow (a stem at full resolution), cheap to recompute and costly to store.
+MAX_GROWTH = 4
 
 
 @dataclass
@@ -120,6 +123,10 @@ def choose(mode: str, model: nn.Module, input_shape: tuple[int, int, int], info:
     if split is None:
         return None, "not used: no frozen front to cache (freeze depth 0, or not splittable)"
     nbytes = sum(info.splits[s].rows for s in CACHED_SPLITS) * int(np.prod(split.shape)) * 4
+    growth = int(np.prod(split.shape)) / int(np.prod(input_shape))
+    if mode == "auto" and growth > MAX_GROWTH:
+        return None, (f"not used: the outputs of {split.cut} are {growth:.0f}x the input's size "
+                      f"(a shallow front saves little; train.feature_cache=always forces it)")
     if mode == "auto" and nbytes > budget_bytes:
         return None, (f"not used: the outputs of {split.cut} for train+val would take "
                       f"{nbytes / 2**30:.2f} GB, more than data.cache_gb")

@@ -206,6 +206,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     final = {**best_row, "best_epoch": state.best_epoch,
              f"best_{cfg.train.monitor}": state.best, "stopped_early": state.stopped_early,
              "epochs_run": state.epoch,
+             "epochs_seconds": sum(r["epoch_seconds"] for r in state.history),
              **{f"test_{k}": v for k, v in test.items() if k in ("loss", "acc", "auc")}}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None

@@ -111,6 +111,29 @@ def run_trial(params: dict, *, base: dict, parent_run_id: str, tracking_uri: str
                   extra_tags={"tune_trial_id": trial_id}, run_name=f"trial-{trial_id}")
 
 
+def trials_per_gpu(cfg: Config) -> int:
+    """How many one-worker trials share a GPU: the user's number, or one from the input size.
+
+    At 28-128 px one trial leaves an H100 launch-bound (FIELD_NOTES: ~10.9k img/s for
+    EfficientNet-Lite0 at 64-128 px), so several trials per GPU raise a sweep's throughput;
+    multi-worker trials keep whole GPUs (DDP across shares of one GPU gains nothing).
+    """
+    if cfg.scaling.num_workers > 1:
+        return 1
+    if cfg.tune.trials_per_gpu:
+        return cfg.tune.trials_per_gpu
+    size = cfg.data.image_size
+    return 4 if size <= 64 else 2 if size <= 128 else 1
+
+
+def share_gpus(cfg: Config) -> Config:
+    """The sweep's config with `scaling.gpus_per_worker` set to one trial's share of a GPU."""
+    if not cfg.scaling.use_gpu or cfg.scaling.gpus_per_worker != 1.0:
+        return cfg  # no GPUs, or the user chose the share
+    share = 1.0 / trials_per_gpu(cfg)
+    return config_mod.load(None, [f"scaling.gpus_per_worker={share}"], base=cfg)
+
+
 def concurrency(cfg: Config) -> int:
     """Trials that fit the cluster at once, from the resources one trial's workers take.
 
@@ -139,6 +162,7 @@ def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
     trainer.require_splits(info)
     _, minfo = trainer.check_model(cfg, info)
     space = search_space(cfg, minfo.group_names)
+    cfg = share_gpus(cfg)
     uri = trainer.connect(cfg)
     # Every freeze depth's feature cache is computed once, now, in parallel, and shared by
     # all the trials that freeze that deep (trials that change the input size or weights
@@ -190,8 +214,8 @@ def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
                 trainable, param_space=space,
                 tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler,
                                             num_samples=cfg.tune.num_samples,
-                                            max_concurrent_trials=concurrency(cfg),
-                                            search_alg=_search_alg(cfg, metric, mode)),
+                                            search_alg=_search_alg(cfg, metric, mode,
+                                                                   concurrency(cfg))),
                 run_config=tune.RunConfig(
                     name=name, storage_path=storage,
                     failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures)))
@@ -204,18 +228,23 @@ def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
                        registered_name=registered_name, **outcome)
 
 
-def _search_alg(cfg: Config, metric: str, mode: str):
+def _search_alg(cfg: Config, metric: str, mode: str, max_concurrent: int):
+    """Seeded search, at most `max_concurrent` trials at once (Tune ignores its own
+    max_concurrent_trials for a search generator passed in, hence here)."""
     if cfg.tune.search == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=cfg.tune.seed)
+        return BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=max_concurrent)
     try:
         from ray.tune.search.optuna import OptunaSearch
         import optuna  # noqa: F401  (OptunaSearch imports it lazily)
     except ImportError:
         raise TlrayError("--tune.search=optuna needs the optuna package "
                          "(pip install optuna), or use --tune.search=random") from None
-    return OptunaSearch(metric=metric, mode=mode, seed=cfg.tune.seed)
+    from ray.tune.search import ConcurrencyLimiter
+
+    return ConcurrencyLimiter(OptunaSearch(metric=metric, mode=mode, seed=cfg.tune.seed),
+                              max_concurrent=max_concurrent)
 
 
 def _pick_and_register(cfg, results, parent_id, registered_name, metric, mode) -> dict:
@@ -242,7 +271,8 @@ def _pick_and_register(cfg, results, parent_id, registered_name, metric, mode) -
                "epochs": m.get("epochs_run", m.get("epoch")),
                metric: m.get(best_key, m.get(metric)),
                "test_acc": m.get("test_acc"), "test_auc": m.get("test_auc"),
-               "seconds": m.get("time_total_s"),
+               "seconds": m.get("time_total_s"),  # the whole trial, start-up included
+               "epochs_seconds": m.get("epochs_seconds"),  # its epochs (train + validation)
                "mlflow_run_id": child.info.run_id if child else None,
                "model_uri": child.data.tags.get("model_uri") if child else None}
         trials.append(row)
