@@ -165,13 +165,17 @@ def test_linear_probe_trains_from_the_cache_and_the_model_works_on_images(ray_cl
         total += len(preds)
     assert correct / total == pytest.approx(result.metrics["test_acc"], abs=1e-9)
 
-    # A second run with the same data, weights and freeze depth reuses the cache as it is.
+    # A second run with the same data, weights and freeze depth reuses the cache as it is,
+    # here with 2 DDP workers, each training on its own part of the cached rows.
     stamp = (Path(cache_uri) / "dataset.json").stat().st_mtime_ns
     again = trainer.train(config.load(None, SMALL + [f"--data.dataset={info.uri}",
                                                      "--model.freeze=all", "--optim.lr=0.02",
+                                                     "--scaling.num_workers=2",
+                                                     "--scaling.cpus_per_worker=0.5",
                                                      "--tracking.log_model=false"]))
     assert MlflowClient().get_run(again.run_id).data.tags["feature_cache"] == cache_uri
     assert (Path(cache_uri) / "dataset.json").stat().st_mtime_ns == stamp
+    assert again.metrics["val_acc"] > 0.6
 
 
 def test_feature_cache_never_trains_on_images(ray_cluster, tlray_home):
