@@ -151,7 +151,7 @@ def train(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict | N
         mlflow.set_tag("feature_cache", cache.uri if cache else cache_note)
         result = _fit(cfg, info, run_id, uri, name, callbacks, cache)
         with result.checkpoint.as_directory() as d:
-            outcome = _log_final(Path(d), cfg, info, minfo)
+            outcome = _log_final(Path(d), cfg, info, model, minfo)
         mlflow.log_metrics({k: v for k, v in outcome["metrics"].items()
                             if k.startswith("test_") and np.isfinite(v)})
     return TrainResult(metrics=outcome["metrics"], history=outcome["history"],
@@ -282,8 +282,13 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _log_final(d: Path, cfg: Config, info: DatasetInfo, minfo: ModelInfo) -> dict:
-    """Logs the final checkpoint's contents to the active MLflow run."""
+def _log_final(d: Path, cfg: Config, info: DatasetInfo, model: torch.nn.Module,
+               minfo: ModelInfo) -> dict:
+    """Logs the final checkpoint's contents to the active MLflow run.
+
+    `model` is the run's architecture from `check_model`; the checkpoint's weights replace all
+    of its own.
+    """
     import mlflow
 
     state = json.loads((d / "state.json").read_text())
@@ -308,7 +313,6 @@ def _log_final(d: Path, cfg: Config, info: DatasetInfo, minfo: ModelInfo) -> dic
                             "plots/test_predictions.png")
     model_uri = None
     if cfg.tracking.log_model:
-        model, _ = check_model(cfg, info)
         model.load_state_dict(torch.load(d / "model.pt", map_location="cpu", weights_only=True))
         model_uri = tracking.log_model(model, model_input_example(cfg, info, minfo),
                                        info.classes, metadata={"preprocess": {
