@@ -164,12 +164,6 @@ def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
     space = search_space(cfg, minfo.group_names)
     cfg = share_gpus(cfg)
     uri = trainer.connect(cfg)
-    # Every freeze depth's feature cache is computed once, now, in parallel, and shared by
-    # all the trials that freeze that deep (trials that change the input size or weights
-    # through tune.space compute their own on first use).
-    caches = trainer.feature_caches(
-        [config_mod.load(None, [f"model.freeze={c}"], base=cfg)
-         for c in freeze_choices(cfg, minfo.group_names)], info)
 
     storage = cfg.storage_path or paths.ray_results_dir()
     # Trials run in other processes, maybe on other machines: give them absolute answers
@@ -193,8 +187,7 @@ def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
 
             mlflow.log_dict({k: repr(v) for k, v in space.items()}, "search_space.json")
             mlflow.log_params({"sweep.metric": metric, "sweep.mode": mode,
-                               "sweep.scheduler": "ASHA", "sweep.search": cfg.tune.search,
-                               "sweep.feature_caches": sum(c is not None for c, _ in caches)})
+                               "sweep.scheduler": "ASHA", "sweep.search": cfg.tune.search})
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=cfg.to_dict(), parent_run_id=parent_id,
                                  tracking_uri=uri),

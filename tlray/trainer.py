@@ -165,7 +165,9 @@ def feature_caches(cfgs: list[Config], info: DatasetInfo, built: list | None = N
 
     Missing caches are built now, in parallel, each by a Ray task with one Train worker's
     resources (its GPU too), and kept under `<storage>/feature_cache` for every later run
-    and sweep trial with the same data, weights, freeze depth and input size.
+    and sweep trial with the same data, weights, freeze depth and input size. In a sweep the
+    first trial of a freeze depth builds it; trials of that depth started at the same moment
+    may each build it (the results are identical; the first one finished is kept).
 
     Args:
         built: the configs' (model, ModelInfo) from `check_model`, if the caller has them.
