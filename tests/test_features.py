@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 
 from tlray import config, features, trainer
 from tlray.datasets import decode_images, prepare
+from tlray.errors import TlrayError
 from tlray.ingest import iter_image_batches, read_split, to_model_input
 from tlray.models import build_model, freeze_groups, model_groups
 
@@ -119,6 +120,10 @@ def test_cache_on_disk_holds_exactly_the_front_outputs(ray_cluster, tlray_home, 
         torch.testing.assert_close(batch, expected, rtol=1e-5, atol=1e-5)
         seen += len(ids)
     assert seen == info.splits["val"].rows
+
+    # It is not a dataset of images to train on.
+    with pytest.raises(TlrayError, match="is a feature cache of"):
+        trainer.resolve_dataset(uri)
 
     # A second build finds the finished cache and leaves it alone.
     stamp = (Path(uri) / "dataset.json").stat().st_mtime_ns

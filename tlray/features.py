@@ -10,7 +10,7 @@ training runs only the trainable rest of the model on them. Linear-probe and hig
 trials become a small head's training.
 
 Splitting a model: a timm model computes `forward_head(forward_features(x))`, and for the
-CNN families tlray is used with (EfficientNet, ResNet, MobileNet, the scratch CNN)
+CNN families tlray is used with (EfficientNet, ResNet, the scratch CNN; tested on each)
 `forward_features` runs the model's child modules in the order they were registered. The
 front is the longest run of those children (descending into `blocks`-style containers) whose
 parameters are all frozen and which hold nothing random (dropout, drop-path, live BatchNorm);
