@@ -77,7 +77,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # best N by `monitor`
     seed: int = 42
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-    channels_last: bool = True  # NHWC memory: faster on GPUs, and ~1.9x for EfficientNets on CPU
+    channels_last: bool = True  # NHWC memory: faster convolutions on GPUs and on CPUs
     compile: bool = False  # torch.compile, once per run
     # Frozen-backbone feature cache (tlray.features): "auto" caches the frozen front's outputs
     # when they are at most 4x the input's size and those of train + val fit in
