@@ -135,6 +135,9 @@ def train(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict | N
     model, minfo = check_model(cfg, info)
     uri = connect(cfg)
     cache, cache_note = feature_caches([cfg], info, built=[(model, minfo)])[0]
+    if cache is not None:
+        print(f"feature cache: training what follows {cache.features['cut']} from {cache.uri}",
+              flush=True)
 
     tags = {**tracking.standard_tags(cfg.model.backbone, cfg.model.weights, minfo.freeze_depth,
                                      info.fingerprint),
