@@ -3,13 +3,14 @@
 Both sides run the same sweep (same config, same search seed, so the same trials are
 sampled) on the same Ray cluster, each with fresh storage, so the cached side pays for
 computing its caches inside its timed wall time. ASHA is told to stop nothing
-(`tune.grace_period` = its `max_t`, `train.epochs` + 2): it decides from the order in which results arrive,
-which differs between two runs, and would otherwise stop different trials on each side;
-`--set tune.grace_period=N` times the sweep with early stopping instead. The cached side runs first, so warm-up
-(imports, page cache, Ray's worker pool) counts against it, not for it. Reported per side:
-wall time, trials (completed / stopped by ASHA), the best trial's validation metric and test
-accuracy, and the mean seconds of a trial per freeze depth; then the ratios uncached/cached
-for the whole sweep and per freeze depth.
+(`tune.grace_period` = its `max_t`, `train.epochs` + 2): it decides from the order in which
+results arrive, which differs between two runs, and would otherwise stop different trials on
+each side; `--set tune.grace_period=N` times the sweep with early stopping instead. The
+cached side runs first, so warm-up (imports, page cache, Ray's worker pool) counts against
+it, not for it. Reported per side: wall time, trials (completed / stopped by ASHA), the best
+trial's validation metric and test accuracy, and the mean seconds of a trial and of its
+epochs per freeze depth; then the ratios uncached/cached for the whole sweep and per freeze
+depth.
 """
 
 from __future__ import annotations

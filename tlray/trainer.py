@@ -134,7 +134,7 @@ def train(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict | N
     require_splits(info)
     model, minfo = check_model(cfg, info)
     uri = connect(cfg)
-    cache, cache_note = feature_caches([cfg], info, built=[(model, minfo)])[0]
+    cache, cache_note = feature_cache(cfg, info, model, minfo)
     if cache is not None:
         print(f"feature cache: training what follows {cache.features['cut']} from {cache.uri}",
               flush=True)
@@ -166,48 +166,45 @@ def train(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict | N
                        model_uri=outcome["model_uri"], dataset=info)
 
 
-def feature_caches(cfgs: list[Config], info: DatasetInfo, built: list | None = None
-                   ) -> list[tuple[DatasetInfo | None, str]]:
-    """The frozen-front feature cache each config trains from (None: images), and why.
+def feature_cache(cfg: Config, info: DatasetInfo, model: torch.nn.Module, minfo: ModelInfo
+                  ) -> tuple[DatasetInfo | None, str]:
+    """The frozen-front feature cache this run trains from (None: images), and why.
 
-    Missing caches are built now, in parallel, each by a Ray task with one Train worker's
-    resources (its GPU too), and kept under `<storage>/feature_cache` for every later run
-    and sweep trial with the same data, weights, freeze depth and input size. In a sweep the
-    first trial of a freeze depth builds it; trials of that depth started at the same moment
-    may each build it (the results are identical; the first one finished is kept).
+    A missing cache is built now by a Ray task with one Train worker's resources (its GPU
+    too), and kept under `<storage>/feature_cache` for every later run and sweep trial with
+    the same data, weights, freeze depth and input size. In a sweep the first trial of a
+    freeze depth builds it; trials of that depth started at the same moment may each build
+    it (the results are identical; the first one finished is kept).
 
     Args:
-        built: the configs' (model, ModelInfo) from `check_model`, if the caller has them.
+        model, minfo: the run's model from `check_model`.
     """
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from tlray import features
 
-    plans, pending = [], {}
-    for cfg, (model, minfo) in zip(cfgs, built or [check_model(c, info) for c in cfgs]):
-        split, why = features.choose(cfg.train.feature_cache, model,
-                                     minfo.data_config["input_size"], info,
-                                     cfg.data.cache_gb * 2**30)
-        if split is None:
-            plans.append((None, why))
-            continue
-        key = features.cache_key(split, info, minfo.data_config, cfg.data.image_size)
-        cache_uri = features.cache_uri(_feature_cache_root(cfg), key)
-        plans.append((cache_uri, why))
-        if features.existing(cache_uri) is None and cache_uri not in pending:
-            s = cfg.scaling
-            build = ray.remote(_build_feature_cache).options(
-                num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker if s.use_gpu else 0,
-                # Outside the caller's placement group (a Tune trial's holds 0.01 CPU).
-                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-            pending[cache_uri] = build.remote(cfg.to_dict(), info.uri, cache_uri, key)
-            print(f"feature cache: computing the {why} (freeze {cfg.model.freeze})", flush=True)
+    split, why = features.choose(cfg.train.feature_cache, model,
+                                 minfo.data_config["input_size"], info,
+                                 cfg.data.cache_gb * 2**30)
+    if split is None:
+        return None, why
+    key = features.cache_key(split, info, minfo.data_config, cfg.data.image_size)
+    cache_uri = features.cache_uri(_feature_cache_root(cfg), key)
+    found = features.existing(cache_uri)
+    if found is not None:
+        return found, why
+    s = cfg.scaling
+    build = ray.remote(_build_feature_cache).options(
+        num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker if s.use_gpu else 0,
+        # Outside the caller's placement group (a Tune trial's holds 0.01 CPU).
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+    print(f"feature cache: computing the {why} (freeze {cfg.model.freeze})", flush=True)
     try:
-        ray.get(list(pending.values()))
+        ray.get(build.remote(cfg.to_dict(), info.uri, cache_uri, key))
     except Exception as e:  # Ray wraps the task's error; show its root cause
         raise TlrayError(f"building the feature cache failed: {_root_cause(e)}") from e
-    return [(features.existing(u) if u else None, why) for u, why in plans]
+    return load_info(cache_uri), why
 
 
 def _feature_cache_root(cfg: Config) -> str:
