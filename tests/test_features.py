@@ -89,7 +89,8 @@ def test_cache_key_follows_the_front_weights_and_input():
     assert features.cache_key(split, fake, minfo.data_config, 32) == key
 
 
-def test_cache_on_disk_holds_exactly_the_front_outputs(ray_cluster, tlray_home, tmp_path):
+def test_cache_on_disk_holds_exactly_the_front_outputs(ray_cluster, tlray_home, tmp_path,
+                                                        monkeypatch):
     info = prepare("builtin:mnist", progress=False)
     model, minfo = build_model("tf_efficientnet_lite0", 10, in_chans=1, img_size=32,
                                freeze="3")
@@ -129,6 +130,20 @@ def test_cache_on_disk_holds_exactly_the_front_outputs(ray_cluster, tlray_home, 
     stamp = (Path(uri) / "dataset.json").stat().st_mtime_ns
     assert features.build(split, info, uri, mean=mean, std=std, size=32).uri == uri
     assert (Path(uri) / "dataset.json").stat().st_mtime_ns == stamp
+
+    # A build racing one that published first (it saw no cache when it started) keeps the
+    # published cache in place, untouched, and removes its own copy.
+    real_existing, calls = features.existing, []
+
+    def not_yet_published(u):
+        calls.append(u)
+        return None if len(calls) == 1 else real_existing(u)
+
+    monkeypatch.setattr(features, "existing", not_yet_published)
+    assert features.build(split, info, uri, mean=mean, std=std, size=32).uri == uri
+    assert len(calls) == 2  # once at the start, once after the rename was refused
+    assert (Path(uri) / "dataset.json").stat().st_mtime_ns == stamp
+    assert not list(tmp_path.glob(".cache.*"))
 
 
 SMALL = ["--model.backbone=tf_efficientnet_lite0", "--data.image_size=32",

@@ -243,7 +243,7 @@ def prepare(
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         with fs.open_output_stream(_join(tmp, "dataset.json")) as f:
             f.write(json.dumps(info.to_json(), indent=2).encode())
-        swap_into_place(fs, tmp, root)
+        _swap_into_place(fs, tmp, root)
     except BaseException:
         fs.delete_dir(tmp) if fs.get_file_info(tmp).type != pafs.FileType.NotFound else None
         raise
@@ -311,8 +311,8 @@ def _write_splits(fs, tmp: str, src: SourceImages, splits: dict[str, np.ndarray]
             keep = _kept(chunk, src, chunk_skips)
             labels, ids = src.labels[keep], src.ids[keep]
             table = pa.Table.from_arrays(
-                [encode_arrays(images), pa.array(labels, pa.int64()), pa.array([str(i) for i in ids])],
-                schema=schema)
+                [encode_arrays(images), pa.array(labels, pa.int64()),
+                 pa.array([str(i) for i in ids])], schema=schema)
             rel = f"{split}/part-{len(shards):05d}.parquet"
             pq.write_table(table, _join(tmp, rel), filesystem=fs, compression="zstd",
                            compression_level=1)
@@ -399,7 +399,7 @@ def _non_empty(fs, root: str) -> bool:
     return bool(fs.get_file_info(pafs.FileSelector(root, recursive=False)))
 
 
-def swap_into_place(fs, tmp: str, root: str) -> None:
+def _swap_into_place(fs, tmp: str, root: str) -> None:
     """Moves the finished dataset to `root`; an existing one is kept aside until then."""
     parent = root.rstrip("/").rpartition("/")[0]
     if parent:

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from tlray.datasets import (DatasetInfo, SplitInfo, decode_images, encode_arrays, filesystem,
-                            load_info, swap_into_place, temporary_sibling)
+                            load_info, temporary_sibling)
 from tlray.weights import classifier_names
 
 CACHED_SPLITS = ("train", "val")  # the test split is evaluated on images, by the whole model
@@ -94,7 +94,8 @@ def split_model(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSpl
         name, unit = rest[0]
         if _cacheable(unit):
             front.append(rest.pop(0))
-        elif isinstance(unit, (nn.Sequential, nn.ModuleList)) and _cacheable(next(iter(unit), None)):
+        elif (isinstance(unit, (nn.Sequential, nn.ModuleList))
+              and _cacheable(next(iter(unit), None))):
             rest[0:1] = [(f"{name}.{n}", m) for n, m in unit.named_children()]
         else:
             break
@@ -212,8 +213,8 @@ def build(split: ModelSplit, info: DatasetInfo, uri: str, *, mean, std, size: in
     """Runs `split.front` over the cached splits and writes them as a dataset at `uri`.
 
     One output shard per input shard, rows in the same order (labels and ids carried
-    over). Written to a temporary sibling and moved into place; if another process
-    finished the same cache first, its copy is kept and this one discarded.
+    over). Written to a temporary sibling and renamed into place; if another process
+    published the same cache first, its copy is kept and this one discarded.
     """
     from tlray.ingest import to_model_input
 
@@ -266,9 +267,13 @@ def build(split: ModelSplit, info: DatasetInfo, uri: str, *, mean, std, size: in
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         with fs.open_output_stream(f"{tmp}/dataset.json") as f:
             f.write(json.dumps(meta.to_json(), indent=2).encode())
-        if existing(uri) is None:
-            swap_into_place(fs, tmp, root)
-        else:
+        try:
+            # A rename onto a directory that exists fails, atomically: a cache that another
+            # build published first is never moved aside under a run that is reading it.
+            fs.move(tmp, root)
+        except OSError:
+            if existing(uri) is None:
+                raise
             fs.delete_dir(tmp)
     except BaseException:
         if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
