@@ -77,6 +77,29 @@ def test_sweep_registers_champion_and_a_worse_one_does_not_move_it(ray_cluster, 
     assert model is not None
 
 
+def test_a_trial_whose_process_dies_resumes_from_its_checkpoint(ray_cluster, mnist):
+    # A one-worker trial trains in the Tune trial's own process (no Train controller or
+    # workers), so a dead worker is a dead trial: Tune starts it again, from the checkpoint
+    # it reported last, in a new process and a new MLflow run.
+    steps_per_epoch = -(-mnist.splits["train"].rows // 64)
+    cfg = config.load(None, SMALL + [f"--data.dataset={mnist.uri}", "--tune.num_samples=1",
+                                     "--tune.freeze=all", "--tune.max_failures=1",
+                                     "--train.kill_rank=0",
+                                     f"--train.kill_at_step={steps_per_epoch + 3}"])
+    result = sweep.sweep(cfg)
+
+    assert [t["status"] for t in result.trials] == ["COMPLETED"]
+    final = sorted(glob.glob(f"{result.path}/run_trial_*/checkpoint_*"))[-1]
+    state = json.loads(open(f"{final}/state.json").read())
+    assert state["resumed"] == 1  # died in epoch 2, came back from epoch 1's checkpoint
+    assert [row["epoch"] for row in state["history"]] == [1, 2]
+    assert not glob.glob(f"{os.path.dirname(result.path)}/trial-*")  # no Ray Train run dirs
+    runs = sorted(children(result.parent_run_id), key=lambda r: r.info.start_time)
+    assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
+    assert result.best_run_id == runs[-1].info.run_id  # the champion is the finished attempt
+    assert runs[-1].data.tags["model_uri"] == result.model_uri
+
+
 def mnist_test_csv(path, info):
     """Unlabelled pixel rows from the dataset's test split, as Kaggle's test.csv."""
     from tlray.datasets import sample_per_class

@@ -109,3 +109,24 @@ def test_bad_input_fails_before_training(ray_cluster, mnist):
     with pytest.raises(TlrayError, match="does not exist"):
         trainer.train(run_cfg(mnist, "--data.dataset=/nonexistent/dataset"))
     assert client_runs() == []  # nothing was started
+
+
+def test_resuming_from_the_final_checkpoint_skips_to_the_test(tmp_path):
+    # A trial can die after its last report (while its model is being logged); Tune then
+    # hands the final checkpoint back, which has the best weights and no optimizer state.
+    from tlray.loop import LoopState, load_training_state, save_final
+
+    model = torch.nn.Linear(4, 3)
+    state = LoopState(epoch=2, step=10, best=0.9, best_epoch=1, trained=True,
+                      history=[{"epoch": 1}, {"epoch": 2}])
+    test = {"loss": 0.1, "acc": 0.9, "auc": 0.95, "rows": 3,
+            "confusion": np.eye(3, dtype=np.int64), "samples": (None, None, None)}
+    save_final(tmp_path, model, state, test, ["a", "b", "c"])
+
+    fresh = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1)
+    restored, best = load_training_state(tmp_path, fresh, optimizer, None)
+    assert restored.trained and restored.epoch == 2 and restored.best_epoch == 1
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(best[name], value)
+        torch.testing.assert_close(fresh.state_dict()[name], value)

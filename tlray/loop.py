@@ -1,6 +1,7 @@
 """The per-worker training loop: what every Ray Train worker runs, top to bottom.
 
-One call of `train_loop_per_worker` is one worker of one training run. It builds the model
+One call of `train_loop_per_worker` is one worker of one training run (or a whole one-worker
+sweep trial, run inside the Tune trial's own process and reporting to Tune). It builds the model
 (frozen groups first, then DDP), resumes from the last checkpoint if Ray restarted it, trains
 epoch by epoch on its own shard of the data, and after every epoch reduces the validation
 metrics across workers and reports them to Ray with a checkpoint. When training ends (or
@@ -23,6 +24,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -52,6 +54,7 @@ class LoopState:
     history: list[dict] = field(default_factory=list)
     stopped_early: bool = False
     resumed: int = 0  # times this run was restored from a checkpoint after a failure
+    trained: bool = False  # every epoch done (the final checkpoint): only the test remains
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -64,8 +67,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     cfg = config_mod.from_plain(loop_config["config"])
     info = load_info(loop_config["dataset_uri"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    session = worker_session(loop_config.get("report_to_tune", False))
+    rank, world = session.rank, session.world
     device = ray.train.torch.get_device()
     cuda = device.type == "cuda"
     torch.manual_seed(cfg.train.seed)
@@ -105,12 +108,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # `net` is what trains (DDP-wrapped when world > 1); `model` is the whole model, whose
     # weights are checkpointed and which evaluates the test split on images.
-    net = ray.train.torch.prepare_model(split.rest if split else model)  # to the device
+    net = session.prepare_model(split.rest if split else model)  # to the device
     trained = net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
 
     # Resume: Ray hands back the last reported checkpoint after a worker failure. Loaded
     # after the move to the device, so the optimizer's state lands beside its parameters.
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state, best_weights = load_training_state(Path(d), model, optimizer, scheduler)
@@ -132,7 +135,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     logger.tag("train_node_ids", ",".join(sorted(set(_gather(
         ray.get_runtime_context().get_node_id(), world)))))
 
-    for epoch in range(state.epoch, cfg.train.epochs):
+    for epoch in range(state.epoch, cfg.train.epochs if not state.trained else 0):
         # ---- train one epoch on this worker's shard ----
         net.train()
         t0 = time.perf_counter()
@@ -150,7 +153,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 seen += len(labels)
                 bar.update(1)
                 if rank == cfg.train.kill_rank and state.step == cfg.train.kill_at_step:
-                    _die_once(loop_config.get("mlflow_run_id"))  # test-only: see TrainConfig
+                    _die_once(loop_config["restart_key"])  # test-only: see TrainConfig
         train_seconds = time.perf_counter() - t0
         totals = torch.cat([sums, torch.tensor([float(seen)], device=device)])
         loss_sum, correct, seen = _all_reduce(totals, world).tolist()
@@ -178,13 +181,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                    and state.epoch < cfg.train.epochs)
 
         # ---- checkpoint + report (rank 0 writes; every rank reports) ----
-        report = {**row, "best_epoch": state.best_epoch, f"best_{cfg.train.monitor}": state.best}
+        row_report = {**row, "best_epoch": state.best_epoch,
+                      f"best_{cfg.train.monitor}": state.best}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
                 save_training_state(Path(tmp), model, optimizer, scheduler, state, best_weights)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(report, checkpoint=ckpt)
+                ckpt = session.checkpoint_class.from_directory(tmp)
+            session.report(row_report, checkpoint=ckpt)
         logger.log(row, epoch + 1)
         if rank == 0:
             say(progress_line(row, cfg.train.epochs, cfg.train.monitor))
@@ -211,11 +215,47 @@ def train_loop_per_worker(loop_config: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if rank == 0:
+            state.trained = True
             save_final(Path(tmp), model, state, test, info.classes)
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(final, checkpoint=ckpt)
+            ckpt = session.checkpoint_class.from_directory(tmp)
+        session.report(final, checkpoint=ckpt)
     logger.log({k: v for k, v in final.items() if k.startswith("test_")}, state.epoch)
     logger.close()
+
+
+class WorkerSession(NamedTuple):
+    """What the loop needs from Ray, wherever it runs."""
+
+    rank: int
+    world: int
+    report: Callable  # (metrics, checkpoint=...)
+    get_checkpoint: Callable
+    prepare_model: Callable  # to the device, DDP-wrapped when world > 1
+    checkpoint_class: type
+
+
+def worker_session(in_tune_process: bool) -> WorkerSession:
+    """Ray Train's worker APIs, or Ray Tune's in a Tune trial's own process.
+
+    There (Train's local mode) the loop talks to Tune itself: local mode keeps reports to
+    itself rather than passing them (and their checkpoints) on, and Ray refuses
+    `ray.train.get_context` (which `prepare_model` calls) inside a Tune function. With one
+    process there is nothing to wrap in DDP: preparing a model is moving it to the device.
+    """
+    import ray.train
+    import ray.train.torch
+
+    if in_tune_process:
+        from ray import tune
+
+        def to_device(model: nn.Module) -> nn.Module:
+            return model.to(ray.train.torch.get_device())
+
+        return WorkerSession(0, 1, tune.report, tune.get_checkpoint, to_device, tune.Checkpoint)
+    ctx = ray.train.get_context()
+    return WorkerSession(ctx.get_world_rank(), ctx.get_world_size(), ray.train.report,
+                         ray.train.get_checkpoint, ray.train.torch.prepare_model,
+                         ray.train.Checkpoint)
 
 
 def train_step(batch: torch.Tensor, labels: torch.Tensor, step: int, *, forward, criterion,
@@ -319,13 +359,19 @@ def save_training_state(d: Path, model, optimizer, scheduler, state: LoopState,
 
 
 def load_training_state(d: Path, model, optimizer, scheduler):
-    """Restores model, optimizer, schedule and loop state; returns (state, best weights)."""
+    """Restores model, optimizer, schedule and loop state; returns (state, best weights).
+
+    The final checkpoint (`save_final`, e.g. a trial killed while its model was being
+    logged) holds the best weights and no optimizer: training is over, the test remains.
+    """
     model.load_state_dict(torch.load(d / "model.pt", map_location="cpu", weights_only=True))
+    state = LoopState(**json.loads((d / "state.json").read_text()))
+    if state.trained:
+        return state, {k: v.detach().clone() for k, v in model.state_dict().items()}
     optimizer.load_state_dict(torch.load(d / "optimizer.pt", map_location="cpu",
                                          weights_only=True))
     if scheduler is not None and (d / "scheduler.pt").exists():
         scheduler.load_state_dict(torch.load(d / "scheduler.pt", weights_only=True))
-    state = LoopState(**json.loads((d / "state.json").read_text()))
     best_file = d / "best_model.pt" if (d / "best_model.pt").exists() else d / "model.pt"
     best = torch.load(best_file, map_location="cpu", weights_only=True)
     return state, best
@@ -409,7 +455,7 @@ class EpochLogger:
             time.sleep(pause)
 
 
-def _die_once(run_id: str | None) -> None:
+def _die_once(restart_key: str) -> None:
     """Test-only: this worker process dies (SIGKILL) mid-epoch, once per run.
 
     Waits until Ray Train has registered every checkpoint reported so far, so that what is
@@ -418,7 +464,7 @@ def _die_once(run_id: str | None) -> None:
     """
     import ray.train
 
-    marker = Path(tempfile.gettempdir()) / f"tlray-killed-{run_id}"
+    marker = Path(tempfile.gettempdir()) / f"tlray-killed-{restart_key}"
     if marker.exists():
         return
     ray.train.get_all_reported_checkpoints()

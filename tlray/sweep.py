@@ -99,7 +99,8 @@ def _distribution(key: str, spec):
 
 
 def run_trial(params: dict, *, base: dict, parent_run_id: str, tracking_uri: str) -> None:
-    """One trial, inside Tune: the base config with this trial's values, trained by Ray Train."""
+    """One trial, inside Tune: the base config with this trial's values, trained by Ray Train
+    (in this very process when `trains_in_trial_process`)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -107,8 +108,24 @@ def run_trial(params: dict, *, base: dict, parent_run_id: str, tracking_uri: str
     cfg = config_mod.load(None, overrides, base=config_mod.from_plain(base))
     cfg.tracking.tracking_uri = tracking_uri
     trial_id = tune.get_context().get_trial_id()
-    trainer.train(cfg, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()],
+    here = trains_in_trial_process(cfg)
+    trainer.train(cfg, parent_run_id=parent_run_id,
+                  callbacks=None if here else [TuneReportCallback()], in_tune_process=here,
                   extra_tags={"tune_trial_id": trial_id}, run_name=f"trial-{trial_id}")
+
+
+def trains_in_trial_process(cfg: Config) -> bool:
+    """One-worker trials train in the trial's own process (see `tune.in_process`)."""
+    return cfg.tune.in_process and cfg.scaling.num_workers == 1
+
+
+def trial_resources(cfg: Config) -> dict:
+    """What Tune reserves for one trial's own process: the worker's share when it trains
+    there, else next to nothing (it only waits on its Train workers, which reserve theirs)."""
+    s = cfg.scaling
+    if not trains_in_trial_process(cfg):
+        return {"CPU": 0.01}
+    return {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
 
 
 def trials_per_gpu(cfg: Config) -> int:
@@ -191,26 +208,34 @@ def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=cfg.to_dict(), parent_run_id=parent_id,
                                  tracking_uri=uri),
-            {"CPU": 0.01})  # the trial driver only waits on its Train workers
+            trial_resources(cfg))
         if resume:
             tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
         else:
-            # A trial reports once per epoch plus once with its test results. max_t stays
-            # above that count: a trial that reaches max_t is stopped at once, which would
-            # kill it while it still logs its model.
+            # A trial reports once per epoch plus once with its test results (twice if it
+            # is resumed from its final checkpoint). max_t stays above that count: a trial
+            # that reaches max_t is stopped at once, which would kill it while it still logs
+            # its model.
             scheduler = ASHAScheduler(time_attr="training_iteration",
-                                      max_t=cfg.train.epochs + 2,
+                                      max_t=cfg.train.epochs + 3,
                                       grace_period=cfg.tune.grace_period,
                                       reduction_factor=cfg.tune.reduction_factor)
             tuner = tune.Tuner(
                 trainable, param_space=space,
                 tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler,
                                             num_samples=cfg.tune.num_samples,
+                                            # The next trial starts in the process the last
+                                            # one ended in (torch, timm, tlray imported).
+                                            reuse_actors=True,
                                             search_alg=_search_alg(cfg, metric, mode,
                                                                    concurrency(cfg))),
                 run_config=tune.RunConfig(
                     name=name, storage_path=storage,
+                    # Checkpoints of trials that train in their own process (see run_trial).
+                    checkpoint_config=tune.CheckpointConfig(
+                        num_to_keep=cfg.train.keep_checkpoints,
+                        checkpoint_score_attribute=metric, checkpoint_score_order=mode),
                     failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures)))
         results = tuner.fit()
         tracking.close_dangling_runs(parent_run_id=parent_id, status="KILLED")
@@ -245,9 +270,11 @@ def _pick_and_register(cfg, results, parent_id, registered_name, metric, mode) -
     from mlflow import MlflowClient
 
     client = MlflowClient()
+    # Oldest first, so that a retried trial's last attempt (the one that finished) wins.
     children = {r.data.tags.get("tune_trial_id"): r for r in client.search_runs(
         [client.get_run(parent_id).info.experiment_id],
-        f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10_000)}
+        f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10_000,
+        order_by=["attributes.start_time ASC"])}
     trials, best = [], None
     best_key = f"best_{metric}"
     for result in results:

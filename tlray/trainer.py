@@ -121,7 +121,8 @@ def experiment_name(cfg: Config, info: DatasetInfo) -> str:
 
 
 def train(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict | None = None,
-          callbacks: list | None = None, run_name: str | None = None) -> TrainResult:
+          callbacks: list | None = None, run_name: str | None = None,
+          in_tune_process: bool = False) -> TrainResult:
     """Runs one configuration to completion and logs it to MLflow.
 
     Args:
@@ -129,12 +130,14 @@ def train(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict | N
         parent_run_id: nests this run under a sweep's parent run.
         callbacks: extra Ray Train callbacks (a sweep passes Tune's reporting callback).
         run_name: MLflow/Ray run name (default: from the config).
+        in_tune_process: train right here, in a Tune trial's process that holds one worker's
+            resources (Ray Train's local mode); the loop reports to Tune itself.
     """
     info = resolve_dataset(cfg.data.dataset)
     require_splits(info)
     model, minfo = check_model(cfg, info)
     uri = connect(cfg)
-    cache, cache_note = feature_cache(cfg, info, model, minfo)
+    cache, cache_note = feature_cache(cfg, info, model, minfo, here=in_tune_process)
     if cache is not None:
         print(f"feature cache: training what follows {cache.features['cut']} from {cache.uri}",
               flush=True)
@@ -156,22 +159,22 @@ def train(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict | N
                            "model.freeze_depth": minfo.freeze_depth})
         mlflow.log_dict(info.to_json(), "dataset.json")
         mlflow.set_tag("feature_cache", cache.uri if cache else cache_note)
-        result = _fit(cfg, info, run_id, uri, name, callbacks, cache)
-        with result.checkpoint.as_directory() as d:
+        checkpoint = _fit(cfg, info, run_id, uri, name, callbacks, cache, in_tune_process)
+        with checkpoint.as_directory() as d:
             outcome = _log_final(Path(d), cfg, info, model, minfo)
         mlflow.log_metrics({k: v for k, v in outcome["metrics"].items()
                             if k.startswith("test_") and np.isfinite(v)})
     return TrainResult(metrics=outcome["metrics"], history=outcome["history"],
-                       checkpoint_path=result.checkpoint.path, run_id=run_id,
+                       checkpoint_path=checkpoint.path, run_id=run_id,
                        model_uri=outcome["model_uri"], dataset=info)
 
 
-def feature_cache(cfg: Config, info: DatasetInfo, model: torch.nn.Module, minfo: ModelInfo
-                  ) -> tuple[DatasetInfo | None, str]:
+def feature_cache(cfg: Config, info: DatasetInfo, model: torch.nn.Module, minfo: ModelInfo,
+                  *, here: bool = False) -> tuple[DatasetInfo | None, str]:
     """The frozen-front feature cache this run trains from (None: images), and why.
 
     A missing cache is built now by a Ray task with one Train worker's resources (its GPU
-    too), and kept under `<storage>/feature_cache` for every later run and sweep trial with
+    too), or in this process when it holds those resources itself (`here`), and kept under `<storage>/feature_cache` for every later run and sweep trial with
     the same data, weights, freeze depth and input size. In a sweep the first trial of a
     freeze depth builds it; trials of that depth started at the same moment may each build
     it (the results are identical; the first one finished is kept).
@@ -194,12 +197,14 @@ def feature_cache(cfg: Config, info: DatasetInfo, model: torch.nn.Module, minfo:
     found = features.existing(cache_uri)
     if found is not None:
         return found, why
+    print(f"feature cache: computing the {why} (freeze {cfg.model.freeze})", flush=True)
+    if here:
+        return load_info(_build_feature_cache(cfg.to_dict(), info.uri, cache_uri, key)), why
     s = cfg.scaling
     build = ray.remote(_build_feature_cache).options(
         num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker if s.use_gpu else 0,
         # Outside the caller's placement group (a Tune trial's holds 0.01 CPU).
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-    print(f"feature cache: computing the {why} (freeze {cfg.model.freeze})", flush=True)
     try:
         ray.get(build.remote(cfg.to_dict(), info.uri, cache_uri, key))
     except Exception as e:  # Ray wraps the task's error; show its root cause
@@ -235,7 +240,14 @@ def _build_feature_cache(cfg_dict: dict, dataset_uri: str, cache_uri: str, key: 
 
 
 def _fit(cfg: Config, info: DatasetInfo, run_id: str, tracking_uri: str, name: str,
-         callbacks: list | None, cache: DatasetInfo | None = None):
+         callbacks: list | None, cache: DatasetInfo | None = None,
+         in_tune_process: bool = False):
+    """Runs the Ray Train run; returns its final checkpoint (best weights, history, test).
+
+    In a Tune trial's own process, Train's local mode (`num_workers=0`) runs the loop here
+    without a controller or workers; its reports go straight to Tune, which persists their
+    checkpoints in the trial's directory (local mode would only hand back a temporary one).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -249,10 +261,15 @@ def _fit(cfg: Config, info: DatasetInfo, run_id: str, tracking_uri: str, name: s
         train_loop_config={"config": cfg.to_dict(), "dataset_uri": info.uri,
                            "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
                            "features_uri": cache.uri if cache else None,
-                           "interactive": sys.stdout.isatty()},
-        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                               resources_per_worker=resources,
-                                               placement_strategy=s.placement_strategy),
+                           "interactive": sys.stdout.isatty(),
+                           "report_to_tune": in_tune_process,
+                           # Names a run across restarts: Train keeps the MLflow run when it
+                           # restarts a worker; Tune retries a trial in a new one.
+                           "restart_key": name if in_tune_process else run_id},
+        scaling_config=ray.train.ScalingConfig(num_workers=0, use_gpu=s.use_gpu)
+        if in_tune_process else ray.train.ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+            placement_strategy=s.placement_strategy),
         run_config=ray.train.RunConfig(
             name=f"{name}-{run_id[:8]}",
             storage_path=cfg.storage_path or str(paths.ray_results_dir()),
@@ -277,9 +294,17 @@ def _fit(cfg: Config, info: DatasetInfo, run_id: str, tracking_uri: str, name: s
         raise TlrayError(f"training failed: {_root_cause(e)}") from e
     if result.error is not None:
         raise TlrayError(f"training failed: {_root_cause(result.error)}") from result.error
-    if result.checkpoint is None:
+    # In a trial's process: the last checkpoint reported, as Tune persisted it.
+    checkpoint = _tune_checkpoint() if in_tune_process else result.checkpoint
+    if checkpoint is None:
         raise TlrayError("training finished without a checkpoint")
-    return result
+    return checkpoint
+
+
+def _tune_checkpoint():
+    from ray import tune
+
+    return tune.get_checkpoint()
 
 
 def _root_cause(error: BaseException) -> str:
