@@ -49,3 +49,18 @@ def quiet_logging_config():
     import ray.train
 
     return ray.train.LoggingConfig(log_level="WARNING")
+
+
+class KnownNoiseFilter:
+    """Keeps two of Ray Data's console warnings that mean nothing in a tlray run out of the
+    console (they stay in Ray's log files): that progress bars are off (tlray turns them off
+    for one line per epoch) and that no CPU is free at the moment a sweep's trials, which
+    hold their CPUs themselves, start reading (their read tasks run in the CPU tlray leaves
+    free, a moment later)."""
+
+    HIDDEN = ("Progress bars disabled", "does not have any available CPUs")
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in self.HIDDEN)
+

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,9 @@ def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
     uri = trainer.connect(cfg)
 
     storage = cfg.storage_path or paths.ray_results_dir()
+    # Keeping only the best checkpoints makes Tune save its experiment state after each
+    # deletion, and warn about it every few seconds; a small JSON file, not a bottleneck.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Trials run in other processes, maybe on other machines: give them absolute answers
     # (the prepared dataset, the storage, the tracking store), not defaults to re-resolve.
     cfg = config_mod.load(None, [f"data.dataset={info.uri}", f"storage_path={storage}",

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -148,6 +149,7 @@ def train(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict | N
     name = run_name or cfg.tracking.run_name or f"{cfg.model.backbone}-f{cfg.model.freeze}"
     # CPU, memory (and GPU, where there is one) of this process's machine, as system/* metrics.
     os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # 4 lines per run
     with tracking.start_run(experiment_name(cfg, info), run_name=name, tags=tags,
                             parent_run_id=parent_run_id) as run:
         run_id = run.info.run_id
