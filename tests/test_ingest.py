@@ -27,12 +27,14 @@ def collect_ids(cfg):
     shard = ray.train.get_dataset_shard("train")
     seen = []
     for _ in range(cfg["epochs"]):
-        ids = []
+        ids, sizes = [], []
         for images, labels, batch_ids in iter_image_batches(shard, cfg["shape"], 7,
-                                                            with_ids=True):
+                                                            shuffle=True, with_ids=True):
             assert images.dtype == torch.uint8 and tuple(images.shape[1:]) == cfg["shape"]
             assert labels.dtype == torch.int64 and len(labels) == len(images)
             ids += batch_ids
+            sizes.append(len(batch_ids))
+        assert all(size == 7 for size in sizes[:-1]) and 0 < sizes[-1] <= 7
         seen.append(ids)
     Path(cfg["out"], f"rank{ctx.get_world_rank()}.json").write_text(json.dumps(seen))
 
@@ -63,21 +65,45 @@ def test_two_workers_see_every_row_exactly_once_per_epoch(ray_cluster, tmp_path)
         assert len(a) + len(b) == n and set(a) | set(b) == every_row  # complete, no repeats
 
 
-@pytest.mark.parametrize("cache", [False, True])
-def test_read_split_batches_match_shards(ray_cluster, tmp_path, cache):
+@pytest.mark.parametrize("cache,shuffle", [(False, False), (True, False), (True, True)])
+def test_read_split_batches_match_shards(ray_cluster, tmp_path, cache, shuffle):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (50, 5, 4, 1), dtype=np.uint8)
     info = prepare(from_arrays(images, np.arange(50) % 2), tmp_path / "ds",
                    fractions={"train": 1.0}, rows_per_shard=8, progress=False)
-    got = {}
+    got, sizes = {}, []
     dataset = read_split(info, "train", shuffle=True, cache=cache)
-    for x, y, ids in iter_image_batches(dataset, info.image_shape, 16, with_ids=True):
+    for x, y, ids in iter_image_batches(dataset, info.image_shape, 16, shuffle=shuffle,
+                                        with_ids=True):
+        sizes.append(len(ids))
         for image, label, row in zip(x.numpy(), y.numpy(), ids):
             got[int(row.split(":")[1])] = (image, label)
+    assert sizes == [16, 16, 16, 2]  # whole batches across shard ends, the rest last
     assert sorted(got) == list(range(50))
     for i, (image, label) in got.items():
         np.testing.assert_array_equal(image, images[i])
         assert label == i % 2
+
+
+def test_rebatch_cuts_exact_batches_and_shuffles_across_blocks():
+    import pyarrow as pa
+
+    from tlray.ingest import rebatch
+
+    blocks = [pa.table({"id": list(range(start, stop))})
+              for start, stop in ((0, 5), (5, 6), (6, 17), (17, 23))]
+
+    def ids(shuffle, seed=0):
+        torch.manual_seed(seed)
+        batches = list(rebatch(iter(blocks), 4, shuffle=shuffle))
+        assert [b.num_rows for b in batches] == [4, 4, 4, 4, 4, 3]
+        return [i for b in batches for i in b.column("id").to_pylist()]
+
+    assert ids(shuffle=False) == list(range(23))  # in order, across block ends
+    shuffled = ids(shuffle=True)
+    assert sorted(shuffled) == list(range(23)) and shuffled != list(range(23))
+    assert ids(shuffle=True) == shuffled  # the seed decides the order
+    assert ids(shuffle=True, seed=1) != shuffled
 
 
 def test_to_model_input_resizes_and_normalises():

@@ -308,7 +308,7 @@ def train_benchmark(*, backbone: str | None = None, weights: str | None = None,
         threads: CPUs per Ray worker (default: tlray's `cpus_per_worker`, 1); the plain
             loop uses as many torch threads as such a worker gets.
         overrides: `--section.key=value` settings applied to both sides (e.g.
-            `--model.freeze=all`, `--train.amp=false`, `--data.shuffle_buffer=0`).
+            `--model.freeze=all`, `--train.amp=false`, `--data.shuffle=false`).
         workdir: where the dataset, MLflow store and Ray results go (default: a temporary
             directory removed afterwards).
     """

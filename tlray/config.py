@@ -37,7 +37,7 @@ class DataConfig:
     dataset: str = "builtin:mnist"  # a prepared dataset, or a source to prepare first
     image_size: int = 32  # model input (square); batches are resized on the device
     batch_size: int = 64  # per worker
-    shuffle_buffer: int = 256  # rows mixed across shard boundaries while reading
+    shuffle: bool = True  # train rows in a new order every epoch, within and across shards
     cache_gb: float = 2.0  # splits up to this size are read once into Ray's object store
 
 
@@ -207,7 +207,6 @@ def validate(config: Config) -> Config:
     checks = [
         (d.image_size >= 8, "data.image_size", "an int >= 8", d.image_size),
         (d.batch_size >= 1, "data.batch_size", "an int >= 1", d.batch_size),
-        (d.shuffle_buffer >= 0, "data.shuffle_buffer", "an int >= 0", d.shuffle_buffer),
         (d.cache_gb >= 0, "data.cache_gb", "a number >= 0 (0: never cache)", d.cache_gb),
         (m.head in HEADS, "model.head", " or ".join(HEADS), m.head),
         (0 <= m.drop_rate < 1, "model.drop_rate", "a value in [0, 1)", m.drop_rate),

@@ -38,6 +38,7 @@ from tlray.datasets import load_info
 from tlray.features import cache_key, split_model
 from tlray.ingest import iter_image_batches, to_model_input
 from tlray.models import build_model
+from tlray.session import quiet_train_worker
 
 SAMPLE_IMAGES = 36  # test images kept for the predictions grid
 
@@ -65,6 +66,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # DDP's note that depthwise-conv gradients are laid out differently from its buckets is
     # about a copy, not about correctness; keep it out of the per-epoch output.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    quiet_train_worker()
     cfg = config_mod.from_plain(loop_config["config"])
     info = load_info(loop_config["dataset_uri"])
     session = worker_session(loop_config.get("report_to_tune", False))
@@ -143,7 +145,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         seen = 0  # no step waits for the GPU; the row count is known on the host anyway
         batches = iter_image_batches(shards["train"], fed_info.image_shape, cfg.data.batch_size,
                                      dtype=fed_info.dtype, device=device,
-                                     shuffle_buffer=cfg.data.shuffle_buffer or None)
+                                     shuffle=cfg.data.shuffle)
         with _join(net), _progress(show_bar, steps_per_epoch, epoch, cfg.train.epochs) as bar:
             for images, labels in batches:
                 state.step += 1

@@ -51,6 +51,16 @@ def quiet_logging_config():
     return ray.train.LoggingConfig(log_level="WARNING")
 
 
+def quiet_train_worker() -> None:
+    """In a Train worker: no console line per report. Ray Train V2 logs each report at INFO
+    under a logger named after its source file, which `LoggingConfig(log_level=...)` misses."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 class KnownNoiseFilter:
     """Keeps two of Ray Data's console warnings that mean nothing in a tlray run out of the
     console (they stay in Ray's log files): that progress bars are off (tlray turns them off
