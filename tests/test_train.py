@@ -85,6 +85,19 @@ def test_early_stopping_stops_a_stalled_run(ray_cluster, mnist):
     assert result.metrics["best_epoch"] == 1
 
 
+def test_a_one_worker_run_repeats_exactly_with_the_same_seed(ray_cluster, mnist):
+    # Same seed: same initial head, same block order, same row shuffle -> the same losses.
+    cfg = run_cfg(mnist, "--train.epochs=2", "--scaling.num_workers=1",
+                  "--tracking.log_model=false", "--train.seed=7")
+    first, second = trainer.train(cfg), trainer.train(cfg)
+    losses = [[(row["train_loss"], row["val_loss"]) for row in run.history]
+              for run in (first, second)]
+    assert losses[0] == losses[1]
+    other = trainer.train(run_cfg(mnist, "--train.epochs=1", "--scaling.num_workers=1",
+                                  "--tracking.log_model=false", "--train.seed=8"))
+    assert other.history[0]["train_loss"] != first.history[0]["train_loss"]
+
+
 def test_killed_worker_resumes_from_checkpoint(ray_cluster, mnist):
     steps_per_epoch = -(-mnist.splits["train"].rows // 2 // 64)
     cfg = run_cfg(mnist, "--train.epochs=2", "--scaling.max_failures=1",

@@ -75,7 +75,7 @@ class TrainConfig:
     patience: int | None = None  # stop after this many epochs without improvement
     monitor: str = "val_loss"
     keep_checkpoints: int = 2  # best N by `monitor`
-    seed: int = 42
+    seed: int = 42  # initial weights, block order, row shuffle: a one-worker run repeats exactly
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True  # NHWC memory: faster convolutions on GPUs and on CPUs
     compile: bool = False  # torch.compile, once per run

@@ -50,6 +50,9 @@ def read_split(info: DatasetInfo, split: str, *, shuffle: bool = False,
     ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
                         num_cpus=READ_NUM_CPUS)
     if cache:
+        # Blocks in shard order, not in the order the read tasks happened to finish: with a
+        # seed, the same run sees the same batches.
+        ds.context.execution_options.preserve_order = True
         ds = ds.materialize()
     return ds.randomize_block_order(seed=seed) if shuffle else ds
 

@@ -284,7 +284,7 @@ def _fit(cfg: Config, info: DatasetInfo, run_id: str, tracking_uri: str, name: s
             callbacks=callbacks or None),
         # Train and val come from the feature cache when there is one; test is always
         # evaluated on images, by the whole model.
-        datasets={name: read_split(fed, name, shuffle=name == "train",
+        datasets={name: read_split(fed, name, shuffle=name == "train", seed=cfg.train.seed,
                                    cache=fed.split_bytes(name) <= cfg.data.cache_gb * 2**30)
                   for name, fed in (("train", cache or info), ("val", cache or info),
                                     ("test", info))},
