@@ -176,8 +176,9 @@ def feature_cache(cfg: Config, info: DatasetInfo, model: torch.nn.Module, minfo:
     """The frozen-front feature cache this run trains from (None: images), and why.
 
     A missing cache is built now by a Ray task with one Train worker's resources (its GPU
-    too), or in this process when it holds those resources itself (`here`), and kept under `<storage>/feature_cache` for every later run and sweep trial with
-    the same data, weights, freeze depth and input size. In a sweep the first trial of a
+    too), or in this process when it holds those resources itself (`here`), and kept under
+    `<storage>/feature_cache` for every later run and sweep trial with the same data,
+    weights, freeze depth and input size. In a sweep the first trial of a
     freeze depth builds it; trials of that depth started at the same moment may each build
     it (the results are identical; the first one finished is kept).
 
