@@ -71,7 +71,11 @@ def exact_split_data_config():
             output = [{} for _ in range(world_size)]
             for name, ds in datasets.items():
                 ds = ds.copy(ds)
-                ds.context.execution_options = self._resolve_execution_options(name)
+                with warnings.catch_warnings():
+                    # Ray's own resolution sets a field it has deprecated (exclude_resources)
+                    # and warns about itself on every run.
+                    warnings.filterwarnings("ignore", message=".*exclude_resources")
+                    ds.context.execution_options = self._resolve_execution_options(name)
                 if ds.name is None:
                     ds.set_name(name)
                 hints = worker_node_ids if self._enable_shard_locality else None
