@@ -5,8 +5,8 @@ with and without the feature cache). It is sized for a 2-core laptop, where it t
 minutes: two trials at a time (0.75 CPU each, one thread each, each in its own Tune trial
 process), half a CPU left for Ray Data; 48 px inputs and freeze depths 0-3, which reach ~99%
 test accuracy on the built-in digits (deeper freezing costs accuracy on digits: ~98.7% at
-depth 6, ~97% at 7, ~91% for a linear probe, all at 48 px; 40 px lost 0.8% in one run). Five epochs,
-as in the original experiment; ASHA may stop a trial after its first epoch.
+depth 6, ~97% at 7, ~91% for a linear probe, all at 48 px; 40 px lost 0.8% in one run).
+Five epochs, as in the original experiment; ASHA may stop a trial after its first epoch.
 """
 
 from __future__ import annotations

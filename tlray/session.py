@@ -73,4 +73,3 @@ class KnownNoiseFilter:
     def filter(self, record) -> bool:
         message = record.getMessage()
         return not any(text in message for text in self.HIDDEN)
-

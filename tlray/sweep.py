@@ -123,10 +123,7 @@ def trains_in_trial_process(cfg: Config) -> bool:
 def trial_resources(cfg: Config) -> dict:
     """What Tune reserves for one trial's own process: the worker's share when it trains
     there, else next to nothing (it only waits on its Train workers, which reserve theirs)."""
-    s = cfg.scaling
-    if not trains_in_trial_process(cfg):
-        return {"CPU": 0.01}
-    return {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    return trainer.worker_resources(cfg) if trains_in_trial_process(cfg) else {"CPU": 0.01}
 
 
 def trials_per_gpu(cfg: Config) -> int:

@@ -73,6 +73,12 @@ def check_model(cfg: Config, info: DatasetInfo) -> tuple[torch.nn.Module, ModelI
 DATA_CPU_RESERVE = 0.5
 
 
+def worker_resources(cfg: Config) -> dict:
+    """What one training worker reserves: its CPUs and, with GPUs, its share of one."""
+    s = cfg.scaling
+    return {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+
+
 def check_resources(cfg: Config) -> None:
     """Fails fast, instead of waiting forever, when the cluster cannot hold the workers."""
     import ray
@@ -258,7 +264,6 @@ def _fit(cfg: Config, info: DatasetInfo, run_id: str, tracking_uri: str, name: s
     from tlray.loop import train_loop_per_worker
 
     s = cfg.scaling
-    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "dataset_uri": info.uri,
@@ -271,7 +276,8 @@ def _fit(cfg: Config, info: DatasetInfo, run_id: str, tracking_uri: str, name: s
                            "restart_key": name if in_tune_process else run_id},
         scaling_config=ray.train.ScalingConfig(num_workers=0, use_gpu=s.use_gpu)
         if in_tune_process else ray.train.ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+            num_workers=s.num_workers, use_gpu=s.use_gpu,
+            resources_per_worker=worker_resources(cfg),
             placement_strategy=s.placement_strategy),
         run_config=ray.train.RunConfig(
             name=f"{name}-{run_id[:8]}",
@@ -297,17 +303,15 @@ def _fit(cfg: Config, info: DatasetInfo, run_id: str, tracking_uri: str, name: s
         raise TlrayError(f"training failed: {_root_cause(e)}") from e
     if result.error is not None:
         raise TlrayError(f"training failed: {_root_cause(result.error)}") from result.error
-    # In a trial's process: the last checkpoint reported, as Tune persisted it.
-    checkpoint = _tune_checkpoint() if in_tune_process else result.checkpoint
+    if in_tune_process:
+        from ray import tune
+
+        checkpoint = tune.get_checkpoint()  # the last one reported, as Tune persisted it
+    else:
+        checkpoint = result.checkpoint
     if checkpoint is None:
         raise TlrayError("training finished without a checkpoint")
     return checkpoint
-
-
-def _tune_checkpoint():
-    from ray import tune
-
-    return tune.get_checkpoint()
 
 
 def _root_cause(error: BaseException) -> str:
