@@ -11,7 +11,7 @@ import pytest
 import ray.cloudpickle
 import torch
 
-from tlray.datasets import prepare
+from tlray.datasets import prepare, read_shard
 from tlray.ingest import exact_split_data_config, iter_image_batches, read_split, to_model_input
 from tlray.sources import from_arrays
 
@@ -65,8 +65,14 @@ def test_two_workers_see_every_row_exactly_once_per_epoch(ray_cluster, tmp_path)
         assert len(a) + len(b) == n and set(a) | set(b) == every_row  # complete, no repeats
 
 
-@pytest.mark.parametrize("cache,shuffle", [(False, False), (True, False), (True, True)])
-def test_read_split_batches_match_shards(ray_cluster, tmp_path, cache, shuffle):
+@pytest.mark.parametrize("cache,shuffle,local", [(False, False, False), (True, False, True),
+                                                  (True, True, True), (True, False, False)])
+def test_read_split_batches_match_shards(ray_cluster, tmp_path, monkeypatch, cache, shuffle,
+                                         local):
+    # local: a small cached split is read by this process; otherwise by Ray Data's tasks.
+    import tlray.ingest
+
+    monkeypatch.setattr(tlray.ingest, "LOCAL_READ_BYTES", 2**30 if local else 0)
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (50, 5, 4, 1), dtype=np.uint8)
     info = prepare(from_arrays(images, np.arange(50) % 2), tmp_path / "ds",
@@ -80,6 +86,11 @@ def test_read_split_batches_match_shards(ray_cluster, tmp_path, cache, shuffle):
             got[int(row.split(":")[1])] = (image, label)
     assert sizes == [16, 16, 16, 2]  # whole batches across shard ends, the rest last
     assert sorted(got) == list(range(50))
+    if cache:  # one block per shard, in shard order (what a seeded run relies on)
+        blocks = read_split(info, "train", cache=True).iter_batches(batch_size=None,
+                                                                    batch_format="pyarrow")
+        assert [b.column("id").to_pylist() for b in blocks] == [
+            read_shard(uri).column("id").to_pylist() for uri in info.shard_uris("train")]
     for i, (image, label) in got.items():
         np.testing.assert_array_equal(image, images[i])
         assert label == i % 2

@@ -23,9 +23,10 @@ Ray worker process gets, which the benchmark asks a Ray worker with the same CPU
 
 - threads: Ray gives a worker `OMP_NUM_THREADS = max(1, floor(CPUs of the worker))` unless
   that variable is already set (torch then caps it at the cores it may use), and on CPU
-  `tlray.loop` sets `torch.set_num_threads(max(1, round(cpus_per_worker)))` itself, so a
+  `tlray.loop` sets `torch.set_num_threads(round(cpus_per_worker))` (at least 1) itself, so a
   worker with the default `cpus_per_worker=1` trains on ONE thread where a plain process
-  would take every core. `--threads N` gives each worker N CPUs, hence N threads.
+  would take every core. `--threads N` gives each worker N CPUs, hence N threads (and no
+  more: the benchmark turns `scaling.borrow_idle_cpus` off).
 - priority: Ray starts worker processes at niceness 15 (`RAY_worker_niceness`). On an idle
   machine that changes nothing; on one busy with other work a niceness-15 worker gets a
   much smaller share of the CPU than a niceness-0 process, which is not a cost of tlray's
@@ -61,6 +62,7 @@ from tlray import loop
 from tlray.ingest import to_model_input
 from tlray.loop import make_optimizer
 from tlray.models import build_model
+from tlray.threads import own_threads
 
 NUM_CLASSES = 10
 # Train gets almost all rows: tlray evaluates val every epoch and test at the end, outside
@@ -284,6 +286,8 @@ def bench_config(*, dataset: str, backbone: str, weights: str, image_size: int,
             f"--data.batch_size={batch_size}", f"--train.epochs={epochs}",
             f"--scaling.num_workers={workers}", f"--scaling.cpus_per_worker={cpus_per_worker}",
             f"--scaling.use_gpu={str(use_gpu).lower()}", "--tracking.log_model=false",
+            # Both sides on the same threads: the plain loop cannot borrow idle CPUs.
+            "--scaling.borrow_idle_cpus=false",
             "--tracking.experiment=tlray-bench-train",
             f"--tracking.tracking_uri=sqlite:///{workdir}/mlflow.db",
             f"--storage_path={workdir}/ray_results"]
@@ -347,7 +351,7 @@ def train_benchmark(*, backbone: str | None = None, weights: str | None = None,
         n_threads, worker_nice = ray_worker_settings(cpus)
         if not cuda:
             # tlray.loop then sets the worker's threads itself, from the CPUs it holds.
-            n_threads = max(1, round(cfg.scaling.cpus_per_worker))
+            n_threads = own_threads(cfg.scaling.cpus_per_worker)
         train_rows = steps * batch_size * workers
         del images, labels  # the plain process makes the same ones from the seed
         # The plain passes are split around the tlray run, so that a machine getting busier

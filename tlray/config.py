@@ -99,6 +99,9 @@ class ScalingConfig:
     gpus_per_worker: float = 1.0
     max_failures: int = 1  # worker failures a run survives by resuming from its checkpoint
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD (one worker per node)
+    # A one-worker CPU run on a one-node cluster also computes on CPUs nobody holds, re-counted
+    # every epoch (tlray.threads): the last trial of a sweep uses the whole laptop.
+    borrow_idle_cpus: bool = True
 
 
 @dataclass

@@ -436,11 +436,13 @@ def read_shards(batch: pa.Table) -> pa.Table:
     Ray Data runs this in its read tasks; it lives here, away from torch, so that those
     processes start in a fraction of a second and a fraction of the memory.
     """
-    tables = []
-    for uri in batch.column("path").to_pylist():
-        fs, path = filesystem(uri)
-        tables.append(pq.read_table(path, filesystem=fs))
-    return pa.concat_tables(tables)
+    return pa.concat_tables([read_shard(uri) for uri in batch.column("path").to_pylist()])
+
+
+def read_shard(uri: str) -> pa.Table:
+    """One Parquet shard of a prepared dataset, as a table (columns image, label, id)."""
+    fs, path = filesystem(uri)
+    return pq.read_table(path, filesystem=fs)
 
 
 def sample_per_class(info: DatasetInfo, split: str = "train", per_class: int = 1

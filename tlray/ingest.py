@@ -20,11 +20,15 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from tlray.datasets import DatasetInfo, decode_images, read_shards
+from tlray.datasets import DatasetInfo, decode_images, read_shard, read_shards
 
 # Ray Data's own tasks need a slice of a CPU; on a 2-core laptop whole CPUs would all be
 # held by Train workers and the read task would wait forever (see FIELD_NOTES).
 READ_NUM_CPUS = 0.25
+# A cached split up to this size is read by the calling process itself and put into the
+# object store as one block per shard: a few pyarrow reads take milliseconds, where a Ray
+# Data execution with one task per shard took 1-8 s (a cold cluster starts worker processes).
+LOCAL_READ_BYTES = 256 * 2**20
 
 
 def read_split(info: DatasetInfo, split: str, *, shuffle: bool = False,
@@ -46,6 +50,9 @@ def read_split(info: DatasetInfo, split: str, *, shuffle: bool = False,
     import ray.data
 
     shards = info.shard_uris(split)
+    if cache and info.split_bytes(split) <= LOCAL_READ_BYTES:
+        ds = ray.data.from_arrow([read_shard(uri) for uri in shards])
+        return ds.randomize_block_order(seed=seed) if shuffle else ds
     ds = ray.data.from_items([{"path": p} for p in shards], override_num_blocks=len(shards))
     ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
                         num_cpus=READ_NUM_CPUS)

@@ -39,6 +39,7 @@ from tlray.features import cache_key, split_model
 from tlray.ingest import iter_image_batches, to_model_input
 from tlray.models import build_model
 from tlray.session import quiet_train_worker
+from tlray.threads import borrowed_threads, own_threads
 
 SAMPLE_IMAGES = 36  # test images kept for the predictions grid
 
@@ -74,9 +75,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     cuda = device.type == "cuda"
     torch.manual_seed(cfg.train.seed)
+    borrow = not cuda and world == 1 and cfg.scaling.borrow_idle_cpus
     if not cuda:
-        # Ray gives a worker int(num_cpus) threads, at least 1; use what it was allotted.
-        torch.set_num_threads(max(1, round(cfg.scaling.cpus_per_worker)))
+        torch.set_num_threads(own_threads(cfg.scaling.cpus_per_worker))
     if cuda:
         torch.backends.cudnn.benchmark = True
 
@@ -139,6 +140,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     for epoch in range(state.epoch, cfg.train.epochs if not state.trained else 0):
         # ---- train one epoch on this worker's shard ----
+        if borrow:
+            torch.set_num_threads(borrowed_threads(cfg.scaling.cpus_per_worker))
         net.train()
         t0 = time.perf_counter()
         sums = torch.zeros(2, device=device)  # loss * n, correct: kept on the device, so

@@ -99,9 +99,10 @@ def _distribution(key: str, spec):
                      f"{{loguniform|uniform|randint: [low, high]}}, got {spec!r}")
 
 
-def run_trial(params: dict, *, base: dict, parent_run_id: str, tracking_uri: str) -> None:
+def run_trial(params: dict, *, base: dict, parent_run_id: str, tracking_uri: str,
+              images: dict | None = None) -> None:
     """One trial, inside Tune: the base config with this trial's values, trained by Ray Train
-    (in this very process when `trains_in_trial_process`)."""
+    (in this very process when `trains_in_trial_process`), on the sweep's `images`."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -112,7 +113,8 @@ def run_trial(params: dict, *, base: dict, parent_run_id: str, tracking_uri: str
     here = trains_in_trial_process(cfg)
     trainer.train(cfg, parent_run_id=parent_run_id,
                   callbacks=None if here else [TuneReportCallback()], in_tune_process=here,
-                  extra_tags={"tune_trial_id": trial_id}, run_name=f"trial-{trial_id}")
+                  extra_tags={"tune_trial_id": trial_id}, run_name=f"trial-{trial_id}",
+                  images=images)
 
 
 def trains_in_trial_process(cfg: Config) -> bool:
@@ -206,9 +208,11 @@ def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
             mlflow.log_dict({k: repr(v) for k, v in space.items()}, "search_space.json")
             mlflow.log_params({"sweep.metric": metric, "sweep.mode": mode,
                                "sweep.scheduler": "ASHA", "sweep.search": cfg.tune.search})
+        # Every trial trains on the same splits: read once, here (see trainer.read_images).
+        images = trainer.read_images(cfg, info)
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=cfg.to_dict(), parent_run_id=parent_id,
-                                 tracking_uri=uri),
+                                 tracking_uri=uri, images=images),
             trial_resources(cfg))
         if resume:
             tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True,

@@ -29,6 +29,7 @@ from tlray.datasets import DatasetInfo, load_info, prepare
 from tlray.errors import TlrayError
 from tlray.models import ModelInfo, build_model
 from tlray.session import init_ray, quiet_logging_config
+from tlray.threads import own_threads
 
 
 @dataclass
@@ -129,7 +130,7 @@ def experiment_name(cfg: Config, info: DatasetInfo) -> str:
 
 def train(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict | None = None,
           callbacks: list | None = None, run_name: str | None = None,
-          in_tune_process: bool = False) -> TrainResult:
+          in_tune_process: bool = False, images: dict | None = None) -> TrainResult:
     """Runs one configuration to completion and logs it to MLflow.
 
     Args:
@@ -139,6 +140,8 @@ def train(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict | N
         run_name: MLflow/Ray run name (default: from the config).
         in_tune_process: train right here, in a Tune trial's process that holds one worker's
             resources (Ray Train's local mode); the loop reports to Tune itself.
+        images: the dataset's splits from `read_images`, when the caller (a sweep) read them
+            once for all its runs; read here otherwise.
     """
     info = resolve_dataset(cfg.data.dataset)
     require_splits(info)
@@ -167,7 +170,8 @@ def train(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict | N
                            "model.freeze_depth": minfo.freeze_depth})
         mlflow.log_dict(info.to_json(), "dataset.json")
         mlflow.set_tag("feature_cache", cache.uri if cache else cache_note)
-        checkpoint = _fit(cfg, info, run_id, uri, name, callbacks, cache, in_tune_process)
+        checkpoint = _fit(cfg, info, run_id, uri, name, callbacks, cache, in_tune_process,
+                          images)
         with checkpoint.as_directory() as d:
             outcome = _log_final(Path(d), cfg, info, model, minfo)
         mlflow.log_metrics({k: v for k, v in outcome["metrics"].items()
@@ -240,7 +244,7 @@ def _build_feature_cache(cfg_dict: dict, dataset_uri: str, cache_uri: str, key: 
                          f"while the feature cache was being planned; run again")
     cuda = cfg.scaling.use_gpu and torch.cuda.is_available()
     if not cuda:
-        torch.set_num_threads(max(1, round(cfg.scaling.cpus_per_worker)))
+        torch.set_num_threads(own_threads(cfg.scaling.cpus_per_worker))
     built = features.build(split, info, cache_uri, mean=minfo.data_config["mean"],
                            std=minfo.data_config["std"], size=cfg.data.image_size,
                            device="cuda" if cuda else "cpu", amp=cuda and cfg.train.amp,
@@ -248,9 +252,25 @@ def _build_feature_cache(cfg_dict: dict, dataset_uri: str, cache_uri: str, key: 
     return built.uri
 
 
+def read_images(cfg: Config, info: DatasetInfo, splits=("train", "val", "test")) -> dict:
+    """A dataset's splits as Ray Datasets, in shard order: each read into Ray's object store
+    once, now, when it fits `data.cache_gb`, else streamed from Parquet every epoch.
+
+    A sweep calls this once and hands the result to all its trials, so that they neither
+    read the same shards again nor keep a copy each in the object store.
+    """
+    from tlray.ingest import read_split
+
+    return {name: read_split(info, name, cache=_fits_cache(cfg, info, name)) for name in splits}
+
+
+def _fits_cache(cfg: Config, info: DatasetInfo, split: str) -> bool:
+    return info.split_bytes(split) <= cfg.data.cache_gb * 2**30
+
+
 def _fit(cfg: Config, info: DatasetInfo, run_id: str, tracking_uri: str, name: str,
          callbacks: list | None, cache: DatasetInfo | None = None,
-         in_tune_process: bool = False):
+         in_tune_process: bool = False, images: dict | None = None):
     """Runs the Ray Train run; returns its final checkpoint (best weights, history, test).
 
     In a Tune trial's own process, Train's local mode (`num_workers=0`) runs the loop here
@@ -264,6 +284,15 @@ def _fit(cfg: Config, info: DatasetInfo, run_id: str, tracking_uri: str, name: s
     from tlray.loop import train_loop_per_worker
 
     s = cfg.scaling
+    # Train and val come from the feature cache when there is one; test is always
+    # evaluated on images, by the whole model.
+    fed = {"train": cache or info, "val": cache or info, "test": info}
+    images = images or read_images(cfg, info, [n for n, source in fed.items() if source is info])
+    datasets = {name: images[name] if source is info
+                else read_split(source, name, cache=_fits_cache(cfg, source, name))
+                for name, source in fed.items()}
+    # The training blocks' order, seeded: the same run sees the same batches.
+    datasets["train"] = datasets["train"].randomize_block_order(seed=cfg.train.seed)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "dataset_uri": info.uri,
@@ -289,12 +318,7 @@ def _fit(cfg: Config, info: DatasetInfo, run_id: str, tracking_uri: str, name: s
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
             logging_config=quiet_logging_config(),
             callbacks=callbacks or None),
-        # Train and val come from the feature cache when there is one; test is always
-        # evaluated on images, by the whole model.
-        datasets={name: read_split(fed, name, shuffle=name == "train", seed=cfg.train.seed,
-                                   cache=fed.split_bytes(name) <= cfg.data.cache_gb * 2**30)
-                  for name, fed in (("train", cache or info), ("val", cache or info),
-                                    ("test", info))},
+        datasets=datasets,
         dataset_config=exact_split_data_config(),
     )
     try:
