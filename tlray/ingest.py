@@ -51,16 +51,16 @@ def read_split(info: DatasetInfo, split: str, *, shuffle: bool = False,
 
     shards = info.shard_uris(split)
     if cache and info.split_bytes(split) <= LOCAL_READ_BYTES:
-        ds = ray.data.from_arrow([read_shard(uri) for uri in shards])
-        return ds.randomize_block_order(seed=seed) if shuffle else ds
-    ds = ray.data.from_items([{"path": p} for p in shards], override_num_blocks=len(shards))
-    ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
-                        num_cpus=READ_NUM_CPUS)
-    if cache:
-        # Blocks in shard order, not in the order the read tasks happened to finish: with a
-        # seed, the same run sees the same batches.
-        ds.context.execution_options.preserve_order = True
-        ds = ds.materialize()
+        ds = ray.data.from_arrow([read_shard(uri) for uri in shards])  # blocks in shard order
+    else:
+        ds = ray.data.from_items([{"path": p} for p in shards], override_num_blocks=len(shards))
+        ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow",
+                            zero_copy_batch=True, num_cpus=READ_NUM_CPUS)
+        if cache:
+            # Blocks in shard order, not in the order the read tasks happened to finish: with
+            # a seed, the same run sees the same batches.
+            ds.context.execution_options.preserve_order = True
+            ds = ds.materialize()
     return ds.randomize_block_order(seed=seed) if shuffle else ds
 
 

@@ -208,8 +208,8 @@ def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
             mlflow.log_dict({k: repr(v) for k, v in space.items()}, "search_space.json")
             mlflow.log_params({"sweep.metric": metric, "sweep.mode": mode,
                                "sweep.scheduler": "ASHA", "sweep.search": cfg.tune.search})
-        # Every trial trains on the same splits: read once, here (see trainer.read_images).
-        images = trainer.read_images(cfg, info)
+        # Every trial trains on the same splits: read once, here (see trainer.read_splits).
+        images = trainer.read_splits(cfg, info)
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=cfg.to_dict(), parent_run_id=parent_id,
                                  tracking_uri=uri, images=images),

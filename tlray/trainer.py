@@ -140,7 +140,7 @@ def train(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict | N
         run_name: MLflow/Ray run name (default: from the config).
         in_tune_process: train right here, in a Tune trial's process that holds one worker's
             resources (Ray Train's local mode); the loop reports to Tune itself.
-        images: the dataset's splits from `read_images`, when the caller (a sweep) read them
+        images: the dataset's splits from `read_splits`, when the caller (a sweep) read them
             once for all its runs; read here otherwise.
     """
     info = resolve_dataset(cfg.data.dataset)
@@ -252,20 +252,21 @@ def _build_feature_cache(cfg_dict: dict, dataset_uri: str, cache_uri: str, key: 
     return built.uri
 
 
-def read_images(cfg: Config, info: DatasetInfo, splits=("train", "val", "test")) -> dict:
+SPLITS = ("train", "val", "test")
+
+
+def read_splits(cfg: Config, info: DatasetInfo, splits=SPLITS) -> dict:
     """A dataset's splits as Ray Datasets, in shard order: each read into Ray's object store
     once, now, when it fits `data.cache_gb`, else streamed from Parquet every epoch.
 
-    A sweep calls this once and hands the result to all its trials, so that they neither
+    A sweep reads its images once and hands them to all its trials, so that they neither
     read the same shards again nor keep a copy each in the object store.
     """
     from tlray.ingest import read_split
 
-    return {name: read_split(info, name, cache=_fits_cache(cfg, info, name)) for name in splits}
-
-
-def _fits_cache(cfg: Config, info: DatasetInfo, split: str) -> bool:
-    return info.split_bytes(split) <= cfg.data.cache_gb * 2**30
+    return {name: read_split(info, name,
+                             cache=info.split_bytes(name) <= cfg.data.cache_gb * 2**30)
+            for name in splits}
 
 
 def _fit(cfg: Config, info: DatasetInfo, run_id: str, tracking_uri: str, name: str,
@@ -280,17 +281,15 @@ def _fit(cfg: Config, info: DatasetInfo, run_id: str, tracking_uri: str, name: s
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from tlray.ingest import exact_split_data_config, read_split
+    from tlray.ingest import exact_split_data_config
     from tlray.loop import train_loop_per_worker
 
     s = cfg.scaling
     # Train and val come from the feature cache when there is one; test is always
     # evaluated on images, by the whole model.
-    fed = {"train": cache or info, "val": cache or info, "test": info}
-    images = images or read_images(cfg, info, [n for n, source in fed.items() if source is info])
-    datasets = {name: images[name] if source is info
-                else read_split(source, name, cache=_fits_cache(cfg, source, name))
-                for name, source in fed.items()}
+    datasets = read_splits(cfg, cache, ("train", "val")) if cache else {}
+    images = images or read_splits(cfg, info, [n for n in SPLITS if n not in datasets])
+    datasets.update({n: images[n] for n in SPLITS if n not in datasets})
     # The training blocks' order, seeded: the same run sees the same batches.
     datasets["train"] = datasets["train"].randomize_block_order(seed=cfg.train.seed)
     trainer = TorchTrainer(
