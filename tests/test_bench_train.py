@@ -32,12 +32,18 @@ def test_tiny_benchmark_reports_both_sides(ray_cluster, tlray_home, tmp_path):
     assert result.ratio == pytest.approx(result.tlray_img_s / result.plain_img_s)
     assert len(result.tlray_epochs_img_s) == 2 and len(result.plain_passes_img_s) == 1
     assert result.tlray_img_s == result.tlray_epochs_img_s[1]  # the epoch after warm-up
+    # The data path alone, timed on the same split: first pass and the best of the rest.
+    assert len(result.ingest_passes_img_s) == 2 and result.ingest_img_s > 0
+    assert result.ingest_img_s == result.ingest_passes_img_s[1]
+    assert result.ingest_headroom == pytest.approx(result.ingest_img_s / result.tlray_img_s)
     assert result.threads >= 1 and result.workers == 1 and result.steps == 3
     assert (result.backbone, result.image_size, result.batch_size) == ("test_efficientnet",
                                                                        16, 8)
     table = bench_train.format_train(result)
-    assert "plain img/s" in table and "test_efficientnet" in table
-    assert json.loads(bench_train.train_json(result))["ratio"] == pytest.approx(result.ratio)
+    assert "plain img/s" in table and "test_efficientnet" in table and "ingest:" in table
+    as_json = json.loads(bench_train.train_json(result))
+    assert as_json["ratio"] == pytest.approx(result.ratio)
+    assert as_json["ingest_headroom"] == pytest.approx(result.ingest_headroom)
 
 
 def test_cli_arguments_set_the_runner():

@@ -219,6 +219,7 @@ def test_sweep_benchmark_times_both_sides_of_the_same_sweep(ray_cluster, tlray_h
          "--tune.freeze=all", "--tune.grace_period=1", "--scaling.cpus_per_worker=0.5",
          "--tracking.log_model=false"], workdir=str(tmp_path))
     assert list(result.sides) == ["auto", "never"]
+    assert result.setting == "train.feature_cache" and result.baseline.value == "never"
     for side in result.sides.values():
         assert side.trials == 2 and side.wall_s > 0 and side.best_metric is not None
         assert set(side.seconds_by_freeze) == set(side.epoch_seconds_by_freeze) == {"all"}
@@ -238,6 +239,22 @@ def test_sweep_benchmark_times_both_sides_of_the_same_sweep(ray_cluster, tlray_h
     text = bench_sweep.format_sweep(result)
     assert "whole sweep" in text and "all:" in text
     assert json.loads(bench_sweep.sweep_json(result))["ratio"] == pytest.approx(result.ratio)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("train.feature_cache=auto", "two different values"),
+    ("train.feature_cache=auto,auto", "two different values"),
+    ("tune.trials_per_gpu=4,one", "tune.trials_per_gpu"),
+    ("tune.trials_per_gpus=4,1", "unknown setting"),
+])
+def test_sweep_benchmark_refuses_a_bad_comparison(spec, message):
+    from tlray import bench_sweep
+    from tlray.errors import TlrayError
+
+    assert bench_sweep.parse_compare("tune.trials_per_gpu=4,1") == (
+        "tune.trials_per_gpu", ["4", "1"])
+    with pytest.raises(TlrayError, match=message):
+        bench_sweep.parse_compare(spec)
 
 
 @pytest.mark.gpu

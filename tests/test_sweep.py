@@ -39,10 +39,24 @@ def children(parent_run_id: str):
     return client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
 
+def data_stats_actor(ray):
+    """Ray Data's one statistics actor: (id, state)."""
+    from ray.data._internal.stats import STATS_ACTOR_NAME, STATS_ACTOR_NAMESPACE
+    from ray.util.state import get_actor
+
+    actor_id = ray.get_actor(STATS_ACTOR_NAME, namespace=STATS_ACTOR_NAMESPACE)._actor_id.hex()
+    return actor_id, get_actor(actor_id).state
+
+
 def test_sweep_registers_champion_and_a_worse_one_does_not_move_it(ray_cluster, mnist,
                                                                    tmp_path):
+    # Started by the driver when it connected, outside the trials' placement groups.
+    stats_actor = data_stats_actor(ray_cluster)
     cfg = config.load(None, SMALL + [f"--data.dataset={mnist.uri}", "--tune.num_samples=4"])
     first = sweep.sweep(cfg)
+    # It outlived every trial (one that died with a trial took its datasets' stats along,
+    # and Ray printed a KeyError traceback for each of them).
+    assert data_stats_actor(ray_cluster) == stats_actor and stats_actor[1] == "ALIVE"
 
     runs = children(first.parent_run_id)
     assert len(runs) == 4

@@ -1,16 +1,20 @@
-"""Sweep benchmark: one sweep, timed end to end with and without the frozen-backbone feature cache.
+"""Sweep benchmark: one sweep, timed end to end under two values of one setting.
+
+By default the setting is the frozen-backbone feature cache (`train.feature_cache=auto`
+against `never`); `--compare tune.trials_per_gpu=4,1` times GPU sharing instead (several
+small-input trials on one GPU against one trial per GPU), and any other `section.key=A,B`
+works the same way. The first value is the candidate, the second the baseline.
 
 Both sides run the same sweep (same config, same search seed, so the same trials are
-sampled) on the same Ray cluster, each with fresh storage, so the cached side pays for
-computing its caches inside its timed wall time. ASHA is told to stop nothing
-(`tune.grace_period` = its `max_t`, `train.epochs` + 2): it decides from the order in which
-results arrive, which differs between two runs, and would otherwise stop different trials on
-each side; `--set tune.grace_period=N` times the sweep with early stopping instead. The
-cached side runs first, so warm-up (imports, page cache, Ray's worker pool) counts against
-it, not for it. Reported per side: wall time, trials (completed / stopped by ASHA), the best
-trial's validation metric and test accuracy, and the mean seconds of a trial and of its
-epochs per freeze depth; then the ratios uncached/cached for the whole sweep and per freeze
-depth.
+sampled) on the same Ray cluster, each with fresh storage, so that a feature cache is paid
+for inside its side's timed wall time. ASHA is told to stop nothing (`tune.grace_period` =
+`train.epochs` + 2, past a trial's last report): it decides from the order in which results arrive, which
+differs between two runs, and would otherwise stop different trials on each side; `--set
+tune.grace_period=N` times the sweep with early stopping instead. The candidate runs first,
+so warm-up (imports, page cache, Ray's worker pool) counts against it, not for it. Reported
+per side: wall time, trials (completed / stopped by ASHA), the best trial's validation
+metric and test accuracy, and the mean seconds of a trial and of its epochs per freeze
+depth; then the ratios baseline/candidate for the whole sweep and per freeze depth.
 """
 
 from __future__ import annotations
@@ -22,14 +26,15 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 from tlray import config as config_mod
+from tlray.errors import TlrayError
 from tlray.presets import MNIST_SWEEP
 
-SIDES = ("auto", "never")  # train.feature_cache of each side, in the order they run
+DEFAULT_COMPARE = "train.feature_cache=auto,never"
 
 
 @dataclass
 class SweepSide:
-    feature_cache: str
+    value: str  # the compared setting's value on this side
     wall_s: float
     trials: int
     completed: int
@@ -43,48 +48,71 @@ class SweepSide:
 @dataclass
 class SweepBenchResult:
     monitor: str
-    sides: dict[str, SweepSide] = field(default_factory=dict)
+    setting: str  # the compared `section.key`
+    sides: dict[str, SweepSide] = field(default_factory=dict)  # candidate first, then baseline
+
+    @property
+    def candidate(self) -> SweepSide:
+        return list(self.sides.values())[0]
+
+    @property
+    def baseline(self) -> SweepSide:
+        return list(self.sides.values())[1]
 
     @property
     def ratio(self) -> float:
-        """How many times faster the whole sweep ran with the cache."""
-        return self.sides["never"].wall_s / self.sides["auto"].wall_s
+        """How many times faster the whole sweep ran with the candidate value."""
+        return self.baseline.wall_s / self.candidate.wall_s
 
     @property
     def ratio_by_freeze(self) -> dict[str, float]:
-        """Trial wall time, uncached / cached, per freeze depth."""
-        return _ratios(self.sides["never"].seconds_by_freeze,
-                       self.sides["auto"].seconds_by_freeze)
+        """Trial wall time, baseline / candidate, per freeze depth."""
+        return _ratios(self.baseline.seconds_by_freeze, self.candidate.seconds_by_freeze)
 
     @property
     def epochs_ratio_by_freeze(self) -> dict[str, float]:
-        """Time in epochs (what the cache changes; start-up is the same on both sides)."""
-        return _ratios(self.sides["never"].epoch_seconds_by_freeze,
-                       self.sides["auto"].epoch_seconds_by_freeze)
+        """Time in epochs (what a cache changes; start-up is the same on both sides)."""
+        return _ratios(self.baseline.epoch_seconds_by_freeze,
+                       self.candidate.epoch_seconds_by_freeze)
 
 
 def _ratios(plain: dict, cached: dict) -> dict[str, float]:
     return {d: plain[d] / cached[d] for d in plain if cached.get(d)}
 
 
+def parse_compare(spec: str) -> tuple[str, list[str]]:
+    """`section.key=A,B` -> (key, [A, B]), both values checked against the config."""
+    key, sep, values = spec.partition("=")
+    sides = [v.strip() for v in values.split(",")]
+    if not sep or len(sides) != 2 or not all(sides) or sides[0] == sides[1]:
+        raise TlrayError(f"--compare {spec!r}: expected SECTION.KEY=CANDIDATE,BASELINE, "
+                         f"two different values (e.g. {DEFAULT_COMPARE})")
+    for value in sides:
+        config_mod.load(None, [f"{key.strip()}={value}"])  # unknown key or bad value: fails
+    return key.strip(), sides
+
+
 def sweep_benchmark(overrides: list[str] | None = None, config_path: str | None = None,
-                    workdir: str | None = None) -> SweepBenchResult:
-    """Runs the sweep (default: `tlray.presets.MNIST_SWEEP` on the built-in digits) twice."""
+                    workdir: str | None = None, compare: str = DEFAULT_COMPARE
+                    ) -> SweepBenchResult:
+    """Runs the sweep (default: `tlray.presets.MNIST_SWEEP` on the built-in digits) twice,
+    once per value of `compare` (`section.key=CANDIDATE,BASELINE`)."""
     from tlray import sweep, trainer
 
+    key, values = parse_compare(compare)
     base = config_mod.load(config_path, [*MNIST_SWEEP, *(overrides or [])]
                            if config_path is None else list(overrides or []))
     if not any("tune.grace_period" in o for o in overrides or []):
         base = config_mod.load(None, [f"tune.grace_period={base.train.epochs + 2}"], base=base)
     trainer.resolve_dataset(base.data.dataset)  # prepared once, outside both timings
     workdir = workdir or tempfile.mkdtemp(prefix="tlray-bench-sweep-")
-    result = SweepBenchResult(monitor=base.train.monitor)
-    for mode in SIDES:
-        cfg = config_mod.load(None, [f"train.feature_cache={mode}",
-                                     f"storage_path={workdir}/{mode}",
+    result = SweepBenchResult(monitor=base.train.monitor, setting=key)
+    for value in values:
+        cfg = config_mod.load(None, [f"{key}={value}",
+                                     f"storage_path={workdir}/{value}",
                                      "tracking.experiment=tlray-benchmark-sweep",
-                                     f"tune.registered_name=tlray-benchmark-sweep-{mode}",
-                                     f"tune.name=bench-{mode}"], base=base)
+                                     f"tune.registered_name=tlray-benchmark-sweep-{value}",
+                                     f"tune.name=bench-{value}"], base=base)
         started = time.perf_counter()
         outcome = sweep.sweep(cfg)
         wall = time.perf_counter() - started
@@ -94,8 +122,8 @@ def sweep_benchmark(overrides: list[str] | None = None, config_path: str | None 
                 by_freeze[str(t["model.freeze"])].append(t["seconds"])
             if t.get("epochs_seconds") is not None:
                 epochs_by_freeze[str(t["model.freeze"])].append(t["epochs_seconds"])
-        result.sides[mode] = SweepSide(
-            feature_cache=mode, wall_s=wall, trials=len(outcome.trials),
+        result.sides[value] = SweepSide(
+            value=value, wall_s=wall, trials=len(outcome.trials),
             completed=sum(t["status"] == "COMPLETED" for t in outcome.trials),
             best_metric=outcome.best_metrics.get(f"best_{cfg.train.monitor}"),
             best_test_acc=outcome.best_metrics.get("test_acc"), best_config=outcome.best_config,
@@ -109,27 +137,30 @@ def _means(values: dict[str, list[float]]) -> dict[str, float]:
 
 def format_sweep(result: SweepBenchResult) -> str:
     depths = sorted({d for s in result.sides.values() for d in s.seconds_by_freeze})
-    lines = [f"{'feature cache':<14} {'wall s':>7} {'trials':>7} {'done':>5} "
+    label = result.setting.rpartition(".")[2]
+    lines = [f"{label:<16} {'wall s':>7} {'trials':>7} {'done':>5} "
              f"{'best ' + result.monitor:>13} {'test acc':>9}  mean trial s (epochs s) by "
              f"freeze depth"]
-    for mode, s in result.sides.items():
+    for value, s in result.sides.items():
         per = "  ".join(f"{d}: {s.seconds_by_freeze[d]:.1f} "
                         f"({s.epoch_seconds_by_freeze.get(d, float('nan')):.1f})"
                         if d in s.seconds_by_freeze else f"{d}: -" for d in depths)
-        lines.append(f"{mode:<14} {s.wall_s:>7.1f} {s.trials:>7} {s.completed:>5} "
+        lines.append(f"{value:<16} {s.wall_s:>7.1f} {s.trials:>7} {s.completed:>5} "
                      f"{_num(s.best_metric):>13} {_num(s.best_test_acc):>9}  {per}")
     per_ratio = "  ".join(f"{d}: {r:.2f}x" for d, r in result.ratio_by_freeze.items())
     epoch_ratio = "  ".join(f"{d}: {r:.2f}x" for d, r in result.epochs_ratio_by_freeze.items())
-    lines.append(f"speed-up with the cache: whole sweep {result.ratio:.2f}x; trials by freeze "
+    lines.append(f"speed-up of {result.setting}={result.candidate.value} over "
+                 f"{result.baseline.value}: whole sweep {result.ratio:.2f}x; trials by freeze "
                  f"depth {per_ratio}; their epochs {epoch_ratio}")
     return "\n".join(lines)
 
 
 def sweep_json(result: SweepBenchResult) -> str:
-    return json.dumps({"monitor": result.monitor, "ratio": result.ratio,
-                       "ratio_by_freeze": result.ratio_by_freeze,
+    return json.dumps({"monitor": result.monitor, "setting": result.setting,
+                       "candidate": result.candidate.value, "baseline": result.baseline.value,
+                       "ratio": result.ratio, "ratio_by_freeze": result.ratio_by_freeze,
                        "epochs_ratio_by_freeze": result.epochs_ratio_by_freeze,
-                       "sides": {m: asdict(s) for m, s in result.sides.items()}}, indent=2)
+                       "sides": {v: asdict(s) for v, s in result.sides.items()}}, indent=2)
 
 
 def _num(v) -> str:
@@ -139,6 +170,9 @@ def _num(v) -> str:
 def add_sweep_benchmark_arguments(p) -> None:
     p.add_argument("--config", help="YAML config of the sweep (default: the MNIST sweep of "
                                     "jobs/tune_mnist.py)")
+    p.add_argument("--compare", default=DEFAULT_COMPARE, metavar="SECTION.KEY=A,B",
+                   help="the setting whose two values are timed, candidate first (default "
+                        f"{DEFAULT_COMPARE}; on GPUs e.g. tune.trials_per_gpu=4,1)")
     p.add_argument("--workdir", help="where both sides keep their Ray results and caches "
                                      "(default: a new temporary directory)")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
@@ -150,7 +184,7 @@ def add_sweep_benchmark_arguments(p) -> None:
 
 def run_sweep_benchmark(args) -> int:
     result = sweep_benchmark([f"--{o.lstrip('-')}" for o in args.overrides], args.config,
-                             args.workdir)
+                             args.workdir, compare=args.compare)
     print(format_sweep(result))
     if args.json:
         print(sweep_json(result))

@@ -16,6 +16,11 @@ images/s says what tlray's machinery costs:
   from Ray Data, forward, backward, optimizer; validation, checkpoints and MLflow fall
   outside it).
 
+- ingest: the same train split, read as the run reads it and handed to one worker through
+  Ray Train's split of the dataset, iterated into uint8 batches on the worker's device with
+  nothing else to do (`ingest_pass`). Divided by one worker's training rate, it says how much
+  faster the data arrives than the model consumes it (`ingest_headroom`).
+
 Fairness: each side is timed on the same number of steps per pass; the first pass (plain:
 `warmup` steps; tlray: the first epoch) is left out and the headline figure of each side is
 the best of the following passes (the plain ones half before, half after the tlray run). The plain loop runs in a process of its own with what a
@@ -96,11 +101,19 @@ class TrainBenchResult:
     tlray_epochs_img_s: list[float] = field(default_factory=list)  # epoch 1 included
     tlray_epoch_seconds: list[float] = field(default_factory=list)  # incl. val + checkpoint
     tlray_wall_s: float = 0.0  # the whole train() call: Ray start, workers, MLflow, test
+    ingest_img_s: float = 0.0  # one worker's batches alone, on its device (best pass)
+    ingest_passes_img_s: list[float] = field(default_factory=list)  # first pass included
     load_avg: list[float] = field(default_factory=list)  # 1-min load: at start, at end
 
     @property
     def ratio(self) -> float:
         return self.tlray_img_s / self.plain_img_s
+
+    @property
+    def ingest_headroom(self) -> float:
+        """What Ray Data delivers to one worker's device over what that worker trains on:
+        at least ~1.2 means the training never waits for data."""
+        return self.ingest_img_s / (self.tlray_img_s / self.workers)
 
 
 # ---------------------------------------------------------------------------------------
@@ -272,6 +285,42 @@ def tlray_run(cfg: config_mod.Config, workdir: str):
                 os.environ[k] = v
 
 
+def ingest_pass(dataset_uri: str, batch_size: int, passes: int, cache: bool,
+                cuda: bool) -> list[float]:
+    """Ray task: images/s of `passes` passes over the train split as one Train worker gets
+    it (`trainer.read_splits`, then a one-way `streaming_split`), into uint8 batches on the
+    device, shuffled as in training; nothing is computed on them."""
+    from tlray.datasets import load_info
+    from tlray.ingest import iter_image_batches, read_split
+
+    info = load_info(dataset_uri)
+    device = torch.device("cuda" if cuda else "cpu")
+    (shard,) = read_split(info, "train", cache=cache).streaming_split(1, equal=False)
+    rates = []
+    for _ in range(passes):
+        _sync(device)
+        t0, rows = time.perf_counter(), 0
+        for images, _ in iter_image_batches(shard, info.image_shape, batch_size,
+                                            device=device, shuffle=True):
+            rows += len(images)
+        _sync(device)
+        rates.append(rows / (time.perf_counter() - t0))
+    return rates
+
+
+def ingest_rates(cfg: config_mod.Config, passes: int, cuda: bool) -> list[float]:
+    """`ingest_pass` in a Ray task holding one training worker's CPUs (and GPU)."""
+    import ray
+
+    from tlray.datasets import load_info
+
+    info = load_info(cfg.data.dataset)
+    cache = info.split_bytes("train") <= cfg.data.cache_gb * 2**30  # as trainer.read_splits
+    task = ray.remote(ingest_pass).options(num_cpus=cfg.scaling.cpus_per_worker,
+                                           num_gpus=1 if cuda else 0)
+    return ray.get(task.remote(info.uri, cfg.data.batch_size, passes, cache, cuda))
+
+
 # ---------------------------------------------------------------------------------------
 # Both, side by side
 
@@ -365,6 +414,7 @@ def train_benchmark(*, backbone: str | None = None, weights: str | None = None,
         t0 = time.perf_counter()
         result = tlray_run(cfg, workdir)
         wall = time.perf_counter() - t0
+        ingest = ingest_rates(cfg, max(2, epochs), cuda)
         if passes // 2:
             plain += plain_process(cfg, passes=passes // 2, **plain_args)[0]
         history = result.history
@@ -377,6 +427,7 @@ def train_benchmark(*, backbone: str | None = None, weights: str | None = None,
             plain_img_s=max(plain), tlray_img_s=max(rates[1:] or rates),
             plain_passes_img_s=plain, tlray_epochs_img_s=rates,
             tlray_epoch_seconds=[row["epoch_seconds"] for row in history], tlray_wall_s=wall,
+            ingest_img_s=max(ingest[1:]), ingest_passes_img_s=ingest,
             load_avg=[load_start, os.getloadavg()[0]])
 
 
@@ -399,7 +450,11 @@ def format_train(result: TrainBenchResult) -> str:
             f"({', '.join(f'{x:,.0f}' for x in r.plain_passes_img_s)}); tlray: best epoch "
             f"after the first ({', '.join(f'{x:,.0f}' for x in r.tlray_epochs_img_s)}), "
             f"{r.steps} steps per worker and epoch; data {r.data_size} px -> {r.image_size} px")
-    lines = [header, row, note]
+    ingest = (f"ingest: {r.ingest_img_s:,.0f} img/s reach one worker's {r.device.split()[0]} "
+              f"with nothing else to do (best pass after the first; "
+              f"{', '.join(f'{x:,.0f}' for x in r.ingest_passes_img_s)}), "
+              f"{r.ingest_headroom:.1f}x what it trains on")
+    lines = [header, row, note, ingest]
     cores = os.cpu_count() or 1
     if r.device.startswith("cpu") and max(r.load_avg or [0]) > cores:
         lines.append(f"warning: the machine was busy (1-min load average "
@@ -409,7 +464,8 @@ def format_train(result: TrainBenchResult) -> str:
 
 
 def train_json(result: TrainBenchResult) -> str:
-    return json.dumps(dict(asdict(result), ratio=result.ratio), indent=2)
+    return json.dumps(dict(asdict(result), ratio=result.ratio,
+                           ingest_headroom=result.ingest_headroom), indent=2)
 
 
 # ---------------------------------------------------------------------------------------

@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     from tlray.bench_sweep import add_sweep_benchmark_arguments
 
     add_sweep_benchmark_arguments(bsub.add_parser(
-        "sweep", help="a whole sweep with vs without the frozen-backbone feature cache"))
+        "sweep", help="a whole sweep under two values of one setting (default: with vs without "
+                 "the frozen-backbone feature cache)"))
     return parser
 
 

@@ -39,9 +39,25 @@ def init_ray(num_cpus: int | None = None, **kwargs) -> None:
         ray.init(num_cpus=num_cpus if local else None, logging_level="ERROR",
                  logging_config=ray.LoggingConfig(log_level="WARNING"),
                  runtime_env={"env_vars": env}, **kwargs)
+        start_data_stats_actor()
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def start_data_stats_actor() -> None:
+    """Starts Ray Data's statistics actor (one per cluster) from the driver, outside every
+    placement group.
+
+    Otherwise the first process to run a Dataset starts it: in a sweep, a Tune trial, inside
+    the trial's placement group, so it dies with that trial. Its successor knows none of the
+    datasets the running trials registered, and Ray prints a `KeyError` traceback for each.
+    """
+    try:
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:  # a Ray that no longer has it: nothing to start
+        return
+    get_or_create_stats_actor()
 
 
 def quiet_logging_config():
