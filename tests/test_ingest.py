@@ -126,3 +126,29 @@ def test_to_model_input_resizes_and_normalises():
                          (0.5, 0.5, 0.5), size=(8, 8), channels_last=True)
     assert rgb.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(rgb, torch.full_like(rgb, -1.0))
+
+
+def read_and_iterate(info, batch_size):
+    """In a placement group that holds every CPU of the cluster, as sweep trials can."""
+    ds = read_split(info, "train", cache=True).randomize_block_order(seed=0)
+    return sum(len(labels) for _, labels in iter_image_batches(ds, info.image_shape,
+                                                                batch_size, shuffle=True))
+
+
+def test_a_small_cached_split_needs_no_free_cpu(ray_cluster, tmp_path):
+    rng = np.random.default_rng(0)
+    info = prepare(from_arrays(rng.integers(0, 256, (90, 6, 6, 1), dtype=np.uint8),
+                               np.arange(90) % 3), str(tmp_path / "ds"), progress=False)
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    everything = ray.cluster_resources()["CPU"]
+    group = placement_group([{"CPU": everything}])
+    ray.get(group.ready(), timeout=60)
+    task = ray.remote(read_and_iterate).options(
+        num_cpus=everything, scheduling_strategy=PlacementGroupSchedulingStrategy(group))
+    try:
+        # A read that started Ray tasks of its own would wait for a free CPU forever.
+        assert ray.get(task.remote(info, 8), timeout=120) == info.splits["train"].rows
+    finally:
+        remove_placement_group(group)

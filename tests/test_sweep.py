@@ -60,6 +60,10 @@ def test_sweep_registers_champion_and_a_worse_one_does_not_move_it(ray_cluster, 
 
     runs = children(first.parent_run_id)
     assert len(runs) == 4
+    # The stratified search ran exactly the trials it spread over the space.
+    planned = sweep.spread_trials(cfg, ["0", "2", "all"])
+    assert sorted((t["model.freeze"], t["optim.lr"]) for t in first.trials) == sorted(
+        (p["model.freeze"], p["optim.lr"]) for p in planned)
     assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)
     assert MlflowClient().get_run(first.parent_run_id).info.status == "FINISHED"
     assert {t["status"] for t in first.trials} <= {"COMPLETED", "STOPPED"}
@@ -204,3 +208,26 @@ def test_small_inputs_share_a_gpu_between_trials():
     assert share("--data.image_size=48", "--scaling.num_workers=2") == 1.0  # DDP: whole GPUs
     cpu = config_mod.load(None, ["--data.image_size=48"])
     assert share_gpus(cpu).scaling.gpus_per_worker == 1.0  # no GPU: nothing to share
+
+
+def test_stratified_trials_cover_learning_rate_and_freeze_depth():
+    import math
+
+    def trials(*overrides):
+        cfg = config.load(None, ["--tune.lr_min=1e-4", "--tune.lr_max=1e-2", *overrides])
+        return sweep.spread_trials(cfg, sweep.freeze_choices(cfg, tuple("abcdefgh")))
+
+    four = trials("--tune.freeze=0,1,3", "--tune.num_samples=4")
+    assert {t["model.freeze"] for t in four} == {"0", "1", "3"}  # every depth, one twice
+    # One learning rate in each quarter of the log range.
+    quarters = sorted(math.floor(math.log(t["optim.lr"] / 1e-4) / math.log(100) * 4)
+                      for t in four)
+    assert quarters == [0, 1, 2, 3]
+    assert trials("--tune.freeze=0,1,3", "--tune.num_samples=4") == four  # seeded
+    assert trials("--tune.freeze=0,1,3", "--tune.num_samples=4", "--tune.seed=7") != four
+    # Fewer trials than depths: spread along the list, never two at one depth.
+    order = [*"01234567", "all"]  # tune.freeze=auto over 8 groups
+    depths = sorted(order.index(t["model.freeze"]) for t in trials("--tune.num_samples=4"))
+    assert len(set(depths)) == 4 and depths[-1] - depths[0] >= 6
+    # A fixed learning rate stays fixed.
+    assert {t["optim.lr"] for t in trials("--tune.lr_min=1e-3", "--tune.lr_max=1e-3")} == {1e-3}

@@ -26,6 +26,7 @@ HEADS = ("linear", "mlp")
 # Metrics every epoch reports; the second item is the direction in which they improve.
 MONITORS = {"val_loss": "min", "val_acc": "max", "val_auc": "max", "train_loss": "min"}
 FEATURE_CACHE_MODES = ("auto", "always", "never")
+SEARCHES = ("stratified", "random", "optuna")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 CHAMPION_METRICS = {"test_acc": "max", "test_auc": "max", "test_loss": "min"}
 
@@ -124,7 +125,9 @@ class TuneConfig:
     freeze: str = "auto"  # depths to try, e.g. "0,3,all"; auto: every depth from 0 to all
     space: dict | None = None  # more fields, e.g. {"optim.weight_decay": [0, 0.05]} (a choice)
     #                            or {"optim.label_smoothing": {"uniform": [0, 0.2]}}
-    search: str = "random"  # random | optuna (TPE; needs the optuna package)
+    # stratified: lr x freeze depth covered evenly (a Latin hypercube; other tune.space fields
+    # at random) | random | optuna (TPE; needs the optuna package)
+    search: str = "stratified"
     seed: int | None = 42  # the same seed samples the same trials (None: a new draw each time)
     grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
     reduction_factor: int = 2
@@ -238,7 +241,7 @@ def validate(config: Config) -> Config:
         (u.num_samples >= 1, "tune.num_samples", "an int >= 1", u.num_samples),
         (0 < u.lr_min <= u.lr_max, "tune.lr_min/lr_max", "0 < lr_min <= lr_max",
          (u.lr_min, u.lr_max)),
-        (u.search in ("random", "optuna"), "tune.search", "random or optuna", u.search),
+        (u.search in SEARCHES, "tune.search", " or ".join(SEARCHES), u.search),
         (u.grace_period >= 1, "tune.grace_period", "an int >= 1", u.grace_period),
         (u.reduction_factor >= 2, "tune.reduction_factor", "an int >= 2", u.reduction_factor),
         (u.max_concurrent >= 0, "tune.max_concurrent", "an int >= 0", u.max_concurrent),

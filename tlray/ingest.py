@@ -28,6 +28,8 @@ READ_NUM_CPUS = 0.25
 # A cached split up to this size is read by the calling process itself and put into the
 # object store as one block per shard: a few pyarrow reads take milliseconds, where a Ray
 # Data execution with one task per shard took 1-8 s (a cold cluster starts worker processes).
+# No Ray task runs for it at all (`ray.data.from_blocks`; `from_arrow` starts one 1-CPU task
+# per table for its metadata, which waits forever when the reader's own trials hold the CPUs).
 LOCAL_READ_BYTES = 256 * 2**20
 
 
@@ -51,7 +53,7 @@ def read_split(info: DatasetInfo, split: str, *, shuffle: bool = False,
 
     shards = info.shard_uris(split)
     if cache and info.split_bytes(split) <= LOCAL_READ_BYTES:
-        ds = ray.data.from_arrow([read_shard(uri) for uri in shards])  # blocks in shard order
+        ds = ray.data.from_blocks([read_shard(uri) for uri in shards])  # in shard order
     else:
         ds = ray.data.from_items([{"path": p} for p in shards], override_num_blocks=len(shards))
         ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow",

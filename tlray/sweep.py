@@ -73,6 +73,30 @@ def search_space(cfg: Config, group_names: tuple[str, ...]) -> dict:
     return space
 
 
+def spread_trials(cfg: Config, choices: list[str]) -> list[dict]:
+    """`tune.num_samples` (learning rate, freeze depth) pairs that cover both axes evenly.
+
+    A Latin hypercube: the log learning-rate range is cut into as many equal strata as there
+    are trials and one rate is drawn in each; the freeze depths are taken at equal steps
+    along `choices` from a random start (every depth, when there are at least as many trials
+    as depths); the two are paired at random. A handful of purely random draws easily lands
+    in one corner: seeded, the MNIST sweep's four drew every learning rate from the upper
+    half of its range, two of them at the same depth and within 20% of each other.
+    """
+    import numpy as np
+
+    t = cfg.tune
+    n, k = t.num_samples, len(choices)
+    rng = np.random.default_rng(t.seed)
+    start = rng.uniform()
+    depths = [choices[min(k - 1, math.floor((i + start) * k / n))] for i in range(n)]
+    edges = np.linspace(math.log(t.lr_min), math.log(t.lr_max), n + 1)
+    lrs = np.clip(np.exp(rng.uniform(edges[:-1], edges[1:])), t.lr_min, t.lr_max)
+    rng.shuffle(depths)
+    rng.shuffle(lrs)
+    return [{"optim.lr": float(lr), "model.freeze": d} for lr, d in zip(lrs, depths)]
+
+
 def _example(spec):
     if isinstance(spec, list):
         if not spec:
@@ -233,8 +257,9 @@ def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
                                             # The next trial starts in the process the last
                                             # one ended in (torch, timm, tlray imported).
                                             reuse_actors=True,
-                                            search_alg=_search_alg(cfg, metric, mode,
-                                                                   concurrency(cfg))),
+                                            search_alg=_search_alg(
+                                                cfg, metric, mode, concurrency(cfg),
+                                                freeze_choices(cfg, minfo.group_names))),
                 run_config=tune.RunConfig(
                     name=name, storage_path=storage,
                     # Checkpoints of trials that train in their own process (see run_trial).
@@ -251,13 +276,17 @@ def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
                        registered_name=registered_name, **outcome)
 
 
-def _search_alg(cfg: Config, metric: str, mode: str, max_concurrent: int):
+def _search_alg(cfg: Config, metric: str, mode: str, max_concurrent: int,
+                choices: list[str]):
     """Seeded search, at most `max_concurrent` trials at once (Tune ignores its own
     max_concurrent_trials for a search generator passed in, hence here)."""
-    if cfg.tune.search == "random":
+    if cfg.tune.search in ("stratified", "random"):
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=max_concurrent)
+        # Tune runs the given points first, each one trial, drawing any field they leave out.
+        points = spread_trials(cfg, choices) if cfg.tune.search == "stratified" else None
+        return BasicVariantGenerator(points_to_evaluate=points, random_state=cfg.tune.seed,
+                                     max_concurrent=max_concurrent)
     try:
         from ray.tune.search.optuna import OptunaSearch
         import optuna  # noqa: F401  (OptunaSearch imports it lazily)
