@@ -143,3 +143,31 @@ def test_resuming_from_the_final_checkpoint_skips_to_the_test(tmp_path):
     for name, value in model.state_dict().items():
         torch.testing.assert_close(best[name], value)
         torch.testing.assert_close(fresh.state_dict()[name], value)
+
+
+def test_two_trials_progress_lines_reach_the_console_apart(capsys, monkeypatch):
+    """Ray folds lines from different processes that differ only in numbers into one; a
+    sweep's progress lines are kept apart (and labelled with their trial)."""
+    import os
+
+    from ray._private import ray_logging
+    from ray._private.ray_logging import LogDeduplicator
+
+    from tlray.loop import progress_line, say_line
+
+    row = {"epoch": 2, "train_loss": 0.5, "train_acc": 0.9, "val_loss": 0.4, "val_acc": 0.91,
+           "val_auc": 0.99, "img_per_s": 300.0, "epoch_seconds": 12.0}
+    lines = []
+    for trial in ("trial-ab_00001", "trial-ab_00002"):
+        say_line(progress_line(row, 5, "val_acc"), label=trial)
+        lines.append(capsys.readouterr().out.rstrip("\n"))
+    assert [line.split(":")[0] for line in lines] == ["trial-ab_00001", "trial-ab_00002"]
+
+    monkeypatch.setattr(ray_logging, "RAY_DEDUP_LOGS", True)  # tests turn it off
+    dedup = LogDeduplicator(5, os.environ["RAY_DEDUP_LOGS_ALLOW_REGEX"], None,
+                            _timesource=lambda: 0)
+    shown = []
+    for pid, line in enumerate(lines + ["Some warning 1", "Some warning 2"]):
+        for batch in dedup.deduplicate({"ip": "x", "pid": pid % 2, "lines": [line]}):
+            shown += batch["lines"]
+    assert shown == [*lines, "Some warning 1"]  # Ray's own duplicates are still folded

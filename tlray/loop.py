@@ -71,6 +71,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg = config_mod.from_plain(loop_config["config"])
     info = load_info(loop_config["dataset_uri"])
     session = worker_session(loop_config.get("report_to_tune", False))
+    # A sweep's trials print side by side: each line says whose it is.
+    say = functools.partial(say_line, label=loop_config.get("progress_label"))
     rank, world = session.rank, session.world
     device = ray.train.torch.get_device()
     cuda = device.type == "cuda"
@@ -396,9 +398,10 @@ def save_final(d: Path, model, state: LoopState, test: dict, classes: list[str])
         np.savez(d / "test_samples.npz", images=images, labels=labels, preds=preds)
 
 
-def say(line: str) -> None:
-    """One line to the console; not `print`, which Ray Train tees into a duplicate line."""
-    sys.stdout.write(line + "\n")
+def say_line(line: str, label: str | None = None) -> None:
+    """One line to the console, after `label: ` when there is one; not `print`, which Ray
+    Train tees into a duplicate line."""
+    sys.stdout.write(f"{label + ': ' if label else ''}{line}\n")
     sys.stdout.flush()
 
 

@@ -10,6 +10,11 @@ from __future__ import annotations
 import os
 from importlib import resources
 
+# The training loop's console lines (`tlray.loop.say_line`), which Ray must not fold together:
+# it merges lines from different processes that differ only in their numbers into one
+# ("[repeated 2x across cluster]"), and two sweep trials' epoch lines are just that.
+PROGRESS_LINES = r"^(\S+: )?(epoch \d+/\d+ |early stopping: |resumed from the checkpoint)"
+
 FORWARDED_ENV = ("TLRAY_HOME", "MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "HF_HOME",
                  "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
 # Ray Train's controller looks at its workers every 2 s by default; every run's start and end

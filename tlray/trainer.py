@@ -170,8 +170,9 @@ def train(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict | N
                            "model.freeze_depth": minfo.freeze_depth})
         mlflow.log_dict(info.to_json(), "dataset.json")
         mlflow.set_tag("feature_cache", cache.uri if cache else cache_note)
+        # A sweep's trials print side by side: their progress lines carry the trial's name.
         checkpoint = _fit(cfg, info, run_id, uri, name, callbacks, cache, in_tune_process,
-                          images)
+                          images, progress_label=name if parent_run_id else None)
         with checkpoint.as_directory() as d:
             outcome = _log_final(Path(d), cfg, info, model, minfo)
         mlflow.log_metrics({k: v for k, v in outcome["metrics"].items()
@@ -271,7 +272,8 @@ def read_splits(cfg: Config, info: DatasetInfo, splits=SPLITS) -> dict:
 
 def _fit(cfg: Config, info: DatasetInfo, run_id: str, tracking_uri: str, name: str,
          callbacks: list | None, cache: DatasetInfo | None = None,
-         in_tune_process: bool = False, images: dict | None = None):
+         in_tune_process: bool = False, images: dict | None = None,
+         progress_label: str | None = None):
     """Runs the Ray Train run; returns its final checkpoint (best weights, history, test).
 
     In a Tune trial's own process, Train's local mode (`num_workers=0`) runs the loop here
@@ -298,6 +300,7 @@ def _fit(cfg: Config, info: DatasetInfo, run_id: str, tracking_uri: str, name: s
                            "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
                            "features_uri": cache.uri if cache else None,
                            "interactive": sys.stdout.isatty(),
+                           "progress_label": progress_label,
                            "report_to_tune": in_tune_process,
                            # Names a run across restarts: Train keeps the MLflow run when it
                            # restarts a worker; Tune retries a trial in a new one.
