@@ -1,7 +1,7 @@
 """Named default settings shared by a job script and the benchmark that times it.
 
 `MNIST_SWEEP` is `jobs/tune_mnist.py`'s default sweep (and what `tlray benchmark sweep` runs
-with and without the feature cache). It is sized for a 2-core laptop, where it takes 1.5-2.5
+with and without the feature cache). It is sized for a 2-core laptop, where it takes 1.5-4
 minutes: two trials at a time (0.75 CPU each, one thread each, each in its own Tune trial
 process), half a CPU left for Ray Data; 48 px inputs and freeze depths 0-3, which reach ~99%
 test accuracy on the built-in digits (deeper freezing costs accuracy on digits: ~98.7% at
