@@ -290,9 +290,12 @@ def ingest_pass(dataset_uri: str, batch_size: int, passes: int, cache: bool,
     """Ray task: images/s of `passes` passes over the train split as one Train worker gets
     it (`trainer.read_splits`, then a one-way `streaming_split`), into uint8 batches on the
     device, shuffled as in training; nothing is computed on them."""
+    import ray.data
+
     from tlray.datasets import load_info
     from tlray.ingest import iter_image_batches, read_split
 
+    ray.data.DataContext.get_current().enable_progress_bars = False  # a task's own context
     info = load_info(dataset_uri)
     device = torch.device("cuda" if cuda else "cpu")
     (shard,) = read_split(info, "train", cache=cache).streaming_split(1, equal=False)
