@@ -8,13 +8,14 @@ works the same way. The first value is the candidate, the second the baseline.
 Both sides run the same sweep (same config, same search seed, so the same trials are
 sampled) on the same Ray cluster, each with fresh storage, so that a feature cache is paid
 for inside its side's timed wall time. ASHA is told to stop nothing (`tune.grace_period` =
-`train.epochs` + 2, past a trial's last report): it decides from the order in which results arrive, which
-differs between two runs, and would otherwise stop different trials on each side; `--set
-tune.grace_period=N` times the sweep with early stopping instead. The candidate runs first,
-so warm-up (imports, page cache, Ray's worker pool) counts against it, not for it. Reported
-per side: wall time, trials (completed / stopped by ASHA), the best trial's validation
-metric and test accuracy, and the mean seconds of a trial and of its epochs per freeze
-depth; then the ratios baseline/candidate for the whole sweep and per freeze depth.
+`train.epochs` + 2, past a trial's last report): it decides from the order in which results
+arrive, which differs between two runs, and would otherwise stop different trials on each
+side; `--set tune.grace_period=N` times the sweep with early stopping instead. The
+candidate runs first, so warm-up (imports, page cache, Ray's worker pool) counts against it,
+not for it. Reported per side: wall time, trials (completed / stopped by ASHA), the best
+trial's validation metric and test accuracy, and the mean seconds of a trial and of its
+epochs per freeze depth; then the ratios baseline/candidate for the whole sweep and per
+freeze depth.
 """
 
 from __future__ import annotations

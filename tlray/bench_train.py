@@ -285,25 +285,27 @@ def tlray_run(cfg: config_mod.Config, workdir: str):
                 os.environ[k] = v
 
 
-def ingest_pass(dataset_uri: str, batch_size: int, passes: int, cache: bool,
-                cuda: bool) -> list[float]:
+def ingest_pass(cfg_dict: dict, passes: int, cuda: bool) -> list[float]:
     """Ray task: images/s of `passes` passes over the train split as one Train worker gets
     it (`trainer.read_splits`, then a one-way `streaming_split`), into uint8 batches on the
     device, shuffled as in training; nothing is computed on them."""
     import ray.data
 
+    from tlray import trainer
     from tlray.datasets import load_info
-    from tlray.ingest import iter_image_batches, read_split
+    from tlray.ingest import iter_image_batches
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # a task's own context
-    info = load_info(dataset_uri)
+    cfg = config_mod.from_plain(cfg_dict)
+    info = load_info(cfg.data.dataset)
     device = torch.device("cuda" if cuda else "cpu")
-    (shard,) = read_split(info, "train", cache=cache).streaming_split(1, equal=False)
+    train = trainer.read_splits(cfg, info, ("train",))["train"]
+    (shard,) = train.streaming_split(1, equal=False)
     rates = []
     for _ in range(passes):
         _sync(device)
         t0, rows = time.perf_counter(), 0
-        for images, _ in iter_image_batches(shard, info.image_shape, batch_size,
+        for images, _ in iter_image_batches(shard, info.image_shape, cfg.data.batch_size,
                                             device=device, shuffle=True):
             rows += len(images)
         _sync(device)
@@ -315,13 +317,9 @@ def ingest_rates(cfg: config_mod.Config, passes: int, cuda: bool) -> list[float]
     """`ingest_pass` in a Ray task holding one training worker's CPUs (and GPU)."""
     import ray
 
-    from tlray.datasets import load_info
-
-    info = load_info(cfg.data.dataset)
-    cache = info.split_bytes("train") <= cfg.data.cache_gb * 2**30  # as trainer.read_splits
     task = ray.remote(ingest_pass).options(num_cpus=cfg.scaling.cpus_per_worker,
                                            num_gpus=1 if cuda else 0)
-    return ray.get(task.remote(info.uri, cfg.data.batch_size, passes, cache, cuda))
+    return ray.get(task.remote(cfg.to_dict(), passes, cuda))
 
 
 # ---------------------------------------------------------------------------------------

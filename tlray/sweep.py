@@ -60,13 +60,17 @@ def freeze_choices(cfg: Config, group_names: tuple[str, ...]) -> list[str]:
     return choices
 
 
-def search_space(cfg: Config, group_names: tuple[str, ...]) -> dict:
-    """Tune's param_space: flat `section.key` names, so the trial table reads like the config."""
+def search_space(cfg: Config, choices: list[str]) -> dict:
+    """Tune's param_space: flat `section.key` names, so the trial table reads like the config.
+
+    Args:
+        choices: the freeze depths to try, from `freeze_choices`.
+    """
     from ray import tune
 
     space = {"optim.lr": tune.loguniform(cfg.tune.lr_min, cfg.tune.lr_max)
              if cfg.tune.lr_min < cfg.tune.lr_max else cfg.tune.lr_min,
-             "model.freeze": tune.choice(freeze_choices(cfg, group_names))}
+             "model.freeze": tune.choice(choices)}
     for key, spec in (cfg.tune.space or {}).items():
         config_mod.load(None, [f"{key}={_example(spec)}"], base=cfg)  # the key must exist
         space[key] = _distribution(key, spec)
@@ -202,7 +206,8 @@ def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
     info = trainer.resolve_dataset(cfg.data.dataset)
     trainer.require_splits(info)
     _, minfo = trainer.check_model(cfg, info)
-    space = search_space(cfg, minfo.group_names)
+    choices = freeze_choices(cfg, minfo.group_names)
+    space = search_space(cfg, choices)
     cfg = share_gpus(cfg)
     uri = trainer.connect(cfg)
 
@@ -258,8 +263,7 @@ def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
                                             # one ended in (torch, timm, tlray imported).
                                             reuse_actors=True,
                                             search_alg=_search_alg(
-                                                cfg, metric, mode, concurrency(cfg),
-                                                freeze_choices(cfg, minfo.group_names))),
+                                                cfg, metric, mode, concurrency(cfg), choices)),
                 run_config=tune.RunConfig(
                     name=name, storage_path=storage,
                     # Checkpoints of trials that train in their own process (see run_trial).
