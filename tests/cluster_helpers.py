@@ -18,9 +18,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 VENV_BIN = Path(sys.executable).parent
@@ -287,3 +289,56 @@ class MlflowServer:
         if self.proc is not None:
             kill_groups([self.proc], grace_s)
             self.proc = None
+
+
+class Outage:
+    """What clients of a crashed MLflow server meet: its port answers every request with
+    503, as a proxy in front of a dead server does, and the requests are recorded.
+
+    Lets a test hold a server down until a given write has been attempted (and refused),
+    which it can observe, instead of guessing how long the write takes to come. MLflow's
+    client retries a 503 with back-off, so the refused write reaches the restarted server.
+    """
+
+    def __init__(self, port: int):
+        self.requests: list[tuple[float, str, bytes]] = []  # (time, path, body)
+        outage = self
+
+        class Refuse(BaseHTTPRequestHandler):
+            def _refuse(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                outage.requests.append((time.time(), self.path, body))
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.send_header("Connection", "close")
+                self.end_headers()
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _refuse
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+        def bind():
+            try:
+                return ThreadingHTTPServer(("127.0.0.1", port), Refuse)
+            except OSError:  # the dead server's socket is still being torn down
+                return None
+
+        self.httpd = wait_for(bind, 30, f"port {port} to be free")
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def refused_metrics(self, key: str) -> list[dict]:
+        """Metric `key` in the MLflow `log-batch` writes refused so far (with their run_id)."""
+        found = []
+        for _, path, body in list(self.requests):
+            if path.endswith("/runs/log-batch") and body:
+                batch = json.loads(body)
+                found += [{"run_id": batch.get("run_id"), "key": key,
+                           "value": float(m["value"]), "timestamp": int(m["timestamp"]),
+                           "step": int(m.get("step", 0))}  # proto JSON may quote int64s
+                          for m in batch.get("metrics", []) if m["key"] == key]
+        return found
+
+    def end(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +43,33 @@ def tlray_home(tmp_path, monkeypatch):
     tracking.configure()
     yield home
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, fully migrated MLflow database: creating one costs seconds, copying it ms."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_db: Path) -> Path:
+    """A fresh TLRAY_HOME with its own store; MLFLOW_TRACKING_URI unset (restored afterwards)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(migrated_db, home / "mlflow.db")
+    monkeypatch.setenv("TLRAY_HOME", str(home))
+    # setenv first so monkeypatch restores the variable that mlflow.set_tracking_uri exports.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset-by-test")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    import mlflow
+
+    from tlray import tracking
+
+    tracking.configure()  # so a test's own MlflowClient() sees this store, not the last one
+    yield home
+    while mlflow.active_run() is not None:  # a failed test must not leak its run
+        mlflow.end_run()

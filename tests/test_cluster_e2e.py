@@ -3,8 +3,10 @@
 A Ray head plus a second raylet (two nodes; token authentication on, with a token made for
 this test: ~/.ray/auth_token is neither read nor written), a real `mlflow server` (SQLite
 store, artifacts uploaded through the server), and `jobs/tune_mnist.py --smoke` submitted as
-a job with the checkout as its working dir. The MLflow server is killed after the first
-trial's first epoch and started again on the same port and store while training goes on.
+a job with the checkout as its working dir. The MLflow server is killed once the first
+trial's first epoch is in the store, and stays down until a later epoch's metrics have been
+sent to it and refused (seen on its port, see `cluster_helpers.Outage`); then it starts
+again on the same port and store while training goes on.
 Then, through the server only: every trial has a run and none is left RUNNING, every
 finished trial has every epoch's metrics, `@champion` loads and predicts, and the Train
 workers of the trials ran on both nodes.
@@ -23,14 +25,14 @@ from pathlib import Path
 
 import pytest
 
-from cluster_helpers import VENV_BIN, MlflowServer, RayCluster, wait_for
+from cluster_helpers import VENV_BIN, MlflowServer, Outage, RayCluster, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 SWEEP = EXPERIMENT = REGISTERED = "tlray-e2e"
-EPOCHS = 2  # the outage starts after epoch 1, so epoch 2's metrics are written into it
+EPOCHS = 2  # the outage starts after epoch 1 and lasts until a later epoch is written into it
 TRIALS = 2  # --smoke
 
 
@@ -57,12 +59,6 @@ def stack(tmp_path_factory):
         server.stop()
         cluster.stop()
         _say(f"Ray cluster and MLflow server stopped in {time.monotonic() - t1:.1f} s")
-
-
-def _reports(home: Path) -> int:
-    """Results Tune has recorded for the sweep's trials so far (one line per report)."""
-    return sum(len(f.read_text().splitlines())
-               for f in (home / "ray_results" / SWEEP).glob("*/result.json"))
 
 
 @pytest.fixture(scope="module")
@@ -95,25 +91,31 @@ def sweep(stack, tmp_path_factory):
     outage: dict = {}
 
     def restart_server_after_first_epoch() -> None:
-        """Kills the server once a trial has logged epoch 1; it stays down until Tune has
-        recorded a newer report (rank 0 logs an epoch right after reporting it, so a write
-        is known to hit the dead server), then comes back on the same port and store."""
+        """Kills the server once a trial has logged epoch 1 and holds its port down until
+        a later epoch's val_loss (stamped after the kill) has been sent there and refused;
+        then starts it again on the same port and store. So a metric write is known to
+        have hit the outage, however fast or slow the machine is."""
         exp = client.get_experiment_by_name(EXPERIMENT)
         logged = exp and client.search_runs([exp.experiment_id], "metrics.val_loss > -1")
         if not logged:
             return
-        reports, down = _reports(home), time.time()
+        down = time.time()
         server.stop(grace_s=0)  # SIGKILL: a crash, not a clean shutdown
+        refusing = Outage(server.port)
         try:
-            wait_for(lambda: _reports(home) > reports
+            wait_for(lambda: any(m["timestamp"] >= down * 1000
+                                 for m in refusing.refused_metrics("val_loss"))
                      or cluster.job_status(job)["status"] in TERMINAL, 600,
-                     "a trial's report after the MLflow server went down", 1.0)
-            time.sleep(3)  # rank 0 is now retrying that epoch's write
+                     "a later epoch's metrics to reach the dead MLflow server", 0.5)
         finally:
+            refusing.end()
             restart_s = server.start()
-            outage.update(down=down, up=time.time())
+            outage.update(down=down, up=time.time(),
+                          refused=refusing.refused_metrics("val_loss"))
         _say(f"MLflow server down for {outage['up'] - down:.1f} s (restart {restart_s:.1f} s) "
-             f"after {logged[0].info.run_name} logged epoch 1")
+             f"after {logged[0].info.run_name} logged epoch 1; refused "
+             f"{len(refusing.requests)} request(s), among them val_loss of step(s) "
+             f"{sorted({m['step'] for m in outage['refused']})}")
 
     try:
         while (status := cluster.job_status(job)["status"]) not in TERMINAL:
@@ -183,6 +185,11 @@ def test_champion_loads_through_the_server_and_predicts(sweep):
         logits = model(torch.from_numpy(batch.astype(np.float32)))
     assert tuple(logits.shape) == (3, len(meta["class_names"])) == (3, 10)
     assert torch.isfinite(logits).all()
+    # The deployable face of the same model: raw digits in, class names out.
+    with _use_tracking_uri(sweep["server"].url):
+        served = mlflow.pyfunc.load_model(uri)
+    digits = np.random.default_rng(1).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    assert set(served.predict(digits)["label"]) <= set(meta["class_names"])
 
 
 def test_epoch_metrics_complete_across_mlflow_restart(sweep):
@@ -204,6 +211,12 @@ def test_epoch_metrics_complete_across_mlflow_restart(sweep):
                        if outage["down"] * 1000 <= m.timestamp <= outage["up"] * 1000]
     # A metric's timestamp is when rank 0 logged it: these were logged into the outage.
     assert during, "no metric was logged while the server was down: the outage missed"
+    # And the very writes the dead server refused are in the store now, exactly once.
+    assert outage["refused"], "the sweep ended before a later epoch reached the dead server"
+    for m in {(m["run_id"], m["step"], m["timestamp"]): m for m in outage["refused"]}.values():
+        history = client.get_metric_history(m["run_id"], "val_loss")
+        stored = [(h.timestamp, h.value) for h in history if h.step == m["step"]]
+        assert stored == [(m["timestamp"], pytest.approx(m["value"]))], m
     _say(f"logged while the server was down, stored after it came back: {during}; "
          f"EpochLogger buffered {sweep['logs'].count('MLflow unavailable')} failed write(s) "
          f"(MLflow's client retries for ~4 min before an error reaches it)")

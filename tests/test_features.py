@@ -16,7 +16,8 @@ from mlflow import MlflowClient
 from tlray import config, features, trainer
 from tlray.datasets import decode_images, prepare
 from tlray.errors import TlrayError
-from tlray.ingest import iter_image_batches, read_split, to_model_input
+from tlray.ingest import iter_image_batches, read_split
+from tlray.preprocess import to_model_input
 from tlray.models import build_model, freeze_groups, model_groups
 
 CASES = [("tf_efficientnet_lite0", "packaged", "3", "blocks.1"),

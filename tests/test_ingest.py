@@ -12,7 +12,8 @@ import ray.cloudpickle
 import torch
 
 from tlray.datasets import prepare, read_shard
-from tlray.ingest import exact_split_data_config, iter_image_batches, read_split, to_model_input
+from tlray.ingest import exact_split_data_config, iter_image_batches, read_split
+from tlray.preprocess import to_model_input
 from tlray.sources import from_arrays
 
 pytestmark = pytest.mark.ray

@@ -1,8 +1,9 @@
-"""tlray.predict against a real SQLite MLflow store and real pt2 models (no mocks).
+"""tlray.predict against a real SQLite MLflow store and real logged tlray models (no mocks).
 
 The models are tiny but real: logits are a function of an image's mean brightness, so the
 right answer is known for every generated image (class k = brightness near k*100) and a
-wrong channel conversion, normalisation or row order shows up as a wrong label.
+wrong channel conversion, normalisation or row order shows up as a wrong label. predict
+itself only hands images to the model's pyfunc, which does the conversions.
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ import io
 import zipfile
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
-from tlray import datasets, sources, tracking
+from tlray import datasets, logged_model, registry, sources, tracking
 from tlray.errors import TlrayError
-from tlray.predict import load_preprocess, predict, write_csv_atomic
+from tlray.predict import predict, write_csv_atomic
 
 CLASSES = ["0", "1", "2"]  # the class names `prepare` gives Kaggle labels 0, 1, 2
 SIZE = [12, 12]  # model input size; the generated images are other sizes (8x8, 10x10, ...)
@@ -47,7 +49,7 @@ def _preprocess(channels: int) -> dict:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory):
     """A store with champions `bright` (grey input) and `bright-rgb` (RGB input), plus a
-    model logged without tlray's preprocess metadata."""
+    plain tensor model (`bare`) that tlray did not log."""
     tmp = tmp_path_factory.mktemp("predict-store")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
@@ -55,14 +57,14 @@ def store(tmp_path_factory: pytest.TempPathFactory):
         uris = {}
         with tracking.start_run("predict-tests") as run:
             for name, channels in (("bright", 1), ("bright-rgb", 3)):
-                example = np.zeros((2, channels, *SIZE), np.float32)
-                uri = tracking.log_model(Brightness(0.5, 0.5), example, CLASSES, name=name,
-                                         metadata={"preprocess": _preprocess(channels)})
-                tracking.register_champion(uri, name, "accuracy", 1.0)
+                example = _images([0, 200], (8, 8, channels))
+                uri = logged_model.log_model(Brightness(0.5, 0.5), example, CLASSES,
+                                             _preprocess(channels), name=name).model_uri
+                registry.register_champion(uri, name, "test_acc", 1.0)
                 uris[name] = uri
-            uris["bare"] = tracking.log_model(Brightness(0.5, 0.5),
-                                              np.zeros((2, 1, *SIZE), np.float32), CLASSES,
-                                              name="bare")
+            uris["bare"] = mlflow.pytorch.log_model(
+                Brightness(0.5, 0.5), name="bare", pip_requirements=["torch"],
+                input_example=np.zeros((2, 1, *SIZE), np.float32)).model_uri
             uris["run_id"] = run.info.run_id
         yield uris
 
@@ -263,14 +265,12 @@ def test_unknown_models_name_what_exists(work: Path, store) -> None:
     assert not (work / "submission.csv").exists()
 
 
-def test_model_without_preprocess_metadata(work: Path, store) -> None:
+def test_a_model_that_takes_tensors_is_refused(work: Path, store) -> None:
     source = _write_pixel_csv(work / "test.csv", _images([0]))
-    with pytest.raises(TlrayError, match=r"no tlray preprocessing metadata"):
+    with pytest.raises(TlrayError, match=r"not a tlray image classifier .*pytorch.*no "
+                                         r"class_names metadata.*--model.weights="):
         predict(store["bare"], source, verbose=False)
-    with pytest.raises(TlrayError, match=r"no tlray preprocessing metadata"):
-        load_preprocess(store["bare"])
-    assert load_preprocess("models:/bright-rgb@champion") == {
-        "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "size": (12, 12), "channels": 3}
+    assert not (work / "submission.csv").exists()
 
 
 def test_bad_sources_and_options_fail_before_writing(work: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -13,37 +12,12 @@ import mlflow
 import mlflow.pytorch
 import numpy as np
 import pytest
-import torch
 import yaml
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from tlray import tracking
 from tlray.errors import TlrayError
-
-
-@pytest.fixture(scope="session")
-def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty, fully migrated MLflow database: creating one costs seconds, copying it ms."""
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_db: Path) -> Path:
-    """A fresh TLRAY_HOME with its own store; MLFLOW_TRACKING_URI unset (restored afterwards)."""
-    home = tmp_path / "home"
-    home.mkdir()
-    shutil.copy(migrated_db, home / "mlflow.db")
-    monkeypatch.setenv("TLRAY_HOME", str(home))
-    # setenv first so monkeypatch restores the variable that mlflow.set_tracking_uri exports.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset-by-test")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    tracking.configure()  # so a test's own MlflowClient() sees this store, not the last one
-    yield home
-    while mlflow.active_run() is not None:  # a failed test must not leak its run
-        mlflow.end_run()
 
 
 def _status(run_id: str) -> str:
@@ -253,97 +227,3 @@ def test_tags_and_git_commit(tmp_path: Path) -> None:
     tags = tracking.standard_tags("resnet18", "imagenet", 2, "abc123")
     assert tags["backbone"] == "resnet18" and tags["freeze_depth"] == "2"
     assert tags["dataset_hash"] == "abc123" and tags["weights"] == "imagenet"
-
-
-def test_default_registered_name_is_valid() -> None:
-    name = tracking.default_registered_name("mnist", "hf-hub:timm/resnet50.a1_in1k")
-    assert name == "mnist-hf-hub_timm_resnet50.a1_in1k"
-    assert "/" not in name and ":" not in name
-    with pytest.raises(TlrayError, match="backbone"):
-        tracking.default_registered_name("mnist", " ")
-
-
-# --------------------------------------------------------------------------- models, registry
-
-
-def _tiny_model(seed: int, classes: int = 3) -> torch.nn.Module:
-    """Conv + BatchNorm (whose running stats must be exported in eval mode) + linear head."""
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3),
-        torch.nn.BatchNorm2d(4),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-        torch.nn.Linear(4, classes),
-    )
-    model(torch.randn(8, 3, 16, 16))  # train mode: moves the BatchNorm running stats
-    return model
-
-
-def test_log_model_round_trips_on_any_batch_size(home: Path) -> None:
-    import timm
-
-    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=3)
-    model.train()
-    model(torch.randn(4, 3, 32, 32))  # non-default BatchNorm statistics
-    example = np.random.default_rng(0).standard_normal((1, 3, 32, 32), dtype=np.float32)
-
-    with tracking.start_run("models") as run:
-        uri = tracking.log_model(model, example, ["cat", "dog", "fish"], metadata={"mean": [0.5]})
-    assert model.training  # the caller's model is left as it was
-
-    location = mlflow.get_logged_model(uri.removeprefix("models:/")).artifact_location
-    assert Path(location).is_absolute() and Path(location).is_relative_to(home)
-    assert Path(run.info.artifact_uri).is_relative_to(home)
-
-    loaded = mlflow.pytorch.load_model(uri, device="cpu")
-    model.eval()
-    for batch in (5, 1):  # neither is the logged example's batch size (2)
-        x = torch.randn(batch, 3, 32, 32)
-        with torch.no_grad():
-            torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
-    assert tracking.load_class_names(uri) == ["cat", "dog", "fish"]
-    assert mlflow.models.get_model_info(uri).metadata["mean"] == [0.5]
-
-
-def test_log_model_rejects_mismatched_class_names(home: Path) -> None:
-    example = np.zeros((2, 3, 16, 16), dtype=np.float32)
-    with tracking.start_run("models"):
-        with pytest.raises(TlrayError, match="class names"):
-            tracking.log_model(_tiny_model(0), example, ["only", "two"])
-        with pytest.raises(TlrayError, match="float32 NCHW"):
-            tracking.log_model(_tiny_model(0), example.astype(np.float64), ["a", "b", "c"])
-
-
-def test_champion_moves_only_on_better_metric(home: Path) -> None:
-    name = tracking.default_registered_name("digits", "tiny")
-    models = [_tiny_model(seed).eval() for seed in range(3)]
-    example = np.random.default_rng(1).standard_normal((2, 3, 16, 16), dtype=np.float32)
-    uris = []
-    with tracking.start_run("registry"):
-        for i, model in enumerate(models):
-            uris.append(tracking.log_model(model, example, ["a", "b", "c"], name=f"model{i}"))
-
-    first = tracking.register_champion(uris[0], name, "accuracy", 0.90)
-    assert first == tracking.RegistrationResult(version=1, champion_version=1, moved=True)
-    worse = tracking.register_champion(uris[1], name, "accuracy", 0.80)
-    assert worse == tracking.RegistrationResult(version=2, champion_version=1, moved=False)
-    better = tracking.register_champion(uris[2], name, "accuracy", 0.95)
-    assert better == tracking.RegistrationResult(version=3, champion_version=3, moved=True)
-
-    client = MlflowClient()
-    assert int(client.get_model_version_by_alias(name, "champion").version) == 3
-    assert client.get_model_version(name, "2").tags["test_accuracy"] == "0.8"
-    assert len(client.search_model_versions(f"name = '{name}'")) == 3
-
-    champion = mlflow.pytorch.load_model(f"models:/{name}@champion", device="cpu")
-    x = torch.randn(4, 3, 16, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(champion(x), models[2](x), rtol=1e-4, atol=1e-5)
-        assert not torch.allclose(champion(x), models[0](x))
-
-    # Lower is better (e.g. a loss): 0.2 does not beat version 3's ... it is another metric,
-    # so the current champion has no test_loss tag and keeps the alias.
-    loss = tracking.register_champion(uris[0], name, "loss", 0.2, higher_is_better=False)
-    assert loss == tracking.RegistrationResult(version=4, champion_version=3, moved=False)

@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from tlray import config, trainer
 from tlray.datasets import prepare
 from tlray.errors import TlrayError
+from tlray.preprocess import to_model_input
 
 pytestmark = pytest.mark.ray
 
@@ -62,15 +63,23 @@ def test_two_worker_run_logs_everything(ray_cluster, mnist, tmp_path, monkeypatc
     test_json = json.loads(mlflow.artifacts.load_text(f"runs:/{result.run_id}/test_metrics.json"))
     assert np.array(test_json["confusion_matrix"]).sum() == mnist.splits["test"].rows
 
-    # The logged model predicts exactly what the checkpoint predicts.
+    # The logged model predicts exactly what the checkpoint predicts: the tensor network on
+    # preprocessed batches, the pyfunc on the raw digits.
     logged = mlflow.pytorch.load_model(result.model_uri, device="cpu")
-    model, _ = trainer.check_model(cfg, mnist)
+    model, minfo = trainer.check_model(cfg, mnist)
     model.load_state_dict(torch.load(ckpt / "model.pt", weights_only=True))
     model.eval()
-    x = torch.from_numpy(trainer.model_input_example(cfg, mnist, trainer.check_model(cfg, mnist)[1]))
+    digits = trainer.model_example_images(mnist)
+    x = to_model_input(torch.from_numpy(digits), minfo.data_config["mean"],
+                       minfo.data_config["std"], (32, 32))
     x = torch.cat([x, x.flip(-1), x * 0.5])
     with torch.no_grad():
         torch.testing.assert_close(logged(x), model(x))
+        expected = torch.softmax(model(x[:2]), dim=1).numpy()
+    served = mlflow.pyfunc.load_model(result.model_uri).predict(digits[..., 0])
+    np.testing.assert_allclose(served.filter(like="prob_").to_numpy(), expected, atol=1e-5)
+    assert run.data.tags["mlflow_evaluate"].startswith("mlflow.models.evaluate on the 500")
+    assert run.data.metrics["test_accuracy_score"] == pytest.approx(result.metrics["test_acc"])
 
 
 def test_early_stopping_stops_a_stalled_run(ray_cluster, mnist):
@@ -133,7 +142,8 @@ def test_resuming_from_the_final_checkpoint_skips_to_the_test(tmp_path):
     state = LoopState(epoch=2, step=10, best=0.9, best_epoch=1, trained=True,
                       history=[{"epoch": 1}, {"epoch": 2}])
     test = {"loss": 0.1, "acc": 0.9, "auc": 0.95, "rows": 3,
-            "confusion": np.eye(3, dtype=np.int64), "samples": (None, None, None)}
+            "confusion": np.eye(3, dtype=np.int64), "samples": (None, None, None),
+            "predictions": (["r0", "r1", "r2"], np.arange(3), np.eye(3, dtype=np.float32))}
     save_final(tmp_path, model, state, test, ["a", "b", "c"])
 
     fresh = torch.nn.Linear(4, 3)

@@ -64,7 +64,7 @@ import torch.nn as nn
 from tlray import config as config_mod
 
 from tlray import loop
-from tlray.ingest import to_model_input
+from tlray.preprocess import to_model_input
 from tlray.loop import make_optimizer
 from tlray.models import build_model
 from tlray.threads import own_threads

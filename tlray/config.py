@@ -28,6 +28,7 @@ MONITORS = {"val_loss": "min", "val_acc": "max", "val_auc": "max", "train_loss":
 FEATURE_CACHE_MODES = ("auto", "always", "never")
 SEARCHES = ("stratified", "random", "optuna")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+EVALUATE_MODES = ("auto", "always", "never")
 CHAMPION_METRICS = {"test_acc": "max", "test_auc": "max", "test_loss": "min"}
 
 
@@ -113,6 +114,10 @@ class TrackingConfig:
     tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI or $TLRAY_HOME/mlflow.db
     run_name: str | None = None
     log_model: bool = True
+    # mlflow.models.evaluate of the logged model on the test split (its confusion matrix and
+    # per-class metrics in the UI): auto runs it when the split is small enough to take
+    # seconds on a CPU (it runs in the driver), always, or never.
+    evaluate: str = "auto"
 
 
 @dataclass
@@ -247,6 +252,8 @@ def validate(config: Config) -> Config:
         (u.max_concurrent >= 0, "tune.max_concurrent", "an int >= 0", u.max_concurrent),
         (u.trials_per_gpu >= 0, "tune.trials_per_gpu", "an int >= 0 (0: auto)",
          u.trials_per_gpu),
+        (config.tracking.evaluate in EVALUATE_MODES, "tracking.evaluate",
+         ", ".join(EVALUATE_MODES), config.tracking.evaluate),
         (u.champion_metric in CHAMPION_METRICS, "tune.champion_metric",
          ", ".join(CHAMPION_METRICS), u.champion_metric),
     ]

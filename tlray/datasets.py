@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -443,6 +444,17 @@ def read_shard(uri: str) -> pa.Table:
     """One Parquet shard of a prepared dataset, as a table (columns image, label, id)."""
     fs, path = filesystem(uri)
     return pq.read_table(path, filesystem=fs)
+
+
+def iter_split(info: DatasetInfo, split: str
+               ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+    """A split's shards, in order, each as (uint8 NHWC images, labels, ids): for reading a
+    split whole in one process (predicting, evaluating), not for training."""
+    fs, _ = filesystem(info.uri)
+    for uri in info.shard_uris(split):
+        table = pq.read_table(filesystem(uri)[1], filesystem=fs, columns=["image", "label", "id"])
+        yield (decode_images(table.column("image"), info.image_shape),
+               table.column("label").to_numpy(), table.column("id").to_pylist())
 
 
 def sample_per_class(info: DatasetInfo, split: str = "train", per_class: int = 1

@@ -216,7 +216,7 @@ def build(split: ModelSplit, info: DatasetInfo, uri: str, *, mean, std, size: in
     over). Written to a temporary sibling and renamed into place; if another process
     published the same cache first, its copy is kept and this one discarded.
     """
-    from tlray.ingest import to_model_input
+    from tlray.preprocess import to_model_input
 
     done = existing(uri)
     if done is not None:

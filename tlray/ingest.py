@@ -5,7 +5,8 @@ own disjoint part of the stream (`streaming_split`), and batches arrive on the w
 Arrow tables whose `image` column is turned into a uint8 NHWC tensor without a copy.
 Everything that costs arithmetic (uint8 -> float, resize to the model's input size,
 normalisation) happens afterwards on whole batches, on the training device, in
-`to_model_input`: moving uint8 is 4x cheaper than float32, and a GPU does that work for free.
+`tlray.preprocess.to_model_input`: moving uint8 is 4x cheaper than float32, and a GPU does
+that work for free.
 
 Batch layout handed to the training loop: `images` uint8 [N, H, W, C] (C = 1 grey or 3 RGB,
 as in dataset.json), `labels` int64 [N] (index into dataset.json's classes, -1 unlabelled).
@@ -18,7 +19,6 @@ from typing import Iterator
 
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 
 from tlray.datasets import DatasetInfo, decode_images, read_shard, read_shards
 
@@ -151,20 +151,3 @@ def rebatch(blocks: Iterator[pa.Table], batch_size: int, *, shuffle: bool = Fals
         carry = table.slice(whole) if whole < table.num_rows else None
     if carry is not None:
         yield carry
-
-
-def to_model_input(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
-                   size: tuple[int, int] | None = None, *, channels_last: bool = False
-                   ) -> torch.Tensor:
-    """uint8 [N,H,W,C] -> normalised float [N,C,h,w] at the model's input size.
-
-    Runs as a handful of whole-batch tensor ops on whatever device `images` is on.
-    """
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)
-    if size is not None and tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False,
-                          antialias=bool(x.shape[-1] > size[-1]))
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    x = (x - m) / s
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -36,12 +37,14 @@ from tlray import config as config_mod
 from tlray import metrics
 from tlray.datasets import load_info
 from tlray.features import cache_key, split_model
-from tlray.ingest import iter_image_batches, to_model_input
+from tlray.ingest import iter_image_batches
+from tlray.preprocess import to_model_input
 from tlray.models import build_model
 from tlray.session import quiet_train_worker
 from tlray.threads import borrowed_threads, own_threads
 
 SAMPLE_IMAGES = 36  # test images kept for the predictions grid
+TEST_PREDICTIONS = "test_predictions.csv"  # every test row: id, label, class, prob_<class>
 
 
 @dataclass
@@ -226,8 +229,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             save_final(Path(tmp), model, state, test, info.classes)
             ckpt = session.checkpoint_class.from_directory(tmp)
         session.report(final, checkpoint=ckpt)
-    logger.log({k: v for k, v in final.items() if k.startswith("test_")}, state.epoch)
-    logger.close()
+    logger.close()  # the driver logs the test metrics, linked to the model and the test split
 
 
 class WorkerSession(NamedTuple):
@@ -316,20 +318,24 @@ def evaluate(model: nn.Module, shard, info, cfg, feed, amp, device, world: int,
 
     The unwrapped model is used so that no DDP collective runs per batch: workers may hold
     different numbers of rows. Labels and probabilities are gathered once at the end (AUC
-    needs all of them). With `keep`, predictions and a few images come back too.
+    needs all of them). With `keep`, every row's id and probabilities and a few images come
+    back too.
     """
     was_training = model.training
     model.eval()
-    losses, labels_all, probs_all, images_kept = [], [], [], []
-    for images, labels in iter_image_batches(shard, info.image_shape, cfg.data.batch_size,
-                                             dtype=info.dtype, device=device):
+    losses, labels_all, probs_all, images_kept, ids = [], [], [], [], []
+    for images, labels, *batch_ids in iter_image_batches(shard, info.image_shape,
+                                                         cfg.data.batch_size, dtype=info.dtype,
+                                                         device=device, with_ids=keep):
         with amp:
             logits = model(feed(images)).float()
         losses.append(F.cross_entropy(logits, labels, reduction="sum"))
         labels_all.append(labels.cpu())
         probs_all.append(logits.softmax(1).cpu())
-        if keep and sum(len(i) for i in images_kept) < SAMPLE_IMAGES:
-            images_kept.append(images[:SAMPLE_IMAGES].cpu())
+        if keep:
+            ids.extend(batch_ids[0])
+            if sum(len(i) for i in images_kept) < SAMPLE_IMAGES:
+                images_kept.append(images[:SAMPLE_IMAGES].cpu())
     model.train(was_training)
     loss_sum = torch.stack(losses).sum() if losses else torch.zeros((), device=device)
     labels_np = torch.cat(labels_all).numpy() if labels_all else np.zeros(0, np.int64)
@@ -338,15 +344,17 @@ def evaluate(model: nn.Module, shard, info, cfg, feed, amp, device, world: int,
     if world > 1:
         loss_sum = _all_reduce(loss_sum.reshape(1), world)[0]
         gathered = [None] * world
-        dist.all_gather_object(gathered, (labels_np, probs_np))
+        dist.all_gather_object(gathered, (labels_np, probs_np, ids))
         labels_np = np.concatenate([g[0] for g in gathered])
         probs_np = np.concatenate([g[1] for g in gathered])
+        ids = [i for g in gathered for i in g[2]]
     out = {"loss": float(loss_sum) / max(len(labels_np), 1),
            "acc": metrics.accuracy(labels_np, probs_np),
            "auc": metrics.auc(labels_np, probs_np), "rows": len(labels_np)}
     if keep:
         preds = probs_np.argmax(1)
         out["confusion"] = metrics.confusion_matrix(labels_np, preds, info.num_classes)
+        out["predictions"] = (ids, labels_np, probs_np)
         kept = torch.cat(images_kept).numpy()[:SAMPLE_IMAGES] if images_kept else None
         # Rank 0's own rows come first in the gathered arrays, so they line up with `kept`.
         out["samples"] = (kept, labels_np[:len(kept)] if kept is not None else None,
@@ -385,7 +393,8 @@ def load_training_state(d: Path, model, optimizer, scheduler):
 
 
 def save_final(d: Path, model, state: LoopState, test: dict, classes: list[str]) -> None:
-    """The final checkpoint: best weights, the epoch history and the test results."""
+    """The final checkpoint: best weights, the epoch history and the test results, with
+    every test row's probabilities (`test_predictions.csv`: what serving must reproduce)."""
     torch.save(model.state_dict(), d / "model.pt")
     (d / "state.json").write_text(json.dumps(asdict(state)))
     cm = test["confusion"]
@@ -393,6 +402,11 @@ def save_final(d: Path, model, state: LoopState, test: dict, classes: list[str])
         "loss": test["loss"], "acc": test["acc"], "auc": test["auc"], "rows": test["rows"],
         "classes": classes, "confusion_matrix": cm.tolist(),
         "per_class_acc": dict(zip(classes, metrics.per_class_accuracy(cm).tolist()))}))
+    ids, labels, probs = test["predictions"]
+    table = {"id": ids, "label": [classes[i] for i in labels],
+             "class": [classes[i] for i in probs.argmax(1)],
+             **{f"prob_{c}": probs[:, k] for k, c in enumerate(classes)}}
+    pd.DataFrame(table).to_csv(d / TEST_PREDICTIONS, index=False, float_format="%.9g")
     images, labels, preds = test["samples"]
     if images is not None:
         np.savez(d / "test_samples.npz", images=images, labels=labels, preds=preds)

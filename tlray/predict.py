@@ -1,11 +1,11 @@
 """Predictions from a logged tlray model on new images: `tlray predict`.
 
-A model is anything MLflow resolves (`models:/NAME@champion`, `models:/NAME/VERSION`,
+A thin client of the model itself: the model's pyfunc (`tlray.serving.ImageClassifier`)
+converts channels, resizes and normalises exactly as training did, so this module only
+finds the images, hands them over as they are (pixels, or the files' bytes) and writes the
+answers. A model is anything MLflow resolves (`models:/NAME@champion`, `models:/NAME/VERSION`,
 `models:/m-ID`, `runs:/RUN_ID/model`, a local model directory); a bare registered name means
-`models:/NAME@champion`. The model's MLmodel file carries what training used to make its
-input (`metadata["preprocess"]`: mean, std, size [h, w], channels), so new images go through
-exactly the same steps: uint8 HWC pixels -> the model's channel mode -> `to_model_input`
-(resize to the model's input size, normalise) -> logits -> softmax.
+`models:/NAME@champion`.
 
 Sources:
   - a prepared dataset directory (split `predict` if it has one, else `test`),
@@ -15,25 +15,16 @@ Sources:
   - images: a folder (flat, or one sub-folder per class; a sub-folder named like one of the
     model's classes is taken as the true label), a `.zip` of one, or a single image file.
 
-Channel modes are converted the way `tlray prepare --mode` converts them: grey -> RGB repeats
-the channel, RGB -> grey is PIL's ITU-R 601-2 luma (L = 0.299 R + 0.587 G + 0.114 B),
-transparent pixels become white. Sizes need no check: `to_model_input` resizes every image
-to the model's input size, as training did.
-
 Output: Kaggle's `submission.csv` (`ImageId,Label`, ImageId 1-based in the source's row
 order, Label the class name) for Kaggle-style inputs, else `id,class[,label],prob_<class>...`.
 The file is written to a temporary sibling and renamed, so it is either complete or absent
 (an existing file is only replaced by a complete new one).
-
-Models logged in pt2 format run on the CPU (a pt2 model saved from CPU weights cannot be
-loaded onto a CUDA device).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import io
 import os
 import re
 import uuid
@@ -72,9 +63,9 @@ def predict(
 ) -> pd.DataFrame:
     """Predicts every image of `source` with a logged tlray model and writes a CSV.
 
-    Every input problem (unknown model, alias or version, a model without tlray's
-    preprocessing metadata, a missing or malformed source, an unwritable output path) is a
-    `TlrayError` raised before the model is loaded or any image is predicted.
+    Every input problem (unknown model, alias or version, a model that does not take raw
+    images, a missing or malformed source, an unwritable output path) is a `TlrayError`
+    raised before the model is loaded or any image is predicted.
 
     Args:
         model_uri: see the module docstring.
@@ -106,21 +97,15 @@ def predict(
 
     model_uri = _normalise_uri(model_uri)
     info = _model_info(model_uri)
-    pre = _check_preprocess(info.metadata or {}, model_uri)
-    class_names = _check_class_names(info.metadata or {}, model_uri)
-    if "pytorch" not in (info.flavors or {}):
-        raise TlrayError(f"model {model_uri} is not a PyTorch model (flavors: "
-                         f"{', '.join(info.flavors or {}) or 'none'}); tlray predicts with "
-                         f"models logged by tlray's training")
+    class_names = _check_image_model(info, model_uri)
 
-    inputs = _open_inputs(source, split, pre["channels"], class_names)
+    inputs = _open_inputs(source, split, class_names)
     fmt = format if format != "auto" else ("kaggle" if inputs.kaggle else "probs")
     path = _check_out(out if out is not None else Path.cwd() / DEFAULT_OUT[fmt])
 
     model = _load_model(info.model_uri or model_uri, model_uri)
-    probs, ids, labels = _run(model, inputs, pre, class_names, batch_size, verbose)
+    predicted, probs, ids, labels = _run(model, inputs, class_names, batch_size, verbose)
 
-    predicted = [class_names[i] for i in probs.argmax(axis=1)] if len(probs) else []
     frame = _table(fmt, inputs, ids, labels, probs, predicted, class_names)
     write_csv_atomic(frame, path)
 
@@ -133,20 +118,6 @@ def predict(
     if verbose:
         print(summary)
     return frame
-
-
-def load_preprocess(model_uri: str) -> dict:
-    """The checked preprocessing a tlray model expects, from its MLmodel metadata.
-
-    Returns:
-        {"mean": (C floats), "std": (C floats), "size": (h, w), "channels": C}.
-
-    Raises:
-        TlrayError: the model does not exist, or was not logged with tlray's
-            `metadata={"preprocess": {...}}`.
-    """
-    model_uri = _normalise_uri(model_uri)
-    return _check_preprocess(_model_info(model_uri).metadata or {}, model_uri)
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
@@ -206,7 +177,7 @@ def _normalise_uri(model_uri: str) -> str:
         raise TlrayError(f"model URI is empty: expected {MODEL_URI_HELP}")
     if (":" not in model_uri and "/" not in model_uri and os.sep not in model_uri
             and not Path(model_uri).exists()):
-        from tlray.tracking import CHAMPION_ALIAS
+        from tlray.registry import CHAMPION_ALIAS
 
         return f"models:/{model_uri}@{CHAMPION_ALIAS}"
     return model_uri
@@ -331,56 +302,28 @@ def _describe_model(model_uri: str) -> str:
         return model_uri
 
 
-def _check_preprocess(metadata: dict, model_uri: str) -> dict:
-    pre = metadata.get("preprocess")
-    if not isinstance(pre, dict):
-        raise TlrayError(
-            f"model {model_uri} has no tlray preprocessing metadata (metadata 'preprocess' with "
-            f"mean, std, size, channels in its MLmodel file), so how its input was made is "
-            f"unknown; predict with a model logged by tlray's training (tracking.log_model(..., "
-            f"metadata={{'preprocess': ...}}))")
-
-    def bad(what: str) -> TlrayError:
-        return TlrayError(f"model {model_uri}: metadata preprocess.{what} (got {pre!r})")
-
-    try:
-        channels = int(pre["channels"])
-    except (KeyError, TypeError, ValueError):
-        raise bad("channels must be 1 (grey) or 3 (RGB)") from None
-    if channels not in (1, 3):
-        raise bad("channels must be 1 (grey) or 3 (RGB)")
-    size = pre.get("size")
-    size = [size, size] if isinstance(size, int) else size
-    if (not isinstance(size, (list, tuple)) or len(size) != 2
-            or not all(isinstance(s, int) and s > 0 for s in size)):
-        raise bad("size must be [height, width] in pixels")
-    stats = {}
-    for key in ("mean", "std"):
-        value = pre.get(key)
-        value = [value] if isinstance(value, (int, float)) else value
-        if (not isinstance(value, (list, tuple)) or len(value) not in (1, channels)
-                or not all(isinstance(v, (int, float)) for v in value)):
-            raise bad(f"{key} must be {channels} number(s), one per channel")
-        stats[key] = tuple(float(v) for v in value) * (channels if len(value) == 1 else 1)
-    if any(s == 0 for s in stats["std"]):
-        raise bad("std must not contain 0")
-    return {"mean": stats["mean"], "std": stats["std"], "size": (size[0], size[1]),
-            "channels": channels}
-
-
-def _check_class_names(metadata: dict, model_uri: str) -> list[str]:
+def _check_image_model(info, model_uri: str) -> list[str]:
+    """The class names of a model that takes raw images (one tlray logged), or an error that
+    says what the model is instead."""
+    metadata = info.metadata or {}
     names = metadata.get("class_names")
-    if not isinstance(names, list) or not names:
-        raise TlrayError(f"model {model_uri} has no class_names metadata: was it logged by "
-                         f"tlray's tracking.log_model?")
+    loader = ((info.flavors or {}).get("python_function") or {}).get("loader_module")
+    if not isinstance(names, list) or not names or loader != "mlflow.pyfunc.loaders.code_model":
+        raise TlrayError(
+            f"model {model_uri} is not a tlray image classifier (flavors: "
+            f"{', '.join(info.flavors or {}) or 'none'}; "
+            f"{'no class_names metadata' if not names else 'its pyfunc takes tensors'}): "
+            f"tlray predicts with models that take raw images, as tlray's training logs "
+            f"them; a model logged by an older tlray needs retraining (or "
+            f"--model.weights={model_uri} to start from it)")
     return [str(n) for n in names]
 
 
 def _load_model(resolved_uri: str, model_uri: str):
-    import mlflow.pytorch
+    import mlflow.pyfunc
 
     try:
-        return mlflow.pytorch.load_model(resolved_uri, device="cpu")
+        return mlflow.pyfunc.load_model(resolved_uri)
     except Exception as e:
         raise TlrayError(f"model {model_uri} exists but could not be loaded ({type(e).__name__}: "
                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
@@ -392,8 +335,8 @@ def _load_model(resolved_uri: str, model_uri: str):
 class _Inputs:
     """What to predict: batches of (images, ids, true class name or None per row).
 
-    A batch's images are one uint8 [N, H, W, C] array, or a list of [H, W, C] arrays when
-    their sizes may differ (image folders); either way already in the model's channel mode.
+    A batch's images are what the model takes: one uint8 [N, H, W, C] array of pixels, or
+    the bytes of N image files (any format, size and channel mode).
     """
 
     description: str
@@ -403,8 +346,7 @@ class _Inputs:
     image_ids: Callable[[list[str]], np.ndarray] | None = None
 
 
-def _open_inputs(source: str, split: str | None, channels: int,
-                 class_names: list[str]) -> _Inputs:
+def _open_inputs(source: str, split: str | None, class_names: list[str]) -> _Inputs:
     from tlray import datasets, sources
 
     path = Path(source).expanduser()
@@ -413,19 +355,19 @@ def _open_inputs(source: str, split: str | None, channels: int,
         raise TlrayError(f"--split {split!r} applies to prepared datasets only, but {source!r} "
                          f"is not one (no dataset.json)")
     if is_dataset:
-        return _dataset_inputs(datasets.load_info(source), split, channels)
+        return _dataset_inputs(datasets.load_info(source), split)
     if path.is_file() and path.suffix.lower() == ".csv":
-        return _csv_inputs(path, channels)
+        return _csv_inputs(path)
     if path.is_dir() and (path / "test.csv").is_file():
-        return _csv_inputs(path / "test.csv", channels)
+        return _csv_inputs(path / "test.csv")
     if path.is_file() and path.suffix.lower() == ".zip":
-        return _image_inputs(sources.ZipTree(path), source, channels, class_names)
+        return _image_inputs(sources.ZipTree(path), source, class_names)
     if path.is_file() and path.suffix.lower() in sources.IMAGE_EXTENSIONS:
-        return _image_inputs(_SingleFile(path), source, channels, class_names)
+        return _image_inputs(_SingleFile(path), source, class_names)
     if path.is_file():
         raise TlrayError(f"source {source!r} is a file but not a .csv, a .zip or an image "
                          f"({', '.join(sorted(sources.IMAGE_EXTENSIONS))})")
-    return _image_inputs(sources.DirTree(path), source, channels, class_names)
+    return _image_inputs(sources.DirTree(path), source, class_names)
 
 
 def _looks_like_dataset(path: Path) -> bool:
@@ -436,31 +378,14 @@ def _looks_like_dataset(path: Path) -> bool:
     return path.is_dir() and any(any((path / s).glob("*.parquet")) for s in SPLITS)
 
 
-def _to_channels(images: np.ndarray, channels: int) -> np.ndarray:
-    """uint8 NHWC to `channels`: grey -> RGB repeats, RGB -> grey is PIL's 'L' (ITU-R 601-2,
-    bit-exact with `Image.convert("L")`, i.e. with `tlray prepare --mode L`)."""
-    have = images.shape[-1]
-    if have == channels:
-        return images
-    if have == 1 and channels == 3:
-        return np.repeat(images, 3, axis=-1)
-    if have == 3 and channels == 1:
-        rgb = images.astype(np.uint32)
-        luma = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
-        return luma.astype(np.uint8)[..., None]
-    raise TlrayError(f"cannot convert {have}-channel images to the model's {channels} channels")
-
-
-def _csv_inputs(path: Path, channels: int) -> _Inputs:
+def _csv_inputs(path: Path) -> _Inputs:
     """A pixel CSV through the same reader (and validation) as `tlray prepare`."""
     from tlray import sources
 
     with open(path, newline="") as f:
         header = next(csv.reader(f), None)
     labelled = bool(header) and header[0] == "label"
-    # sources' reader is private; it is the one parser of pixel CSVs (see the report).
     images, raw = sources.read_pixel_csv(path, labelled=labelled)
-    images = _to_channels(images, channels)
     ids = [f"{path.name}:row {i + 1}" for i in range(len(images))]
     labels = [str(int(v)) for v in raw] if labelled else [None] * len(images)
 
@@ -474,30 +399,21 @@ def _csv_inputs(path: Path, channels: int) -> _Inputs:
                    f"{', labelled' if labelled else ''})", len(images), not labelled, batches)
 
 
-def _dataset_inputs(info, split: str | None, channels: int) -> _Inputs:
-    import pyarrow.parquet as pq
-
-    from tlray.datasets import decode_images, filesystem
+def _dataset_inputs(info, split: str | None) -> _Inputs:
+    from tlray.datasets import iter_split
 
     if split is None:
         split = next((s for s in ("predict", "test") if s in info.splits), None)
         if split is None:
             raise TlrayError(f"dataset {info.uri} has neither a predict nor a test split (it has "
                              f"{', '.join(info.splits)}); choose one with --split")
-    shards = info.shard_uris(split)  # explains an unknown split
+    info.shard_uris(split)  # explains an unknown split
     if info.splits[split].rows == 0:
         raise TlrayError(f"dataset {info.uri}: split {split!r} has no rows")
-    fs, _ = filesystem(info.uri)
 
     def batches(batch_size: int):
-        for uri in shards:
-            table = pq.read_table(filesystem(uri)[1], filesystem=fs,
-                                  columns=["image", "label", "id"])
-            images = _to_channels(decode_images(table.column("image"), info.image_shape),
-                                  channels)
-            ids = table.column("id").to_pylist()
-            labels = [info.classes[i] if i >= 0 else None
-                      for i in table.column("label").to_pylist()]
+        for images, label_ids, ids in iter_split(info, split):
+            labels = [info.classes[i] if i >= 0 else None for i in label_ids]
             for start in range(0, len(ids), batch_size):
                 stop = start + batch_size
                 yield images[start:stop], ids[start:stop], labels[start:stop]
@@ -528,10 +444,9 @@ class _SingleFile:
         return self.path.read_bytes()
 
 
-def _image_inputs(tree, source: str, channels: int, class_names: list[str]) -> _Inputs:
-    """Image files anywhere under the folder, in sorted path order; other files are ignored."""
-    from PIL import Image
-
+def _image_inputs(tree, source: str, class_names: list[str]) -> _Inputs:
+    """Image files anywhere under the folder, in sorted path order; other files are ignored.
+    The model gets each file's bytes and decodes them itself."""
     from tlray import sources
 
     files = [f for f in tree.files() if not sources.is_ignored(f[0])]
@@ -549,22 +464,12 @@ def _image_inputs(tree, source: str, channels: int, class_names: list[str]) -> _
     for rel in items:
         parts = rel[len(prefix):].split("/")
         labels.append(parts[0] if len(parts) >= 2 and parts[0] in known else None)
-    mode = "L" if channels == 1 else "RGB"
-
-    def decode(rel: str) -> np.ndarray:
-        try:
-            with Image.open(io.BytesIO(tree.read(rel))) as im:
-                im.load()
-                arr = sources.to_mode(im, mode)
-        except (OSError, SyntaxError, ValueError) as e:
-            raise TlrayError(f"{tree.name}: {rel}: cannot decode image ({e})") from None
-        return arr if arr.ndim == 3 else arr[..., None]
 
     def batches(batch_size: int):
         with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
             for start in range(0, len(items), batch_size):
                 chunk = items[start:start + batch_size]
-                yield list(pool.map(decode, chunk)), chunk, labels[start:start + batch_size]
+                yield list(pool.map(tree.read, chunk)), chunk, labels[start:start + batch_size]
 
     labelled = sum(lab is not None for lab in labels)
     return _Inputs(f"{source} ({len(items)} images"
@@ -575,50 +480,33 @@ def _image_inputs(tree, source: str, channels: int, class_names: list[str]) -> _
 # --------------------------------------------------------------------------- predicting
 
 
-def _model_input(images, pre: dict):
-    """uint8 images (an NHWC array, or a list of HWC arrays of any sizes) -> the model's
-    float NCHW input. Differently sized images are resized in groups of equal size, each
-    image exactly as it would be alone."""
-    import torch
-
-    from tlray.ingest import to_model_input
-
-    def convert(batch: np.ndarray):
-        return to_model_input(torch.from_numpy(np.ascontiguousarray(batch)), pre["mean"],
-                              pre["std"], pre["size"])
-
-    if isinstance(images, np.ndarray):
-        return convert(images)
-    groups: dict[tuple, list[int]] = {}
-    for i, im in enumerate(images):
-        groups.setdefault(im.shape, []).append(i)
-    out = torch.empty((len(images), pre["channels"], *pre["size"]), dtype=torch.float32)
-    for members in groups.values():
-        out[members] = convert(np.stack([images[i] for i in members]))
-    return out
-
-
-def _run(model, inputs: _Inputs, pre: dict, class_names: list[str], batch_size: int,
-         verbose: bool) -> tuple[np.ndarray, list[str], list[str | None]]:
-    import torch
+def _run(model, inputs: _Inputs, class_names: list[str], batch_size: int, verbose: bool
+         ) -> tuple[list[str], np.ndarray, list[str], list[str | None]]:
+    """(predicted class names, probabilities [N, classes], ids, true labels) from the model."""
     from tqdm.auto import tqdm
 
+    from tlray.serving import LABEL_COLUMN, probability_columns
+
+    columns = probability_columns(class_names)
+    predicted: list[str] = []
     probs: list[np.ndarray] = []
     ids: list[str] = []
     labels: list[str | None] = []
     with tqdm(total=inputs.rows, unit="img", desc="predict", disable=not verbose,
-              leave=False) as bar, torch.no_grad():
+              leave=False) as bar:
         for images, batch_ids, batch_labels in inputs.batches(batch_size):
-            logits = model(_model_input(images, pre))
-            if logits.ndim != 2 or logits.shape[1] != len(class_names):
-                raise TlrayError(f"the model outputs shape {tuple(logits.shape)} but its "
-                                 f"metadata names {len(class_names)} classes")
-            probs.append(torch.softmax(logits.float(), dim=1).numpy())
+            if isinstance(images, list):  # file bytes: one object per image
+                files = np.empty(len(images), dtype=object)
+                files[:] = images
+                images = files
+            answer = model.predict(images)
+            predicted += answer[LABEL_COLUMN].astype(str).tolist()
+            probs.append(answer[columns].to_numpy(np.float64))
             ids.extend(batch_ids)
             labels.extend(batch_labels)
             bar.update(len(batch_ids))
-    return (np.concatenate(probs) if probs else np.zeros((0, len(class_names)), np.float32),
-            ids, labels)
+    return (predicted, np.concatenate(probs) if probs else np.zeros((0, len(columns))), ids,
+            labels)
 
 
 # --------------------------------------------------------------------------- output

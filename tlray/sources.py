@@ -33,6 +33,7 @@ import pyarrow.csv as pacsv
 from PIL import Image, UnidentifiedImageError
 
 from tlray.errors import TlrayError
+from tlray.preprocess import to_mode
 
 BUILTIN_MNIST = "builtin:mnist"
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp"}
@@ -538,15 +539,6 @@ def _decode(data: bytes, mode: str, size: tuple[int, int]) -> np.ndarray:
     if arr.shape[:2] != size:
         arr = _resize(arr, size)
     return arr if arr.ndim == 3 else arr[..., None]
-
-
-def to_mode(im: Image.Image, mode: str) -> np.ndarray:
-    if im.mode in ("RGBA", "LA", "P") and mode == "RGB":
-        # Transparent pixels become white, as image viewers show them.
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(bg, rgba)
-    return np.asarray(im.convert(mode), dtype=np.uint8)
 
 
 def _resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:

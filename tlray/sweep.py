@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 from tlray import config as config_mod
-from tlray import paths, plots, tracking, trainer
+from tlray import paths, plots, registry, tracking, trainer
 from tlray.config import Config
 from tlray.errors import TlrayError
 
@@ -39,7 +39,7 @@ class SweepResult:
     best_metrics: dict  # its val and test metrics
     best_run_id: str
     model_uri: str | None
-    registered: tracking.RegistrationResult | None
+    registered: registry.RegistrationResult | None
     registered_name: str
     trials: list[dict]  # one row per trial: searched values, status, metrics
 
@@ -221,7 +221,7 @@ def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
                                  f"tracking.tracking_uri={uri}"], base=cfg)
     name, parent_id = _sweep_name(cfg, info, storage, resume)
     sweep_dir = f"{storage.rstrip('/')}/{name}"
-    registered_name = cfg.tune.registered_name or tracking.default_registered_name(
+    registered_name = cfg.tune.registered_name or registry.default_registered_name(
         info.name, cfg.model.backbone)
     metric, mode = cfg.train.monitor, cfg.monitor_mode
     tags = {"sweep": name, "dataset": info.name, "backbone": cfg.model.backbone,
@@ -273,7 +273,8 @@ def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
                     failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures)))
         results = tuner.fit()
         tracking.close_dangling_runs(parent_run_id=parent_id, status="KILLED")
-        outcome = _pick_and_register(cfg, results, parent_id, registered_name, metric, mode)
+        outcome = _pick_and_register(cfg, info, results, parent_id, registered_name, metric,
+                                     mode)
         _log_sweep(outcome["trials"], metric)
         _write_state(sweep_dir, {"name": name, "parent_run_id": parent_id, "finished": True})
     return SweepResult(name=name, path=sweep_dir, parent_run_id=parent_id,
@@ -303,7 +304,7 @@ def _search_alg(cfg: Config, metric: str, mode: str, max_concurrent: int,
                               max_concurrent=max_concurrent)
 
 
-def _pick_and_register(cfg, results, parent_id, registered_name, metric, mode) -> dict:
+def _pick_and_register(cfg, info, results, parent_id, registered_name, metric, mode) -> dict:
     """The best trial by its best validation metric; only completed trials have been tested."""
     from mlflow import MlflowClient
 
@@ -347,13 +348,51 @@ def _pick_and_register(cfg, results, parent_id, registered_name, metric, mode) -
                     if k.startswith(("val_", "test_", "best_", "train_"))}
     registered = None
     if best["model_uri"]:
-        registered = tracking.register_champion(
-            best["model_uri"], registered_name, cfg.tune.champion_metric,
-            best_metrics[cfg.tune.champion_metric],
-            higher_is_better=config_mod.CHAMPION_METRICS[cfg.tune.champion_metric] == "max")
+        registered = _register(cfg, info, registered_name, best_result.metrics,
+                               client.get_run(best["mlflow_run_id"]), len(trials))
     return {"best_config": {k: best[k] for k in best_result.config},
             "best_metrics": best_metrics, "best_run_id": best["mlflow_run_id"],
             "model_uri": best["model_uri"], "registered": registered, "trials": trials}
+
+
+def _register(cfg: Config, info, registered_name: str, metrics: dict, run,
+              trials: int) -> registry.RegistrationResult:
+    """The winner as a new version: plain tags, the alias if it beats the champion, and a
+    description a person can choose by in the MLflow UI."""
+    p, champion = run.data.params, cfg.tune.champion_metric
+    val = {k: metrics.get(f"val_{k}") for k in ("acc", "auc", "loss")}
+    test = {k: metrics.get(f"test_{k}") for k in ("acc", "auc", "loss")}
+    lr, freeze = float(p["optim.lr"]), p["model.freeze"]
+    tags = {**{f"val_{k}": v for k, v in val.items()}, **{f"test_{k}": v for k, v in test.items()},
+            "backbone": p["model.backbone"], "weights": p["model.weights"],
+            "freeze_depth": p.get("model.freeze_depth", freeze), "lr": f"{lr:.4g}",
+            "epochs": metrics.get("epochs_run"), "dataset": info.name,
+            "dataset_hash": info.fingerprint, "run_id": run.info.run_id,
+            "sweep_run_id": run.data.tags.get("mlflow.parentRunId")}
+    result = registry.register_champion(
+        run.data.tags["model_uri"], registered_name, champion, metrics[champion],
+        higher_is_better=config_mod.CHAMPION_METRICS[champion] == "max", tags=tags)
+    splits = ", ".join(f"{info.splits[s].rows:,} {s}" for s in ("train", "val", "test"))
+    facts = {
+        "summary": f"{p['model.backbone']} ({p['model.weights']} weights), freeze {freeze}, "
+                   f"lr {lr:.3g}, on {info.name}: test accuracy {_fmt(test['acc'])}",
+        "Dataset": f"`{info.name}` (hash `{info.fingerprint[:12]}`), {splits} images of "
+                   f"{info.height}x{info.width} {info.mode}, {info.num_classes} classes; "
+                   f"from {info.source.get('uri', '?')}",
+        "Backbone": f"{p['model.backbone']}, weights `{p['model.weights']}`, freeze depth "
+                    f"{freeze} ({int(p['model.trainable_params']):,} of "
+                    f"{int(p['model.total_params']):,} parameters trained)",
+        "Training": f"lr {lr:.3g} ({p['optim.name']}, {p['optim.schedule']} schedule), "
+                    f"{_fmt(metrics.get('epochs_run'))} of {p['train.epochs']} epochs, best "
+                    f"epoch {_fmt(metrics.get('best_epoch'))} by {cfg.train.monitor}, batch "
+                    f"{p['data.batch_size']}, input {p['data.image_size']} px",
+        "Chosen": f"best of {trials} sweep trials by {cfg.train.monitor}; MLflow run "
+                  f"`{run.info.run_id}` ({run.info.run_name})",
+    }
+    registry.describe_version(registered_name, result.version, registry.version_description(
+        registered_name, result.version, facts=facts, val=val, test=test,
+        alias=registry.alias_note(result, champion, metrics[champion])))
+    return result
 
 
 def _log_sweep(trials: list[dict], metric: str) -> None:
@@ -434,8 +473,9 @@ def format_summary(result: SweepResult, monitor: str) -> str:
         lines.append(f"registered: models:/{result.registered_name}/{r.version}; champion is "
                      f"version {r.champion_version}"
                      + (" (moved to this one)" if r.moved else " (kept: not beaten)"))
-        lines.append(f"load it: mlflow.pytorch.load_model('models:/{result.registered_name}"
-                     f"@champion')")
+        lines.append(f"load it: mlflow.pyfunc.load_model('models:/{result.registered_name}"
+                     f"@champion').predict(images); serve it: mlflow models serve -m "
+                     f"models:/{result.registered_name}@champion --env-manager local -p 5001")
     lines.append(f"MLflow parent run {result.parent_run_id}: {tracking.ui_command()}")
     return "\n".join(lines)
 

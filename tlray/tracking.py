@@ -1,22 +1,17 @@
-"""MLflow runs, parameters, metrics, pictures, logged models and the model registry.
+"""MLflow runs, parameters, metrics, pictures and the datasets a run used.
 
 Training code calls these on rank 0 only. Everything resolves to absolute locations under
 `paths.home()` unless `MLFLOW_TRACKING_URI` says otherwise, because a job started with
 `ray job submit` runs in a temporary copy of the working directory and MLflow's defaults
-(`./mlflow.db`, `./mlruns`) would vanish with it.
-
-Logged models use MLflow's default `pt2` format (torch.export: a graph plus weights, no
-pickle). Their input is a float32 NCHW batch that is ALREADY resized and normalised with the
-backbone's mean/std; their output is logits. The batch dimension is dynamic.
+(`./mlflow.db`, `./mlruns`) would vanish with it. Logged models are `tlray.logged_model`'s;
+the registry is `tlray.registry`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import enum
-import importlib.metadata
 import logging
 import math
 import os
@@ -42,7 +37,6 @@ from tlray.errors import TlrayError
 
 _log = logging.getLogger(__name__)
 
-CHAMPION_ALIAS = "champion"
 _END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _SERVER_SCHEMES = ("http", "https", "databricks")
 
@@ -366,6 +360,20 @@ def log_epoch_metrics(metrics: Mapping[str, Any], epoch: int) -> dict[str, float
     return finite
 
 
+def link_metrics(run_id: str, model_id: str, keys: list[str], step: int) -> None:
+    """Attaches the run's `keys` at `step` (e.g. the best epoch's) to a logged model, which is
+    how the MLflow UI's Models tab lists and sorts them. The values keep their timestamps, so
+    the run's own history gains no second entry."""
+    from mlflow.entities import Metric
+
+    client = MlflowClient()
+    linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id)
+              for key in keys for m in client.get_metric_history(run_id, key)
+              if m.step == step]
+    if linked:
+        client.log_batch(run_id, metrics=linked)
+
+
 def log_figure(fig: Any, artifact_file: str) -> None:
     """Log a matplotlib figure (e.g. `plots/curves.png`) and close it to free its memory."""
     mlflow.log_figure(fig, artifact_file, save_kwargs={"dpi": 100, "bbox_inches": "tight"})
@@ -398,190 +406,41 @@ def standard_tags(
     return tags
 
 
-# --------------------------------------------------------------------------- models, registry
+# --------------------------------------------------------------------------- datasets
+
+# A run's splits as MLflow calls them (the UI's Datasets column shows the context).
+SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package).split("+")[0]
-    except importlib.metadata.PackageNotFoundError:
-        return None
+def split_dataset(info: Any, split: str) -> Any:
+    """One split of a prepared dataset as an MLflow dataset (metadata only, no rows copied).
 
-
-def pip_requirements() -> list[str]:
-    """Pinned requirements of a logged model; explicit because inferring them takes seconds.
-
-    Local version suffixes (`+cu128`) are dropped so the pins resolve on PyPI.
+    Named `<dataset>-<split>`, with the dataset's fingerprint as its digest (the run's
+    `dataset_hash` tag, shortened) and the split's folder as its source.
     """
-    pins = [f"{pkg}=={ver}" for pkg in ("torch", "timm", "mlflow") if (ver := _version(pkg))]
-    return pins
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types.schema import ColSpec, Schema
+
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways" for local paths
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(f"{info.uri.rstrip('/')}/{split}")
+    schema = Schema([ColSpec("binary", "image"), ColSpec("long", "label"),
+                     ColSpec("string", "id")])
+    return MetaDataset(source, name=f"{info.name}-{split}", digest=info.fingerprint[:12],
+                       schema=schema)
 
 
-def _unwrap(model: Any) -> Any:
-    """The plain module inside DDP / torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            return model
-        model = inner
-
-
-def log_model(
-    model: Any,
-    input_example: np.ndarray,
-    class_names: list[str],
-    name: str = "model",
-    metadata: Mapping[str, Any] | None = None,
-) -> str:
-    """Log a classifier in MLflow's pt2 format (no pickle) under the active run.
-
-    The input is float32 NCHW, already resized and normalised exactly as in training; the
-    output is logits in `class_names` order. A CPU, eval-mode copy is exported so the
-    caller's model (possibly on a GPU, in train mode) is left untouched. The batch dimension
-    is exported as dynamic, which torch.export can only do from an example batch of >= 2, so
-    a single-image example is repeated. Load it with
-    `mlflow.pytorch.load_model(uri, device="cpu")` (`map_location` is ignored for pt2) and do
-    not call `.eval()` on the loaded module (torch.export modules refuse it; they already
-    run in eval mode).
-
-    Args:
-        model: A torch.nn.Module (DDP / compiled wrappers are unwrapped).
-        input_example: A float32 NCHW batch.
-        class_names: Label of each output logit, stored in the model's metadata.
-        name: Model name within the run.
-        metadata: Extra metadata, e.g. the preprocessing (`mean`, `std`, `input_size`).
+def log_datasets(info: Any, splits: tuple[str, ...] = tuple(SPLIT_CONTEXTS)) -> dict[str, Any]:
+    """Record which splits the active run trained, validated and tested on.
 
     Returns:
-        The logged model's URI (`models:/m-...`), to pass to `register_champion`.
+        split -> the MLflow dataset, e.g. to link the test metrics to the test split.
     """
-    import mlflow.pytorch
-    import torch
-    from mlflow.models import infer_signature
-
-    if mlflow.active_run() is None:
-        raise RuntimeError("tracking.log_model needs an active run: call it inside start_run()")
-    example = np.asarray(input_example)
-    if example.ndim != 4 or example.dtype != np.float32:
-        raise TlrayError(
-            f"input_example has shape {example.shape} and dtype {example.dtype}: expected a "
-            "float32 NCHW batch"
-        )
-    if example.shape[0] < 2:
-        example = np.concatenate([example, example])
-    example = example[:2].copy()  # small: it is stored with the model
-
-    cpu_model = copy.deepcopy(_unwrap(model)).to("cpu").eval()
-    with torch.no_grad():
-        logits = cpu_model(torch.from_numpy(example)).numpy()
-    if logits.ndim != 2 or logits.shape[1] != len(class_names):
-        raise TlrayError(
-            f"the model outputs shape {logits.shape} but {len(class_names)} class names were "
-            "given: expected logits of shape (batch, number of classes)"
-        )
-    info = mlflow.pytorch.log_model(
-        cpu_model,
-        name=name,
-        input_example=example,
-        signature=infer_signature(example, logits),  # batch dim -1 -> exported as dynamic
-        pip_requirements=pip_requirements(),
-        metadata={
-            "class_names": list(class_names),
-            "input": "float32 NCHW, resized and normalised as in training",
-            "output": "logits",
-            **dict(metadata or {}),
-        },
-    )
-    return info.model_uri
-
-
-def load_class_names(model_uri: str) -> list[str]:
-    """The label of each output logit of a model logged by `log_model`."""
-    configure()
-    names = (mlflow.models.get_model_info(model_uri).metadata or {}).get("class_names")
-    if names is None:
-        raise TlrayError(f"model {model_uri} has no class_names metadata: was it logged by tlray?")
-    return list(names)
-
-
-def default_registered_name(dataset_name: str, backbone: str) -> str:
-    """`<dataset>-<backbone>` with characters the registry rejects (`/`, `:`) replaced."""
-    name = f"{dataset_name}-{backbone}"
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")
-    if not dataset_name.strip() or not backbone.strip() or not name:
-        raise TlrayError(
-            f"cannot build a registered model name from dataset {dataset_name!r} and backbone "
-            f"{backbone!r}: expected non-empty names"
-        )
-    return name
-
-
-@dataclasses.dataclass(frozen=True)
-class RegistrationResult:
-    """What `register_champion` did."""
-
-    version: int
-    """The version just registered."""
-    champion_version: int | None
-    """The version `@champion` points to afterwards."""
-    moved: bool
-    """Whether `@champion` now points to the new version."""
-
-
-def _champion_metric(client: MlflowClient, name: str, metric_tag: str) -> tuple[int, float] | None:
-    """(version, its test metric or NaN) of the current champion, None if there is none."""
-    version = client.get_registered_model(name).aliases.get(CHAMPION_ALIAS)
-    if version is None:
-        return None
-    raw = client.get_model_version(name, str(version)).tags.get(metric_tag)
-    try:
-        return int(version), float(raw) if raw is not None else math.nan
-    except ValueError:
-        return int(version), math.nan
-
-
-def register_champion(
-    model_uri: str,
-    registered_name: str,
-    metric_name: str,
-    metric_value: float,
-    higher_is_better: bool = True,
-) -> RegistrationResult:
-    """Register a new version and move `@champion` to it only if its test metric is better.
-
-    Every version stays registered with its test metric as the tag `test_<metric_name>`, so
-    the comparison is made against what the champion scored, not what it is believed to
-    score. Ties keep the current champion. A champion without that tag (e.g. registered
-    under another metric) is never displaced automatically; move the alias by hand then.
-    """
-    configure()
-    metric_tag = f"test_{metric_name}"
-    value = float(metric_value)
-    version = mlflow.register_model(
-        model_uri,
-        registered_name,
-        tags={metric_tag: repr(value), "higher_is_better": str(higher_is_better).lower()},
-    )
-    new_version = int(version.version)
-    client = MlflowClient()
-    current = _champion_metric(client, registered_name, metric_tag)
-
-    if not math.isfinite(value):
-        _log.warning("%s=%s is not finite: not a champion", metric_tag, value)
-        moved = False
-    elif current is None:
-        moved = True
-    elif math.isnan(current[1]):
-        _log.warning(
-            "champion version %d of %s has no numeric %s tag: alias left where it is",
-            current[0],
-            registered_name,
-            metric_tag,
-        )
-        moved = False
-    else:
-        moved = value > current[1] if higher_is_better else value < current[1]
-
-    if moved:
-        client.set_registered_model_alias(registered_name, CHAMPION_ALIAS, str(new_version))
-        return RegistrationResult(new_version, new_version, True)
-    return RegistrationResult(new_version, current[0] if current else None, False)
+    datasets = {split: split_dataset(info, split) for split in splits}
+    mlflow.log_inputs(datasets=list(datasets.values()),
+                      contexts=[SPLIT_CONTEXTS[s] for s in splits],
+                      tags_list=[{"rows": str(info.splits[s].rows)} for s in splits])
+    return datasets

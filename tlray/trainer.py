@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tlray import paths, plots, tracking
+from tlray import logged_model, paths, plots, tracking
 from tlray.config import Config
 from tlray.datasets import DatasetInfo, load_info, prepare
 from tlray.errors import TlrayError
@@ -156,6 +156,8 @@ def train(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict | N
                                      info.fingerprint),
             "dataset": info.name, **(extra_tags or {})}
     name = run_name or cfg.tracking.run_name or f"{cfg.model.backbone}-f{cfg.model.freeze}"
+    if cfg.tracking.log_model and cfg.tracking.evaluate != "never":
+        logged_model.import_evaluators()  # before the system-metrics thread below starts
     # CPU, memory (and GPU, where there is one) of this process's machine, as system/* metrics.
     os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # 4 lines per run
@@ -169,14 +171,13 @@ def train(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict | N
                            "model.total_params": minfo.total_params,
                            "model.freeze_depth": minfo.freeze_depth})
         mlflow.log_dict(info.to_json(), "dataset.json")
+        data = tracking.log_datasets(info)
         mlflow.set_tag("feature_cache", cache.uri if cache else cache_note)
         # A sweep's trials print side by side: their progress lines carry the trial's name.
         checkpoint = _fit(cfg, info, run_id, uri, name, callbacks, cache, in_tune_process,
                           images, progress_label=name if parent_run_id else None)
         with checkpoint.as_directory() as d:
-            outcome = _log_final(Path(d), cfg, info, model, minfo)
-        mlflow.log_metrics({k: v for k, v in outcome["metrics"].items()
-                            if k.startswith("test_") and np.isfinite(v)})
+            outcome = _log_final(Path(d), cfg, info, model, minfo, data["test"])
     return TrainResult(metrics=outcome["metrics"], history=outcome["history"],
                        checkpoint_path=checkpoint.path, run_id=run_id,
                        model_uri=outcome["model_uri"], dataset=info)
@@ -347,27 +348,31 @@ def _root_cause(error: BaseException) -> str:
 
 
 def _log_final(d: Path, cfg: Config, info: DatasetInfo, model: torch.nn.Module,
-               minfo: ModelInfo) -> dict:
+               minfo: ModelInfo, test_data) -> dict:
     """Logs the final checkpoint's contents to the active MLflow run.
 
     `model` is the run's architecture from `check_model`; the checkpoint's weights replace all
-    of its own.
+    of its own. The logged model gets the best epoch's validation metrics and the test
+    metrics (which are also linked to the test split, `test_data`).
     """
     import mlflow
+
+    from tlray.loop import TEST_PREDICTIONS
 
     state = json.loads((d / "state.json").read_text())
     test = json.loads((d / "test.json").read_text())
     history = state["history"]
     best = history[state["best_epoch"] - 1] if state["best_epoch"] else history[-1]
+    test_metrics = {"test_loss": test["loss"], "test_acc": test["acc"], "test_auc": test["auc"]}
     result_metrics = {**best, "best_epoch": state["best_epoch"],
                       "stopped_early": state["stopped_early"], "epochs_run": state["epoch"],
-                      "test_loss": test["loss"], "test_acc": test["acc"],
-                      "test_auc": test["auc"]}
+                      **test_metrics}
     tracking.log_figure(plots.learning_curves(history), "plots/learning_curves.png")
     cm = np.array(test["confusion_matrix"])
     tracking.log_figure(plots.confusion_matrix_plot(cm, info.classes),
                         "plots/confusion_matrix.png")
     mlflow.log_dict(test, "test_metrics.json")
+    mlflow.log_artifact(str(d / TEST_PREDICTIONS))
     mlflow.log_metrics({f"test_acc_{c}": v for c, v in test["per_class_acc"].items()
                         if v == v})
     if (d / "test_samples.npz").exists():
@@ -375,28 +380,32 @@ def _log_final(d: Path, cfg: Config, info: DatasetInfo, model: torch.nn.Module,
         tracking.log_figure(plots.predictions_grid(samples["images"], samples["labels"],
                                                    samples["preds"], info.classes),
                             "plots/test_predictions.png")
-    model_uri = None
+    model_uri = model_id = None
     if cfg.tracking.log_model:
         model.load_state_dict(torch.load(d / "model.pt", map_location="cpu", weights_only=True))
-        model_uri = tracking.log_model(model, model_input_example(cfg, info, minfo),
-                                       info.classes, metadata={"preprocess": {
-                                           "mean": list(minfo.data_config["mean"]),
-                                           "std": list(minfo.data_config["std"]),
-                                           "size": [cfg.data.image_size] * 2,
-                                           "channels": info.channels}})
+        logged = logged_model.log_model(
+            model, model_example_images(info), info.classes,
+            {"mean": minfo.data_config["mean"], "std": minfo.data_config["std"],
+             "size": [cfg.data.image_size] * 2, "channels": info.channels})
+        model_uri, model_id = logged.model_uri, logged.model_id
         mlflow.set_tag("model_uri", model_uri)
+        # The best epoch's metrics go with the model: its weights are that epoch's.
+        tracking.link_metrics(mlflow.active_run().info.run_id, model_id, list(best),
+                              state["best_epoch"] or state["epoch"])
+    finite = {k: v for k, v in test_metrics.items() if np.isfinite(v)}
+    mlflow.log_metrics(finite, step=state["epoch"], model_id=model_id, dataset=test_data)
+    if model_uri is not None:
+        mlflow.set_tag("mlflow_evaluate", logged_model.evaluate(model_uri, model_id, info,
+                                                                cfg.tracking.evaluate))
     return {"metrics": result_metrics, "history": history, "model_uri": model_uri}
 
 
-def model_input_example(cfg: Config, info: DatasetInfo, minfo: ModelInfo) -> np.ndarray:
-    """Two real validation images, preprocessed exactly as in training."""
+def model_example_images(info: DatasetInfo) -> np.ndarray:
+    """Two real validation images as the dataset stores them: the logged model's example."""
     from tlray.datasets import sample_per_class
-    from tlray.ingest import to_model_input
 
     images, _ = sample_per_class(info, "val", per_class=1)
-    x = to_model_input(torch.from_numpy(images[:2].copy()), minfo.data_config["mean"],
-                       minfo.data_config["std"], (cfg.data.image_size,) * 2)
-    return x.numpy().astype(np.float32)
+    return images[:2].copy()
 
 
 def summary(result: TrainResult, monitor: str) -> str:
