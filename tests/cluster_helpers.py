@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -34,9 +35,27 @@ _GUARD = ("import os, signal, sys, time\n"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nobody listens on, below the kernel's ephemeral range and above Ray's worker
+    ports (10002-19999).
+
+    Port 0 would hand out an ephemeral port, which any outgoing connection may take between
+    this check and the server's bind (seen: Ray's client server failed to start with
+    "Address already in use"); below that range only an explicit bind can collide.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, max(20001, low))
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))  # free on every address, not just loopback
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and the ephemeral range")
 
 
 def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.5):

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
 import timm
@@ -282,7 +283,8 @@ def test_hub_weights_in_the_local_cache_load_without_network(tmp_path: Path) -> 
 
 @pytest.fixture(scope="module")
 def logged_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[nn.Module, str, str]]:
-    """A grey, MLP-headed, partly frozen model as tlray logs it: pt2, registered, aliased."""
+    """A grey, MLP-headed, partly frozen model as tlray logs it (its network in pt2, beside
+    the raw-image pyfunc), registered, aliased."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -293,13 +295,12 @@ def logged_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[nn.
             "tlray-weights", artifact_location=str(root / "artifacts")
         )
         model = _trained(in_chans=1, classes=3, head="mlp", freeze=2)
+        from tlray.logged_model import log_model
+
         with mlflow.start_run(experiment_id=experiment) as run:
-            logged = mlflow.pytorch.log_model(
-                model,
-                name="model",
-                input_example=torch.randn(2, 1, 32, 32).numpy(),
-                pip_requirements=["torch", "timm"],
-            )
+            digits = np.random.default_rng(0).integers(0, 256, (2, 28, 28, 1), dtype=np.uint8)
+            logged = log_model(model, digits, ["a", "b", "c"],
+                               {"mean": [0.5], "std": [0.5], "size": [32, 32], "channels": 1})
         version = mlflow.register_model(logged.model_uri, "tlray-test-model")
         MlflowClient().set_registered_model_alias("tlray-test-model", "champion", version.version)
         yield model, run.info.run_id, version.version
