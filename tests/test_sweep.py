@@ -231,3 +231,27 @@ def test_stratified_trials_cover_learning_rate_and_freeze_depth():
     assert len(set(depths)) == 4 and depths[-1] - depths[0] >= 6
     # A fixed learning rate stays fixed.
     assert {t["optim.lr"] for t in trials("--tune.lr_min=1e-3", "--tune.lr_max=1e-3")} == {1e-3}
+
+
+def test_regret_trains_every_config_the_sweep_stopped_to_the_end(ray_cluster, mnist, tmp_path):
+    from tlray import bench_sweep
+
+    # One trial at a time: ASHA sees results in one order every time, so it stops the same
+    # trials every time. Seed 4 plans freeze 0, then 2, then the head-only probe of a
+    # randomly initialised backbone, which ASHA stops after its first epoch.
+    result = bench_sweep.regret_benchmark(
+        SMALL + [f"--data.dataset={mnist.uri}", "--tune.num_samples=3", "--tune.seed=4",
+                 "--tune.max_concurrent=1", "--tune.grace_period=1",
+                 "--tracking.log_model=false"], workdir=str(tmp_path))
+    m = result.monitor
+    assert m == "val_acc" and len(result.trials) == 3
+    assert any("then trained to the end" in r["status"] for r in result.trials)
+    for row in result.trials:  # every config has its full-budget numbers now
+        assert row[m] is not None and row["test_acc"] is not None
+    assert result.pick in result.trials and result.best in result.trials
+    assert result.best[m] == max(r[m] for r in result.trials) >= result.pick[m]
+    assert result.regret == pytest.approx(result.best[m] - result.pick[m])
+    assert result.sweep_s > 0 and result.full_s > 0
+    report = bench_sweep.format_regret(result)
+    assert "<- pick" in report and "<- best fully trained" in report
+    assert f"regret of the sweep's pick: {m} {result.regret:.4f}" in report

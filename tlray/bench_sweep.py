@@ -16,6 +16,11 @@ not for it. Reported per side: wall time, trials (completed / stopped by ASHA), 
 trial's validation metric and test accuracy, and the mean seconds of a trial and of its
 epochs per freeze depth; then the ratios baseline/candidate for the whole sweep and per
 freeze depth.
+
+`--regret` asks another question: how good is the sweep's pick? It runs the sweep once as
+configured (ASHA stopping trials as it would), trains every config ASHA stopped to the full
+budget, and prints the pick, the best fully-trained config, the regret (the validation
+metric and test accuracy the pick leaves on the table) and the wall time of both phases.
 """
 
 from __future__ import annotations
@@ -132,6 +137,91 @@ def sweep_benchmark(overrides: list[str] | None = None, config_path: str | None 
     return result
 
 
+@dataclass
+class RegretResult:
+    """A sweep's pick against what its trials would have reached with the whole budget."""
+
+    monitor: str
+    pick: dict  # the sweep's winner: searched values, val metric, test_acc
+    best: dict  # the best config by val metric once every trial has had all its epochs
+    trials: list[dict]  # every config: searched values, status in the sweep, val, test_acc
+    sweep_s: float
+    full_s: float  # training the stopped trials' configs to the full budget
+
+    @property
+    def regret(self) -> float:
+        """The val metric the pick leaves on the table (>= 0; in the monitor's direction)."""
+        return abs(self.best[self.monitor] - self.pick[self.monitor])
+
+    @property
+    def test_regret(self) -> float:
+        """test_acc of the best fully-trained config minus the pick's (may be negative)."""
+        return self.best["test_acc"] - self.pick["test_acc"]
+
+
+def regret_benchmark(overrides: list[str] | None = None, config_path: str | None = None,
+                     workdir: str | None = None) -> RegretResult:
+    """Runs the sweep as configured (ASHA as it is), then trains every config it stopped
+    early to the full `train.epochs`, with nothing stopped, and compares.
+
+    Trials the sweep ran to the end keep their results (a seeded one-worker run repeats
+    exactly), so only the stopped ones are trained again.
+    """
+    from tlray import sweep, trainer
+
+    base = config_mod.load(config_path, [*MNIST_SWEEP, *(overrides or [])]
+                           if config_path is None else list(overrides or []))
+    trainer.resolve_dataset(base.data.dataset)
+    workdir = workdir or tempfile.mkdtemp(prefix="tlray-bench-regret-")
+    common = ["tracking.experiment=tlray-benchmark-regret", f"storage_path={workdir}"]
+    started = time.perf_counter()
+    picked = sweep.sweep(config_mod.load(None, [*common, "tune.name=regret-sweep",
+                                                "tune.registered_name=tlray-regret-sweep"],
+                                         base=base))
+    sweep_s = time.perf_counter() - started
+    monitor, mode = base.train.monitor, base.monitor_mode
+    searched = list(picked.best_config)
+    rows = [{**{k: t[k] for k in searched}, "status": t["status"], monitor: t[monitor],
+             "test_acc": t["test_acc"]} for t in picked.trials]
+    stopped = [{k: r[k] for k in searched} for r in rows if r["status"] != "COMPLETED"]
+    started = time.perf_counter()
+    if stopped:
+        full = sweep.sweep(config_mod.load(None, [
+            *common, "tune.name=regret-full", "tune.registered_name=tlray-regret-full",
+            f"tune.grace_period={base.train.epochs + 2}"], base=base), points=stopped)
+        finished = {_key(t, searched): t for t in full.trials}
+        for r in rows:
+            if r["status"] != "COMPLETED":
+                t = finished[_key(r, searched)]
+                r.update({monitor: t[monitor], "test_acc": t["test_acc"],
+                          "status": f"{r['status']}, then trained to the end"})
+    full_s = time.perf_counter() - started
+    pick = next(r for r in rows if _key(r, searched) == _key(picked.best_config, searched))
+    ranked = sorted(rows, key=lambda r: r[monitor], reverse=mode == "max")
+    return RegretResult(monitor=monitor, pick=pick, best=ranked[0], trials=rows,
+                        sweep_s=sweep_s, full_s=full_s)
+
+
+def _key(row: dict, keys: list[str]) -> tuple:
+    return tuple(round(row[k], 12) if isinstance(row[k], float) else str(row[k]) for k in keys)
+
+
+def format_regret(result: RegretResult) -> str:
+    m = result.monitor
+    lines = [f"{'config':<44} {m:>9} {'test acc':>9}  in the sweep"]
+    for r in result.trials:
+        name = ", ".join(f"{k.rpartition('.')[2]}={_num(v) if isinstance(v, float) else v}"
+                         for k, v in r.items() if k not in (m, "test_acc", "status"))
+        mark = " <- pick" if r is result.pick else ""
+        mark += " <- best fully trained" if r is result.best else ""
+        lines.append(f"{name:<44} {_num(r[m]):>9} {_num(r['test_acc']):>9}  "
+                     f"{r['status']}{mark}")
+    lines.append(f"regret of the sweep's pick: {m} {result.regret:.4f}, test acc "
+                 f"{result.test_regret:+.4f}; sweep {result.sweep_s:.1f} s, training the "
+                 f"stopped configs to the end {result.full_s:.1f} s")
+    return "\n".join(lines)
+
+
 def _means(values: dict[str, list[float]]) -> dict[str, float]:
     return {d: sum(v) / len(v) for d, v in sorted(values.items())}
 
@@ -176,6 +266,10 @@ def add_sweep_benchmark_arguments(p) -> None:
                         f"{DEFAULT_COMPARE}; on GPUs e.g. tune.trials_per_gpu=4,1)")
     p.add_argument("--workdir", help="where both sides keep their Ray results and caches "
                                      "(default: a new temporary directory)")
+    p.add_argument("--regret", action="store_true",
+                   help="instead of timing two values: run the sweep as configured, train "
+                        "every config it stopped early to the end, and print how much the "
+                        "sweep's pick leaves on the table (its regret) and both wall times")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE",
@@ -184,8 +278,15 @@ def add_sweep_benchmark_arguments(p) -> None:
 
 
 def run_sweep_benchmark(args) -> int:
-    result = sweep_benchmark([f"--{o.lstrip('-')}" for o in args.overrides], args.config,
-                             args.workdir, compare=args.compare)
+    overrides = [f"--{o.lstrip('-')}" for o in args.overrides]
+    if args.regret:
+        regret = regret_benchmark(overrides, args.config, args.workdir)
+        print(format_regret(regret))
+        if args.json:
+            print(json.dumps({**asdict(regret), "regret": regret.regret,
+                              "test_regret": regret.test_regret}, indent=2))
+        return 0
+    result = sweep_benchmark(overrides, args.config, args.workdir, compare=args.compare)
     print(format_sweep(result))
     if args.json:
         print(sweep_json(result))

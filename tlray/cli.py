@@ -1,4 +1,5 @@
-"""`tlray` command line: prepare | inspect | models | train | tune | compare | predict | benchmark.
+"""`tlray` command line: prepare | inspect | augment-preview | models | train | tune | compare |
+predict | benchmark.
 
 Each sub-command parses its options, calls the library, and prints a short summary.
 User errors (`TlrayError`) are printed as one line and exit with status 2.
@@ -77,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", help="prepared dataset directory or URI")
     p.add_argument("--out", help="PNG path (default: ./<name>-samples.png)")
     p.set_defaults(run=_inspect)
+
+    p = sub.add_parser("augment-preview", help="a PNG grid of training images as "
+                                               "--data.augment would change them")
+    p.add_argument("dataset", help="prepared dataset directory or URI")
+    p.add_argument("--out", help="PNG path (default: ./<name>-augment-<preset>.png)")
+    p.add_argument("--copies", type=int, default=7, help="augmented draws per image (7)")
+    add_config_arguments(p)
+    p.set_defaults(run=_augment_preview)
 
     p = sub.add_parser("models", help="backbones: describe freeze groups")
     msub = p.add_subparsers(title="models commands")
@@ -211,6 +220,33 @@ def _inspect(args) -> int:
     out = Path(args.out or f"{info.name}-samples.png")
     save_png(sample_grid(images, labels, info.classes), out)
     print(f"sample grid (one image per class): {out}")
+    return 0
+
+
+def _augment_preview(args) -> int:
+    from tlray import augment
+    from tlray.datasets import load_info, sample_per_class
+    from tlray.plots import augmentation_grid, save_png
+
+    cfg = load_config(args)
+    if cfg is None:
+        return 0
+    aug = augment.from_config(cfg.data)
+    if not aug.enabled:
+        raise TlrayError("nothing to preview: choose an augmentation with --data.augment="
+                         f"{'|'.join(p for p in augment.PRESETS if p != 'none')} (and "
+                         f"--data.augment_* to change its values)")
+    if args.copies < 1:
+        raise TlrayError(f"--copies must be at least 1, got {args.copies}")
+    info = load_info(args.dataset)
+    images, labels = sample_per_class(info, "train")
+    rows = augment.preview(images, aug, cfg.data.image_size, args.copies, cfg.train.seed)
+    out = Path(args.out or f"{info.name}-augment-{cfg.data.augment}.png")
+    save_png(augmentation_grid(rows, [info.classes[i] for i in labels],
+                               f"{cfg.data.augment} ({aug.describe()}), "
+                               f"{cfg.data.image_size} px"), out)
+    print(f"{len(rows)} training images, each as is and {args.copies} augmented draws "
+          f"({aug.describe()}): {out}")
     return 0
 
 

@@ -41,6 +41,15 @@ class DataConfig:
     batch_size: int = 64  # per worker
     shuffle: bool = True  # train rows in a new order every epoch, within and across shards
     cache_gb: float = 2.0  # splits up to this size are read once into Ray's object store
+    # Training-time augmentation (tlray/augment.py): none | digits | natural | microscopy.
+    # The augment_* fields override the preset's values (None: the preset's).
+    augment: str = "none"
+    augment_rotate: float | None = None  # degrees, +-
+    augment_shift: float | None = None  # fraction of the side, +-
+    augment_scale: float | None = None  # zoom 1 -+ this
+    augment_crop: float | None = None  # random resized crop: least area fraction (0: none)
+    augment_hflip: bool | None = None  # mirror half the images
+    augment_dihedral: bool | None = None  # one of the 8 flips / quarter turns
 
 
 @dataclass
@@ -134,7 +143,10 @@ class TuneConfig:
     # at random) | random | optuna (TPE; needs the optuna package)
     search: str = "stratified"
     seed: int | None = 42  # the same seed samples the same trials (None: a new draw each time)
-    grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
+    # ASHA: epochs every trial gets before it can be stopped. A first epoch says little of
+    # where fine-tuning ends; on the main job (`tlray benchmark sweep --regret`) a grace of
+    # 1 left one validation image of 500 on the table, 2 none, in 1.12x the time.
+    grace_period: int = 2
     reduction_factor: int = 2
     max_concurrent: int = 0  # 0: as many trials as the cluster's CPUs/GPUs hold at once
     # One-worker trials sharing a GPU (small inputs leave most of one idle: launch-bound).
@@ -260,6 +272,9 @@ def validate(config: Config) -> Config:
     for ok, key, expected, got in checks:
         if not ok:
             raise TlrayError(f"--{key}: expected {expected}, got {got!r}")
+    from tlray.augment import from_config
+
+    from_config(d)  # the preset exists and its overrides are in range
     freeze = str(m.freeze)
     if freeze != "all" and not freeze.isdigit():
         raise TlrayError(f"--model.freeze: expected a number of groups (0, 1, ...) or 'all', "

@@ -182,9 +182,10 @@ def _reproduces(model: nn.Module, split: ModelSplit, input_shape: tuple[int, int
 def cache_key(split: ModelSplit, info: DatasetInfo, data_config: dict, size: int) -> str:
     """What the cached outputs depend on: data, preprocessing, the cut and the front's weights."""
     digest = hashlib.sha256()
+    # The cached fronts saw images as they are: augmented training never reads a cache.
     digest.update(json.dumps({"dataset": info.fingerprint, "size": size, "cut": split.cut,
                               "mean": list(data_config["mean"]), "std": list(data_config["std"]),
-                              "version": 1}, sort_keys=True).encode())
+                              "augmentation": "none", "version": 1}, sort_keys=True).encode())
     for name, tensor in split.front.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())

@@ -33,13 +33,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tlray import augment, metrics
 from tlray import config as config_mod
-from tlray import metrics
 from tlray.datasets import load_info
 from tlray.features import cache_key, split_model
 from tlray.ingest import iter_image_batches
-from tlray.preprocess import to_model_input
 from tlray.models import build_model
+from tlray.preprocess import to_model_input
 from tlray.session import quiet_train_worker
 from tlray.threads import borrowed_threads, own_threads
 
@@ -94,8 +94,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     size = (cfg.data.image_size, cfg.data.image_size)
     channels_last = cfg.train.channels_last  # NHWC convolutions: faster on GPUs and CPUs
 
-    # With a feature cache, train and val batches are the frozen front's outputs, and only
-    # the rest of the model (which shares its parameters) runs; see tlray.features.
+    # With a feature cache, val batches are the frozen front's outputs, and only the rest of
+    # the model (which shares its parameters) runs; train batches too, unless training images
+    # are augmented (they change every epoch: the whole model trains on them). See
+    # tlray.features and tlray.augment.
+    augmentation = augment.from_config(cfg.data)
     fed_info, split = info, None
     if loop_config.get("features_uri"):
         fed_info = load_info(loop_config["features_uri"])
@@ -107,7 +110,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     feed_images = functools.partial(to_model_input, mean=minfo.data_config["mean"],
                                     std=minfo.data_config["std"], size=size,
                                     channels_last=channels_last)
-    feed = functools.partial(features_input, channels_last=channels_last) if split else feed_images
+    feed_features = functools.partial(features_input, channels_last=channels_last)
+    train_on_cache = split is not None and not augmentation.enabled
+    train_info = fed_info if train_on_cache else info
+    feed_train = feed_features if train_on_cache else functools.partial(
+        feed_images, augment=augment.Augmenter(augmentation, cfg.train.seed, rank)
+        if augmentation.enabled else None)
+    feed_val = feed_features if split else feed_images
 
     steps_per_epoch = max(1, math.ceil(info.splits["train"].rows / world / cfg.data.batch_size))
     optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch)
@@ -116,8 +125,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # `net` is what trains (DDP-wrapped when world > 1); `model` is the whole model, whose
     # weights are checkpointed and which evaluates the test split on images.
-    net = session.prepare_model(split.rest if split else model)  # to the device
+    net = session.prepare_model(split.rest if train_on_cache else model)  # to the device
     trained = net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+    validated = split.rest if split else trained  # on the device too, with `net`
 
     # Resume: Ray hands back the last reported checkpoint after a worker failure. Loaded
     # after the move to the device, so the optimizer's state lands beside its parameters.
@@ -134,7 +144,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.train.amp)
     step = functools.partial(train_step, forward=forward, criterion=criterion,
-                             optimizer=optimizer, scheduler=scheduler, amp=amp, feed=feed)
+                             optimizer=optimizer, scheduler=scheduler, amp=amp, feed=feed_train)
 
     shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "val", "test")}
     logger = EpochLogger(loop_config.get("mlflow_run_id"), loop_config.get("tracking_uri"),
@@ -151,9 +161,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         t0 = time.perf_counter()
         sums = torch.zeros(2, device=device)  # loss * n, correct: kept on the device, so
         seen = 0  # no step waits for the GPU; the row count is known on the host anyway
-        batches = iter_image_batches(shards["train"], fed_info.image_shape, cfg.data.batch_size,
-                                     dtype=fed_info.dtype, device=device,
-                                     shuffle=cfg.data.shuffle)
+        batches = iter_image_batches(shards["train"], train_info.image_shape,
+                                     cfg.data.batch_size, dtype=train_info.dtype,
+                                     device=device, shuffle=cfg.data.shuffle)
+        # Long epochs say how far they are (rank 0 speaks for all: it sees 1/world of them).
+        ticker = EpochTicker(epoch + 1, cfg.train.epochs, info.splits["train"].rows,
+                             say if rank == 0 and not show_bar else None, t0)
         with _join(net), _progress(show_bar, steps_per_epoch, epoch, cfg.train.epochs) as bar:
             for images, labels in batches:
                 state.step += 1
@@ -162,6 +175,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                      (logits.argmax(1) == labels).sum().float()])
                 seen += len(labels)
                 bar.update(1)
+                ticker.tick(seen * world)
                 if rank == cfg.train.kill_rank and state.step == cfg.train.kill_at_step:
                     _die_once(loop_config["restart_key"])  # test-only: see TrainConfig
         train_seconds = time.perf_counter() - t0
@@ -169,7 +183,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         loss_sum, correct, seen = _all_reduce(totals, world).tolist()
 
         # ---- validate on every worker's shard, then combine ----
-        val = evaluate(trained, shards["val"], fed_info, cfg, feed, amp, device, world)
+        val = evaluate(validated, shards["val"], fed_info, cfg, feed_val, amp, device, world)
         row = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(seen, 1),
@@ -417,6 +431,45 @@ def say_line(line: str, label: str | None = None) -> None:
     Train tees into a duplicate line."""
     sys.stdout.write(f"{label + ': ' if label else ''}{line}\n")
     sys.stdout.flush()
+
+
+class EpochTicker:
+    """A progress line for long epochs: once an epoch has run `after_s`, at most one every
+    `every_s`, with the images done, the rate and the epoch's ETA. An epoch shorter than
+    `after_s` says nothing but its end-of-epoch line."""
+
+    def __init__(self, epoch: int, epochs: int, total: int, say: Callable | None,
+                 start: float, *, after_s: float = 20.0, every_s: float = 15.0,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.epoch, self.epochs, self.total, self.say = epoch, epochs, total, say
+        self.start, self.after_s, self.every_s, self.clock = start, after_s, every_s, clock
+        self.next_at = start + after_s
+
+    def tick(self, done: int) -> None:
+        """`done`: images of this epoch trained so far, all workers together."""
+        if self.say is None:
+            return
+        now = self.clock()
+        if now < self.next_at:
+            return
+        self.next_at = now + self.every_s
+        elapsed = now - self.start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        self.say(f"epoch {self.epoch}/{self.epochs}  {min(done, self.total):,}/{self.total:,} "
+                 f"images  {rate:,.0f} img/s  ETA {format_seconds(eta)}")
+
+
+def format_seconds(seconds: float) -> str:
+    """12s, 3m05s, 1h02m: a duration as a person reads it."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def progress_line(row: dict, epochs: int, monitor: str) -> str:

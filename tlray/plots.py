@@ -116,6 +116,27 @@ def sample_grid(
     return fig
 
 
+def augmentation_grid(rows: np.ndarray, row_titles: Sequence[str], what: str) -> Figure:
+    """One row per image: the image as the model sees it, then augmented draws of it.
+
+    Args:
+        rows: uint8 [R, K, H, W, C] (see `tlray.augment.preview`).
+        row_titles: one per row (e.g. the class name).
+        what: the augmentation, for the figure's title.
+    """
+    n_rows, n_cols = rows.shape[:2]
+    fig, axes = _grid(n_rows * n_cols, n_cols)
+    for r in range(n_rows):
+        images = _check_images(rows[r])
+        for c in range(n_cols):
+            ax = axes[r * n_cols + c]
+            _show(ax, images[c])
+            if c == 0:
+                ax.set_title(f"{row_titles[r]} (as is)", fontsize=8)
+    fig.suptitle(f"augmentation: {what}", fontsize=10)
+    return fig
+
+
 def learning_curves(history: Sequence[Mapping[str, Any]]) -> Figure:
     """Loss per epoch, and accuracy/AUC per epoch when present, train vs validation.
 

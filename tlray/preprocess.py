@@ -54,19 +54,31 @@ def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
                      f"(expected 1 grey, 3 RGB or 4 RGBA channels)")
 
 
+def resize(x: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    """Float [N, C, H, W] at `size` (bilinear, antialiased when shrinking); as is when None.
+
+    Each image is resized on its own, so a batch's composition never changes a result.
+    """
+    if size is None or tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False,
+                         antialias=bool(x.shape[-1] > size[-1]))
+
+
 def to_model_input(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
-                   size: tuple[int, int] | None = None, *, channels_last: bool = False
-                   ) -> torch.Tensor:
+                   size: tuple[int, int] | None = None, *, channels_last: bool = False,
+                   augment=None) -> torch.Tensor:
     """uint8 [N,H,W,C] -> normalised float [N,C,h,w] at the model's input size.
 
-    Runs as a handful of whole-batch tensor ops on whatever device `images` is on. Each image
-    is resized on its own (bilinear, antialiased when shrinking), so a batch's composition
-    never changes an image's result.
+    Runs as a handful of whole-batch tensor ops on whatever device `images` is on.
+    `augment` (training only, a `tlray.augment.Augmenter`) replaces the resize: it resizes
+    and augments in the same step, before the normalisation.
     """
     x = images.permute(0, 3, 1, 2).float().div_(255.0)
-    if size is not None and tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False,
-                          antialias=bool(x.shape[-1] > size[-1]))
+    if augment is not None:
+        x = augment(x, tuple(size) if size is not None else tuple(x.shape[-2:]))
+    else:
+        x = resize(x, size)
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     x = (x - m) / s

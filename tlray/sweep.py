@@ -127,6 +127,57 @@ def _distribution(key: str, spec):
                      f"{{loguniform|uniform|randint: [low, high]}}, got {spec!r}")
 
 
+class SweepClock:
+    """The sweep's remaining time, said once: when every trial that has started has
+    reported its first epoch (and as many have started as run at once).
+
+    An upper bound: every trial still to run is counted with all its epochs, at the mean
+    epoch time seen so far, `concurrency` at a time; ASHA stops some early.
+    """
+
+    def __init__(self, trials: int, epochs: int, concurrency: int):
+        self.trials, self.epochs = trials, epochs
+        self.concurrency = max(1, min(concurrency, trials))
+        self.done: dict[str, int] = {}  # trial -> epochs reported
+        self.seconds: list[float] = []
+        self.said = False
+
+    def observe(self, trial: str, epoch: int, epoch_seconds: float,
+                started: list[str]) -> str | None:
+        """A trial's epoch report; returns the line to print, once."""
+        self.done[trial] = max(self.done.get(trial, 0), epoch)
+        self.seconds.append(epoch_seconds)
+        if self.said or len(started) < self.concurrency or any(
+                t not in self.done for t in started):
+            return None
+        self.said = True
+        left = sum(self.epochs - self.done.get(t, 0) for t in started)
+        left += self.epochs * (self.trials - len(started))
+        per_epoch = sum(self.seconds) / len(self.seconds)
+        from tlray.loop import format_seconds
+
+        return (f"sweep: at most {format_seconds(left * per_epoch / self.concurrency)} left "
+                f"({left} trial epochs to go at ~{per_epoch:.0f} s each, "
+                f"{self.concurrency} at a time; ASHA stops some trials early)")
+
+
+def _clock_callback(clock: SweepClock):
+    """SweepClock as a Tune callback in the sweep's driver (epoch reports only)."""
+    from ray import tune
+
+    class SayRemaining(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "epoch_seconds" not in result or "test_acc" in result:
+                return
+            line = clock.observe(trial.trial_id, int(result.get("epoch", iteration)),
+                                 float(result["epoch_seconds"]),
+                                 [t.trial_id for t in trials if t.status != "PENDING"])
+            if line:
+                print(line, flush=True)
+
+    return SayRemaining()
+
+
 def run_trial(params: dict, *, base: dict, parent_run_id: str, tracking_uri: str,
               images: dict | None = None) -> None:
     """One trial, inside Tune: the base config with this trial's values, trained by Ray Train
@@ -198,8 +249,14 @@ def concurrency(cfg: Config) -> int:
     return max(1, int(by_cpu))
 
 
-def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
-    """Runs (or resumes) a sweep and registers its winner; see the module docstring."""
+def sweep(cfg: Config, *, resume: bool = False, points: list[dict] | None = None
+          ) -> SweepResult:
+    """Runs (or resumes) a sweep and registers its winner; see the module docstring.
+
+    Args:
+        points: exactly these trials (`section.key` -> value each) instead of a search,
+            e.g. the configs a sweep stopped early, trained to the end (`--regret`).
+    """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -247,6 +304,7 @@ def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
             tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
         else:
+            trials = len(points) if points else cfg.tune.num_samples
             # A trial reports once per epoch plus once with its test results (twice if it
             # is resumed from its final checkpoint). max_t stays above that count: a trial
             # that reaches max_t is stopped at once, which would kill it while it still logs
@@ -258,14 +316,17 @@ def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
             tuner = tune.Tuner(
                 trainable, param_space=space,
                 tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler,
-                                            num_samples=cfg.tune.num_samples,
+                                            num_samples=trials,
                                             # The next trial starts in the process the last
                                             # one ended in (torch, timm, tlray imported).
                                             reuse_actors=True,
                                             search_alg=_search_alg(
-                                                cfg, metric, mode, concurrency(cfg), choices)),
+                                                cfg, metric, mode, concurrency(cfg), choices,
+                                                points)),
                 run_config=tune.RunConfig(
                     name=name, storage_path=storage,
+                    callbacks=[_clock_callback(SweepClock(trials, cfg.train.epochs,
+                                                          concurrency(cfg)))],
                     # Checkpoints of trials that train in their own process (see run_trial).
                     checkpoint_config=tune.CheckpointConfig(
                         num_to_keep=cfg.train.keep_checkpoints,
@@ -282,14 +343,15 @@ def sweep(cfg: Config, *, resume: bool = False) -> SweepResult:
 
 
 def _search_alg(cfg: Config, metric: str, mode: str, max_concurrent: int,
-                choices: list[str]):
+                choices: list[str], points: list[dict] | None = None):
     """Seeded search, at most `max_concurrent` trials at once (Tune ignores its own
     max_concurrent_trials for a search generator passed in, hence here)."""
-    if cfg.tune.search in ("stratified", "random"):
+    if points or cfg.tune.search in ("stratified", "random"):
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         # Tune runs the given points first, each one trial, drawing any field they leave out.
-        points = spread_trials(cfg, choices) if cfg.tune.search == "stratified" else None
+        if not points:
+            points = spread_trials(cfg, choices) if cfg.tune.search == "stratified" else None
         return BasicVariantGenerator(points_to_evaluate=points, random_state=cfg.tune.seed,
                                      max_concurrent=max_concurrent)
     try:

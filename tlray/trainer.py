@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tlray import logged_model, paths, plots, tracking
+from tlray import augment, logged_model, paths, plots, tracking
 from tlray.config import Config
 from tlray.datasets import DatasetInfo, load_info, prepare
 from tlray.errors import TlrayError
@@ -149,7 +149,8 @@ def train(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict | N
     uri = connect(cfg)
     cache, cache_note = feature_cache(cfg, info, model, minfo, here=in_tune_process)
     if cache is not None:
-        print(f"feature cache: training what follows {cache.features['cut']} from {cache.uri}",
+        role = ("validating" if augment.from_config(cfg.data).enabled else "training")
+        print(f"feature cache: {role} what follows {cache.features['cut']} from {cache.uri}",
               flush=True)
 
     tags = {**tracking.standard_tags(cfg.model.backbone, cfg.model.weights, minfo.freeze_depth,
@@ -172,7 +173,9 @@ def train(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict | N
                            "model.freeze_depth": minfo.freeze_depth})
         mlflow.log_dict(info.to_json(), "dataset.json")
         data = tracking.log_datasets(info)
-        mlflow.set_tag("feature_cache", cache.uri if cache else cache_note)
+        # Which cache the run used (or "not used: why"), and why it chose what it chose.
+        mlflow.set_tags({"feature_cache": cache.uri if cache else cache_note,
+                         "feature_cache_reason": cache_note})
         # A sweep's trials print side by side: their progress lines carry the trial's name.
         checkpoint = _fit(cfg, info, run_id, uri, name, callbacks, cache, in_tune_process,
                           images, progress_label=name if parent_run_id else None)
@@ -210,6 +213,15 @@ def feature_cache(cfg: Config, info: DatasetInfo, model: torch.nn.Module, minfo:
     key = features.cache_key(split, info, minfo.data_config, cfg.data.image_size)
     cache_uri = features.cache_uri(_feature_cache_root(cfg), key)
     found = features.existing(cache_uri)
+    if augment.from_config(cfg.data).enabled:
+        # Augmented training images change every epoch: training runs the whole model on
+        # them, and only validation may read the cached front.
+        if found is None and cfg.train.feature_cache == "auto":
+            return None, ("not used: training images are augmented (the cached front would "
+                          "be the wrong input for them), and a cache only for validation "
+                          "does not pay for its building (train.feature_cache=always builds "
+                          "one)")
+        why = f"validation only: {why} (training images are augmented)"
     if found is not None:
         return found, why
     print(f"feature cache: computing the {why} (freeze {cfg.model.freeze})", flush=True)
@@ -288,9 +300,10 @@ def _fit(cfg: Config, info: DatasetInfo, run_id: str, tracking_uri: str, name: s
     from tlray.loop import train_loop_per_worker
 
     s = cfg.scaling
-    # Train and val come from the feature cache when there is one; test is always
-    # evaluated on images, by the whole model.
-    datasets = read_splits(cfg, cache, ("train", "val")) if cache else {}
+    # Train and val come from the feature cache when there is one (val only when training
+    # images are augmented); test is always evaluated on images, by the whole model.
+    cached = ("val",) if augment.from_config(cfg.data).enabled else ("train", "val")
+    datasets = read_splits(cfg, cache, cached) if cache else {}
     images = images or read_splits(cfg, info, [n for n in SPLITS if n not in datasets])
     datasets.update({n: images[n] for n in SPLITS if n not in datasets})
     # The training blocks' order, seeded: the same run sees the same batches.

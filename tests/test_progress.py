@@ -1,0 +1,51 @@
+"""Progress a person can follow on long epochs and long sweeps (a given clock, no waiting)."""
+
+from __future__ import annotations
+
+import re
+
+from tlray.loop import EpochTicker, format_seconds
+from tlray.session import PROGRESS_LINES
+from tlray.sweep import SweepClock
+
+
+def _run(ticks, total=20_000, say=True):
+    lines, now = [], [0.0]
+    ticker = EpochTicker(2, 5, total, lines.append if say else None, 0.0,
+                         clock=lambda: now[0])
+    for done, at in ticks:
+        now[0] = at
+        ticker.tick(done)
+    return lines
+
+
+def test_a_long_epoch_says_how_far_it_is_every_15_s_after_the_first_20():
+    lines = _run([(1_000, 5.0), (4_000, 19.9), (5_000, 20.0), (6_000, 30.0), (8_000, 35.1),
+                  (9_000, 40.0), (20_000, 80.0)])
+    assert lines == ["epoch 2/5  5,000/20,000 images  250 img/s  ETA 1m00s",
+                     "epoch 2/5  8,000/20,000 images  228 img/s  ETA 53s",
+                     "epoch 2/5  20,000/20,000 images  250 img/s  ETA 0s"]
+    # Labelled as a sweep labels them, Ray's log dedup must keep them apart.
+    assert all(re.match(PROGRESS_LINES, f"trial-0f87f_00001: {line}") for line in lines)
+
+
+def test_a_short_epoch_and_other_ranks_say_nothing():
+    assert _run([(10_000, 10.0), (20_000, 19.0)]) == []
+    assert _run([(5_000, 25.0), (20_000, 60.0)], say=False) == []
+
+
+def test_durations_read_as_a_person_reads_them():
+    assert [format_seconds(s) for s in (0.4, 59.6, 61, 3599, 3600, 7322, float("inf"))] == [
+        "0s", "1m00s", "1m01s", "59m59s", "1h00m", "2h02m", "?"]
+
+
+def test_the_sweep_says_its_remaining_time_once_every_running_trial_has_an_epoch():
+    clock = SweepClock(trials=4, epochs=5, concurrency=2)
+    assert clock.observe("a", 1, 10.0, started=["a"]) is None  # the second has not started
+    assert clock.observe("a", 2, 10.0, started=["a", "b"]) is None  # b has no epoch yet
+    line = clock.observe("b", 1, 25.0, started=["a", "b"])
+    # (5 - 2) + (5 - 1) epochs of the two running, 2 x 5 of the two to come: 17 at 15 s,
+    # two at a time.
+    assert line == ("sweep: at most 2m08s left (17 trial epochs to go at ~15 s each, 2 at a "
+                    "time; ASHA stops some trials early)")
+    assert clock.observe("a", 3, 10.0, started=["a", "b"]) is None  # said once
