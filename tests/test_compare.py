@@ -107,3 +107,13 @@ def test_bad_input_fails_before_anything_is_started(tlray_home, capsys):
     assert not (tlray_home / "datasets").exists() and not (tlray_home / "ray_results").exists()
     assert not MlflowClient().search_runs(
         [e.experiment_id for e in MlflowClient().search_experiments()])
+
+
+def test_the_scratch_model_trains_on_the_same_augmented_data():
+    from tlray.compare import scratch_config
+
+    cfg = config.load(None, ["--data.augment=microscopy", "--data.augment_scale=0.05",
+                             "--data.image_size=128"])
+    scratch = scratch_config(cfg, ["optim.lr=3e-4"])
+    assert scratch.data == cfg.data  # augmentation included: a like-for-like comparison
+    assert scratch.model.backbone != cfg.model.backbone and scratch.optim.lr == 3e-4
