@@ -184,7 +184,7 @@ def import_evaluators() -> None:
 EVALUATE_MAX_PIXELS = 50_000_000
 
 
-def evaluate(model_uri: str, model_id: str, info: Any, mode: str = "auto") -> str:
+def evaluate(model_uri: str, model_id: str, info: Any, size: int, mode: str = "auto") -> str:
     """`mlflow.models.evaluate` of the logged pyfunc on the test split; returns what it did.
 
     The images go in as PNG bytes, as a client would post them, so the whole serving path is
@@ -193,16 +193,16 @@ def evaluate(model_uri: str, model_id: str, info: Any, mode: str = "auto") -> st
     (`test_per_class_metrics.csv`, `test_confusion_matrix.png`) to the active run.
 
     Args:
+        size: the model's (square) input size, in pixels.
         mode: "auto" (only when the split is small enough for a CPU to take seconds: the
             driver runs it, maybe on a machine without a GPU), "always" or "never".
     """
     if mode == "never":
         return "not run (tracking.evaluate=never)"
-    size = mlflow.models.get_model_info(model_uri).metadata["preprocess"]["size"]
     rows = info.splits["test"].rows
-    pixels = rows * size[0] * size[1] * info.channels
+    pixels = rows * size * size * info.channels
     if mode == "auto" and pixels > EVALUATE_MAX_PIXELS:
-        return (f"not run: {rows} test images at {size[0]}x{size[1]} are too many to evaluate "
+        return (f"not run: {rows} test images at {size}x{size} are too many to evaluate "
                 f"in seconds on the driver's CPU (--tracking.evaluate=always runs it); the "
                 f"test_* metrics and plots come from the training workers")
     from tlray.datasets import iter_split

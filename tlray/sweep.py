@@ -305,6 +305,7 @@ def sweep(cfg: Config, *, resume: bool = False, points: list[dict] | None = None
                                        resume_errored=True)
         else:
             trials = len(points) if points else cfg.tune.num_samples
+            at_once = concurrency(cfg)
             # A trial reports once per epoch plus once with its test results (twice if it
             # is resumed from its final checkpoint). max_t stays above that count: a trial
             # that reaches max_t is stopped at once, which would kill it while it still logs
@@ -321,12 +322,12 @@ def sweep(cfg: Config, *, resume: bool = False, points: list[dict] | None = None
                                             # one ended in (torch, timm, tlray imported).
                                             reuse_actors=True,
                                             search_alg=_search_alg(
-                                                cfg, metric, mode, concurrency(cfg), choices,
+                                                cfg, metric, mode, at_once, choices,
                                                 points)),
                 run_config=tune.RunConfig(
                     name=name, storage_path=storage,
                     callbacks=[_clock_callback(SweepClock(trials, cfg.train.epochs,
-                                                          concurrency(cfg)))],
+                                                          at_once))],
                     # Checkpoints of trials that train in their own process (see run_trial).
                     checkpoint_config=tune.CheckpointConfig(
                         num_to_keep=cfg.train.keep_checkpoints,

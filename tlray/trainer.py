@@ -408,8 +408,8 @@ def _log_final(d: Path, cfg: Config, info: DatasetInfo, model: torch.nn.Module,
     finite = {k: v for k, v in test_metrics.items() if np.isfinite(v)}
     mlflow.log_metrics(finite, step=state["epoch"], model_id=model_id, dataset=test_data)
     if model_uri is not None:
-        mlflow.set_tag("mlflow_evaluate", logged_model.evaluate(model_uri, model_id, info,
-                                                                cfg.tracking.evaluate))
+        mlflow.set_tag("mlflow_evaluate", logged_model.evaluate(
+            model_uri, model_id, info, cfg.data.image_size, cfg.tracking.evaluate))
     return {"metrics": result_metrics, "history": history, "model_uri": model_uri}
 
 
