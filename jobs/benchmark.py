@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from tlray.cli import main
+from tlray.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["benchmark", *sys.argv[1:]]))

@@ -6,12 +6,12 @@ budget, and prints a side-by-side table (test accuracy, AUC, loss, seconds per e
 trained parameters) and where the MLflow runs are.
 
     python jobs/compare_scratch.py --smoke
-    python jobs/compare_scratch.py --data ~/.tlray/datasets/malaria --data.image_size=128 \\
-        --data.batch_size=30 --optim.name=nadam --train.epochs=20 --train.patience=5 \\
-        --model.backbone=resnet50 --model.weights=timm --model.head=mlp --model.freeze=all
-    ray job submit --working-dir . -- python jobs/compare_scratch.py --scaling.use_gpu=true
+    python jobs/compare_scratch.py --data ~/.tlray/datasets/malaria --image-size 128 \\
+        --data.batch_size 30 --optim.name nadam --epochs 20 --train.patience 5 \\
+        --backbone resnet50 --weights timm --model.head mlp --freeze all
+    ray job submit --working-dir . -- python jobs/compare_scratch.py --gpu
 
-Any `--section.key=value` is a config override for both models; `--scratch optim.lr=3e-4`
+Every setting (--section.key VALUE) applies to both models; `--scratch optim.lr=3e-4`
 changes the scratch model's optimizer or head only. A user error is one line on stderr and
 exit status 2.
 """
@@ -19,12 +19,13 @@ exit status 2.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from tlray import cli
+from tlray.cli.jobs import run_job
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(["compare", *(sys.argv[1:] if argv is None else argv)])
+    return run_job("compare", argv, doc=__doc__, prog=Path(__file__).name)
 
 
 if __name__ == "__main__":

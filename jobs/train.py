@@ -1,11 +1,11 @@
-"""One training run: `python jobs/train.py [--config FILE] [--section.key=value ...]`.
+"""One training run: `python jobs/train.py [--config FILE] [--section.key VALUE ...]`.
 
 The same as `tlray train`; handy with `ray job submit --working-dir . -- python jobs/train.py`.
 """
 
 import sys
 
-from tlray.cli import main
+from tlray.cli.jobs import run_job
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(run_job("train", None, doc=__doc__))

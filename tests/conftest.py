@@ -23,7 +23,7 @@ def ray_cluster():
     """
     import ray
 
-    from tlray.session import init_ray
+    from tlray.train.cluster import init_ray
 
     init_ray(num_cpus=4, object_store_memory=1 << 30)
     yield ray
@@ -33,7 +33,7 @@ def ray_cluster():
 @pytest.fixture
 def tlray_home(tmp_path, monkeypatch):
     """A private TLRAY_HOME (datasets, MLflow store, caches) for one test."""
-    from tlray import tracking
+    from tlray.track import runs as tracking
 
     home = tmp_path / "tlray-home"
     monkeypatch.setenv("TLRAY_HOME", str(home))
@@ -67,7 +67,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_db: Path) -> 
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     import mlflow
 
-    from tlray import tracking
+    from tlray.track import runs as tracking
 
     tracking.configure()  # so a test's own MlflowClient() sees this store, not the last one
     yield home

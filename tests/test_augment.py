@@ -8,14 +8,17 @@ import math
 import pytest
 import torch
 
-from tlray import augment, config
+from tlray import config
+from tlray.config.augmentation import Augmentation
+from tlray.config.augmentation import from_config as augmentation_from_config
+from tlray.data import augment
+from tlray.data.preprocess import resize, to_model_input
 from tlray.errors import TlrayError
-from tlray.preprocess import resize, to_model_input
 
 
 def _augmenter(preset: str, *overrides: str, seed: int = 0, rank: int = 0):
     cfg = config.load(None, [f"--data.augment={preset}", *overrides])
-    return augment.Augmenter(augment.from_config(cfg.data), seed, rank)
+    return augment.Augmenter(augmentation_from_config(cfg.data), seed, rank)
 
 
 def _linear(theta: torch.Tensor) -> torch.Tensor:
@@ -96,7 +99,7 @@ def test_digits_keep_the_digit_where_it_is():
 def test_no_augmentation_is_the_plain_resize_and_eval_input_never_changes():
     images = torch.randint(0, 256, (4, 28, 28, 1), dtype=torch.uint8)
     plain = to_model_input(images, (0.5,), (0.5,), (32, 32))
-    none = augment.Augmenter(augment.Augmentation(), seed=0)
+    none = augment.Augmenter(Augmentation(), seed=0)
     torch.testing.assert_close(to_model_input(images, (0.5,), (0.5,), (32, 32), augment=none),
                                plain, rtol=0, atol=0)
     expected = (resize(images.permute(0, 3, 1, 2).float() / 255, (32, 32)) - 0.5) / 0.5
@@ -106,9 +109,9 @@ def test_no_augmentation_is_the_plain_resize_and_eval_input_never_changes():
 def test_preset_fields_override_and_bad_values_are_refused():
     cfg = config.load(None, ["--data.augment=digits", "--data.augment_rotate=25",
                              "--data.augment_hflip=true"])
-    aug = augment.from_config(cfg.data)
+    aug = augmentation_from_config(cfg.data)
     assert (aug.rotate, aug.shift, aug.hflip) == (25, 0.1, True)
-    assert augment.from_config(config.load(None, []).data) == augment.Augmentation()
+    assert augmentation_from_config(config.load(None, []).data) == Augmentation()
     for bad, expected in (("--data.augment=cats", "expected one of none, digits, natural"),
                           ("--data.augment_shift=0.6", "augment_shift: expected a fraction"),
                           ("--data.augment_crop=1.5", "augment_crop: expected an area"),

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from tlray import bench_train
+from tlray.bench import train as bench_train
 
 pytestmark = pytest.mark.ray
 
@@ -47,10 +47,14 @@ def test_tiny_benchmark_reports_both_sides(ray_cluster, tlray_home, tmp_path):
 
 
 def test_cli_arguments_set_the_runner():
+    from tlray.cli import bench_commands
+    from tlray.cli.settings import overrides_from_args
+
     parser = argparse.ArgumentParser()
-    bench_train.add_train_benchmark_arguments(parser)
+    bench_commands.add_train_options(parser)
     args = parser.parse_args(["--backbone", "resnet18", "--image-size", "64", "--workers", "2",
-                              "--threads", "1", "--set", "model.freeze=all", "--json"])
-    assert args.run is bench_train.run_train_benchmark
+                              "--threads", "1", "--set", "model.freeze=all", "--json",
+                              "--train.amp", "false"])
+    assert args.run is bench_commands.train_command
     assert (args.backbone, args.image_size, args.workers, args.threads) == ("resnet18", 64, 2, 1)
-    assert args.overrides == ["model.freeze=all"] and args.json
+    assert overrides_from_args(args) == ["train.amp=false", "model.freeze=all"] and args.json

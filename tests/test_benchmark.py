@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tlray import benchmark
+from tlray.bench import ingest as benchmark
 
 pytestmark = pytest.mark.ray
 

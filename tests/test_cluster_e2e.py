@@ -24,7 +24,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from cluster_helpers import VENV_BIN, MlflowServer, Outage, RayCluster, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]

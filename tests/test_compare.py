@@ -13,8 +13,9 @@ import pytest
 from mlflow import MlflowClient
 
 from tlray import config
-from tlray.compare import COLUMNS, compare, format_comparison
-from tlray.datasets import prepare
+from tlray.compare.experiment import compare
+from tlray.compare.report import COLUMNS, format_comparison
+from tlray.data.prepare import prepare
 from tlray.errors import TlrayError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,10 +100,12 @@ def test_bad_input_fails_before_anything_is_started(tlray_home, capsys):
 
     job = load_job()
     assert job.main(["--model.backbone=scratch_cnn", "--model.weights=none"]) == 2
-    assert job.main(["--smok"]) == 2  # a typo is not an override
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("tlray: error: ") for line in err)
-    assert "nothing to compare" in err[0] and "'--smok'" in err[1]
+    assert len(err) == 1 and err[0].startswith("compare_scratch.py: error: --model.backbone=")
+    assert "nothing to compare" in err[0]
+    with pytest.raises(SystemExit) as typo:
+        job.main(["--smok"])  # a typo is not an override
+    assert typo.value.code == 2 and "unrecognized arguments: --smok" in capsys.readouterr().err
     # Nothing was prepared, tracked or trained.
     assert not (tlray_home / "datasets").exists() and not (tlray_home / "ray_results").exists()
     assert not MlflowClient().search_runs(
@@ -110,7 +113,7 @@ def test_bad_input_fails_before_anything_is_started(tlray_home, capsys):
 
 
 def test_the_scratch_model_trains_on_the_same_augmented_data():
-    from tlray.compare import scratch_config
+    from tlray.compare.experiment import scratch_config
 
     cfg = config.load(None, ["--data.augment=microscopy", "--data.augment_scale=0.05",
                              "--data.image_size=128"])

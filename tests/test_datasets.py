@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tlray.datasets import (decode_images, load_info, parse_fractions, parse_image_size,
-                            prepare, sample_per_class)
+from tlray.data.arrays import from_arrays
+from tlray.data.dataset import decode_images, load_info, sample_per_class
+from tlray.data.prepare import parse_fractions, parse_image_size, prepare
 from tlray.errors import TlrayError
-from tlray.sources import from_arrays
 
 
 def read_split(info, split):
@@ -204,12 +204,12 @@ def test_truncated_idx_is_explained(tmp_path):
 # --- image folders and zips ----------------------------------------------------------------
 
 def write_folder(root: Path, classes=("Parasitized", "Uninfected"), n=12, size=(20, 16),
-                 mode="RGB", fmt="png", seed=0):
+                 mode="RGB", fmt="png", seed=0, first=0):
     rng = np.random.default_rng(seed)
     arrays = {}
     for c in classes:
         (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
+        for i in range(first, first + n):
             shape = (size[1], size[0], len(mode)) if mode != "L" else (size[1], size[0])
             arr = rng.integers(0, 256, shape, dtype=np.uint8)
             Image.fromarray(arr, mode).save(root / c / f"img{i:03d}.{fmt}")
@@ -259,18 +259,19 @@ def test_rgba_and_grey_mix_becomes_rgb(tmp_path):
 def test_mixed_sizes_need_image_size(tmp_path):
     write_folder(tmp_path / "f", classes=("x",), size=(20, 16))
     write_folder(tmp_path / "f", classes=("y",), size=(24, 24))
-    with pytest.raises(TlrayError, match="differ in size.*--image-size"):
+    with pytest.raises(TlrayError, match=r"(?s)24x24 \(HxW\), where the others are 16x20.*"
+                                         r"--image-size HxW"):
         prepare(str(tmp_path / "f"), tmp_path / "out", progress=False)
     info = prepare(str(tmp_path / "f"), tmp_path / "out", image_size=(12, 12), progress=False)
     assert info.image_shape == (12, 12, 3)
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("truncate", "img003.png: cannot decode image"),
+    ("truncate", "img003.png: not a readable image"),
     ("text", "img003.png: not a readable image"),
     ("other-file", "notes.txt: not an image file"),
     ("empty-class", "class folder 'Empty' contains no images"),
-    ("stray", "stray.png' is not inside a class folder"),
+    ("stray", "stray.png: not inside a class folder"),
 ])
 def test_bad_folders_are_explained(tmp_path, damage, message):
     write_folder(tmp_path / "f")
@@ -289,6 +290,47 @@ def test_bad_folders_are_explained(tmp_path, damage, message):
         prepare(str(tmp_path / "f"), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.*"))  # no temporary leftovers
+
+
+def test_strict_prepare_names_every_problem_at_once(tmp_path):
+    # Three different problems, one run to learn about all of them; system files are no
+    # problem at all (they are ignored, and dataset.json says so).
+    write_folder(tmp_path / "f")
+    write_folder(tmp_path / "f", classes=("Uninfected",), size=(24, 24), n=1, seed=5,
+                 first=100)  # one image of another size
+    (tmp_path / "f" / "Parasitized" / "notes.txt").write_text("scanned on Monday")
+    truncated = tmp_path / "f" / "Uninfected" / "img003.png"
+    truncated.write_bytes(truncated.read_bytes()[:200])  # its header still reads fine
+    for junk in (".DS_Store", "Thumbs.db"):
+        (tmp_path / "f" / "Parasitized" / junk).write_bytes(b"\0\1")
+    with pytest.raises(TlrayError) as error:
+        prepare(str(tmp_path / "f"), tmp_path / "out", progress=False)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'f'}: 3 problem(s), nothing was written")
+    assert "Parasitized/notes.txt: not an image file" in message
+    assert "Uninfected/img003.png: not a readable image" in message
+    assert "Uninfected/img100.png: 24x24 (HxW), where the others are 16x20" in message
+    assert "DS_Store" not in message and "Thumbs" not in message
+    assert not (tmp_path / "out").exists()
+
+    (tmp_path / "f" / "Parasitized" / "notes.txt").unlink()
+    truncated.unlink()
+    info = prepare(str(tmp_path / "f"), tmp_path / "out", image_size=(16, 20), progress=False)
+    assert info.ignored == {"count": 3, "examples": ["Parasitized/.DS_Store",
+                                                     "Parasitized/Thumbs.db",
+                                                     "Uninfected/Thumbs.db"]}
+
+
+def test_the_problem_list_is_cut_after_twenty_and_counted_by_kind(tmp_path):
+    write_folder(tmp_path / "f")
+    for i in range(25):
+        (tmp_path / "f" / "Uninfected" / f"note{i:02d}.txt").write_text("x")
+    with pytest.raises(TlrayError) as error:
+        prepare(str(tmp_path / "f"), tmp_path / "out", progress=False)
+    lines = str(error.value).splitlines()
+    assert lines[0].endswith("25 problem(s), nothing was written:")
+    assert len([line for line in lines if "not an image file" in line]) == 20
+    assert "  and 5 more non-image" in lines
 
 
 def test_corrupt_images_can_be_skipped_and_are_listed(tmp_path, capsys):
@@ -322,7 +364,7 @@ def test_half_written_dataset_is_explained(tmp_path):
     (tmp_path / "d" / "dataset.json").unlink()
     with pytest.raises(TlrayError, match="dataset.json is missing"):
         load_info(tmp_path / "d")
-    with pytest.raises(TlrayError, match="pass --force"):
+    with pytest.raises(TlrayError, match="tlray prepare SOURCE .* --force"):
         prepare("builtin:mnist", tmp_path / "d", progress=False)
     assert prepare("builtin:mnist", tmp_path / "d", force=True, progress=False).splits
 

@@ -13,12 +13,17 @@ import torch
 import torch.nn.functional as F
 from mlflow import MlflowClient
 
-from tlray import config, features, trainer
-from tlray.datasets import decode_images, prepare
+from tlray import config
+from tlray.data.dataset import decode_images
+from tlray.data.ingest import iter_image_batches, read_split
+from tlray.data.prepare import prepare
+from tlray.data.preprocess import to_model_input
 from tlray.errors import TlrayError
-from tlray.ingest import iter_image_batches, read_split
-from tlray.preprocess import to_model_input
-from tlray.models import build_model, freeze_groups, model_groups
+from tlray.model import feature_cache as features
+from tlray.model.build import build_model, freeze_groups, model_groups
+from tlray.model.cut import split_model
+from tlray.train.plan import check_model, preflight, resolve_dataset
+from tlray.train.run import train
 
 CASES = [("tf_efficientnet_lite0", "packaged", "3", "blocks.1"),
          ("tf_efficientnet_lite0", "packaged", "all", "global_pool"),
@@ -26,6 +31,10 @@ CASES = [("tf_efficientnet_lite0", "packaged", "3", "blocks.1"),
          ("resnet18", "none", "all", "global_pool"),
          ("scratch_cnn", "none", "2", "features.1"),
          ("scratch_cnn", "none", "all", "dense.0")]  # dense.1 is a dropout: not cacheable
+
+
+def train_config(cfg):
+    return train(preflight(cfg))
 
 
 def _trainable_grads(model):
@@ -37,7 +46,7 @@ def test_cached_and_uncached_training_give_the_same_gradients(backbone, weights,
     torch.manual_seed(0)
     model, minfo = build_model(backbone, 10, in_chans=1, img_size=32, weights=weights,
                                freeze=freeze)
-    split = features.split_model(model, minfo.data_config["input_size"])
+    split = split_model(model, minfo.data_config["input_size"])
     assert split is not None and split.cut == cut
     # Every trainable parameter of the model is in the rest, and nothing else trains.
     rest_params = {id(p) for p in split.rest.parameters() if p.requires_grad}
@@ -63,11 +72,11 @@ def test_cached_and_uncached_training_give_the_same_gradients(backbone, weights,
 
 def test_nothing_to_cache_without_frozen_groups_or_with_random_layers():
     model, _ = build_model("resnet18", 10, img_size=32, weights="none", freeze=0)
-    assert features.split_model(model, (3, 32, 32)) is None
+    assert split_model(model, (3, 32, 32)) is None
     # Drop-path makes frozen blocks random in training mode: the cut stops before them.
     model = timm.create_model("tf_efficientnet_lite0", num_classes=10, drop_path_rate=0.2)
     freeze_groups(model, [names for _, names in model_groups(model)[:4]])
-    split = features.split_model(model, (3, 32, 32))
+    split = split_model(model, (3, 32, 32))
     # The first block's drop-path rate is 0 (timm scales it up with depth); blocks.1 has one.
     assert split is not None and split.cut == "blocks.0"
     assert not any(getattr(m, "drop_prob", 0) for m in split.front.modules())
@@ -76,7 +85,7 @@ def test_nothing_to_cache_without_frozen_groups_or_with_random_layers():
 def test_cache_key_follows_the_front_weights_and_input():
     model, minfo = build_model("resnet18", 10, img_size=32, weights="none", freeze=2)
     fake = type("Info", (), {"fingerprint": "abc"})()  # only the dataset's identity counts
-    split = features.split_model(model, (3, 32, 32))
+    split = split_model(model, (3, 32, 32))
     key = features.cache_key(split, fake, minfo.data_config, 32)
     assert features.cache_key(split, fake, minfo.data_config, 32) == key
     assert features.cache_key(split, fake, minfo.data_config, 64) != key
@@ -95,7 +104,7 @@ def test_cache_on_disk_holds_exactly_the_front_outputs(ray_cluster, tlray_home, 
     info = prepare("builtin:mnist", progress=False)
     model, minfo = build_model("tf_efficientnet_lite0", 10, in_chans=1, img_size=32,
                                freeze="3")
-    split = features.split_model(model, minfo.data_config["input_size"])
+    split = split_model(model, minfo.data_config["input_size"])
     mean, std = minfo.data_config["mean"], minfo.data_config["std"]
     uri = str(tmp_path / "cache")
     cache = features.build(split, info, uri, mean=mean, std=std, size=32)
@@ -125,7 +134,7 @@ def test_cache_on_disk_holds_exactly_the_front_outputs(ray_cluster, tlray_home, 
 
     # It is not a dataset of images to train on.
     with pytest.raises(TlrayError, match="is a feature cache of"):
-        trainer.resolve_dataset(uri)
+        resolve_dataset(uri)
 
     # A second build finds the finished cache and leaves it alone.
     stamp = (Path(uri) / "dataset.json").stat().st_mtime_ns
@@ -156,7 +165,7 @@ def test_linear_probe_trains_from_the_cache_and_the_model_works_on_images(ray_cl
                                                                           tlray_home):
     info = prepare("builtin:mnist", progress=False)
     cfg = config.load(None, SMALL + [f"--data.dataset={info.uri}", "--model.freeze=all"])
-    result = trainer.train(cfg)
+    result = train_config(cfg)
     run = MlflowClient().get_run(result.run_id)
     cache_uri = run.data.tags["feature_cache"]
     assert cache_uri.rsplit("/", 2)[-2] == "feature_cache"
@@ -171,10 +180,10 @@ def test_linear_probe_trains_from_the_cache_and_the_model_works_on_images(ray_cl
     import mlflow.pytorch
 
     logged = mlflow.pytorch.load_model(result.model_uri, device="cpu")
-    from tlray.datasets import load_info
+    from tlray.data.dataset import load_info
 
     data = load_info(info.uri)
-    _, minfo = trainer.check_model(cfg, data)
+    _, minfo = check_model(cfg, data)
     correct = total = 0
     for uri_ in data.shard_uris("test"):
         table = pq.read_table(uri_)
@@ -189,7 +198,7 @@ def test_linear_probe_trains_from_the_cache_and_the_model_works_on_images(ray_cl
     # A second run with the same data, weights and freeze depth reuses the cache as it is,
     # here with 2 DDP workers, each training on its own part of the cached rows.
     stamp = (Path(cache_uri) / "dataset.json").stat().st_mtime_ns
-    again = trainer.train(config.load(None, SMALL + [f"--data.dataset={info.uri}",
+    again = train_config(config.load(None, SMALL + [f"--data.dataset={info.uri}",
                                                      "--model.freeze=all", "--optim.lr=0.02",
                                                      "--scaling.num_workers=2",
                                                      "--scaling.cpus_per_worker=0.5",
@@ -204,7 +213,7 @@ def test_feature_cache_never_trains_on_images(ray_cluster, tlray_home):
     cfg = config.load(None, SMALL + [f"--data.dataset={info.uri}", "--model.freeze=all",
                                      "--train.feature_cache=never", "--train.epochs=1",
                                      "--tracking.log_model=false"])
-    result = trainer.train(cfg)
+    result = train_config(cfg)
     tag = MlflowClient().get_run(result.run_id).data.tags["feature_cache"]
     assert tag.startswith("not used")
     assert not (Path(tlray_home) / "ray_results" / "feature_cache").exists()
@@ -219,14 +228,14 @@ def test_augmented_training_runs_on_images_and_only_validation_reads_the_cache(r
     caches = Path(tlray_home) / "ray_results" / "feature_cache"
 
     # auto: no cache exists, and one only for validation does not pay for its building.
-    auto = trainer.train(config.load(None, common + ["--train.feature_cache=auto"]))
+    auto = train_config(config.load(None, common + ["--train.feature_cache=auto"]))
     assert tags(auto)["feature_cache"].startswith("not used: training images are augmented")
     assert not caches.exists()
     # always: the cache is built, and validation reads it; training still runs on images.
-    cached = trainer.train(config.load(None, common + ["--train.feature_cache=always"]))
+    cached = train_config(config.load(None, common + ["--train.feature_cache=always"]))
     assert tags(cached)["feature_cache"].startswith(str(caches))
     assert tags(cached)["feature_cache_reason"].startswith("validation only")
-    plain = trainer.train(config.load(None, common + ["--train.feature_cache=never"]))
+    plain = train_config(config.load(None, common + ["--train.feature_cache=never"]))
 
     # Augmented training went through the whole model on images every time: the same seed
     # gives the same epoch, loss for loss, with the cache or without.
@@ -244,7 +253,7 @@ def test_augmented_training_runs_on_images_and_only_validation_reads_the_cache(r
 
 
 def test_sweep_benchmark_times_both_sides_of_the_same_sweep(ray_cluster, tlray_home, tmp_path):
-    from tlray import bench_sweep
+    from tlray.bench import sweep as bench_sweep
 
     info = prepare("builtin:mnist", progress=False)
     result = bench_sweep.sweep_benchmark(
@@ -282,7 +291,7 @@ def test_sweep_benchmark_times_both_sides_of_the_same_sweep(ray_cluster, tlray_h
     ("tune.trials_per_gpus=4,1", "unknown setting"),
 ])
 def test_sweep_benchmark_refuses_a_bad_comparison(spec, message):
-    from tlray import bench_sweep
+    from tlray.bench import sweep as bench_sweep
     from tlray.errors import TlrayError
 
     assert bench_sweep.parse_compare("tune.trials_per_gpu=4,1") == (
@@ -297,7 +306,7 @@ def test_cache_built_on_the_gpu_matches_the_cpu(tlray_home, tmp_path):
     info = prepare("builtin:mnist", progress=False)
     model, minfo = build_model("tf_efficientnet_lite0", 10, in_chans=1, img_size=64,
                                freeze="all")
-    split = features.split_model(model, minfo.data_config["input_size"])
+    split = split_model(model, minfo.data_config["input_size"])
     kwargs = dict(mean=minfo.data_config["mean"], std=minfo.data_config["std"], size=64)
     cpu = features.build(split, info, str(tmp_path / "cpu"), **kwargs)
     gpu = features.build(split, info, str(tmp_path / "gpu"), device="cuda", amp=True, **kwargs)

@@ -11,10 +11,11 @@ import pytest
 import ray.cloudpickle
 import torch
 
-from tlray.datasets import prepare, read_shard
-from tlray.ingest import exact_split_data_config, iter_image_batches, read_split
-from tlray.preprocess import to_model_input
-from tlray.sources import from_arrays
+from tlray.data.arrays import from_arrays
+from tlray.data.dataset import read_shard
+from tlray.data.ingest import exact_split_data_config, iter_image_batches, read_split
+from tlray.data.prepare import prepare
+from tlray.data.preprocess import to_model_input
 
 pytestmark = pytest.mark.ray
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers can't import tests/
@@ -30,7 +31,8 @@ def collect_ids(cfg):
     for _ in range(cfg["epochs"]):
         ids, sizes = [], []
         for images, labels, batch_ids in iter_image_batches(shard, cfg["shape"], 7,
-                                                            shuffle=True, with_ids=True):
+                                                            shuffle=torch.Generator(),
+                                                            with_ids=True):
             assert images.dtype == torch.uint8 and tuple(images.shape[1:]) == cfg["shape"]
             assert labels.dtype == torch.int64 and len(labels) == len(images)
             ids += batch_ids
@@ -71,16 +73,17 @@ def test_two_workers_see_every_row_exactly_once_per_epoch(ray_cluster, tmp_path)
 def test_read_split_batches_match_shards(ray_cluster, tmp_path, monkeypatch, cache, shuffle,
                                          local):
     # local: a small cached split is read by this process; otherwise by Ray Data's tasks.
-    import tlray.ingest
+    import tlray.data.ingest
 
-    monkeypatch.setattr(tlray.ingest, "LOCAL_READ_BYTES", 2**30 if local else 0)
+    monkeypatch.setattr(tlray.data.ingest, "LOCAL_READ_BYTES", 2**30 if local else 0)
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (50, 5, 4, 1), dtype=np.uint8)
     info = prepare(from_arrays(images, np.arange(50) % 2), tmp_path / "ds",
                    fractions={"train": 1.0}, rows_per_shard=8, progress=False)
     got, sizes = {}, []
     dataset = read_split(info, "train", shuffle=True, cache=cache)
-    for x, y, ids in iter_image_batches(dataset, info.image_shape, 16, shuffle=shuffle,
+    for x, y, ids in iter_image_batches(dataset, info.image_shape, 16,
+                                        shuffle=torch.Generator() if shuffle else None,
                                         with_ids=True):
         sizes.append(len(ids))
         for image, label, row in zip(x.numpy(), y.numpy(), ids):
@@ -100,14 +103,14 @@ def test_read_split_batches_match_shards(ray_cluster, tmp_path, monkeypatch, cac
 def test_rebatch_cuts_exact_batches_and_shuffles_across_blocks():
     import pyarrow as pa
 
-    from tlray.ingest import rebatch
+    from tlray.data.ingest import rebatch
 
     blocks = [pa.table({"id": list(range(start, stop))})
               for start, stop in ((0, 5), (5, 6), (6, 17), (17, 23))]
 
     def ids(shuffle, seed=0):
-        torch.manual_seed(seed)
-        batches = list(rebatch(iter(blocks), 4, shuffle=shuffle))
+        generator = torch.Generator().manual_seed(seed) if shuffle else None
+        batches = list(rebatch(iter(blocks), 4, shuffle=generator))
         assert [b.num_rows for b in batches] == [4, 4, 4, 4, 4, 3]
         return [i for b in batches for i in b.column("id").to_pylist()]
 
@@ -133,7 +136,8 @@ def read_and_iterate(info, batch_size):
     """In a placement group that holds every CPU of the cluster, as sweep trials can."""
     ds = read_split(info, "train", cache=True).randomize_block_order(seed=0)
     return sum(len(labels) for _, labels in iter_image_batches(ds, info.image_shape,
-                                                                batch_size, shuffle=True))
+                                                                batch_size,
+                                                                shuffle=torch.Generator()))
 
 
 def test_a_small_cached_split_needs_no_free_cpu(ray_cluster, tmp_path):

@@ -69,7 +69,7 @@ def tlray_reads() -> set[str]:
     """Environment variables tlray's code reads, from its source."""
     pattern = re.compile(r"""(?:environ(?:\.get|\.setdefault)?\(?\[?|getenv\()\s*"""
                          r"""["']([A-Z][A-Z0-9_]+)["']""")
-    return {m for p in (ROOT / "tlray").glob("*.py") for m in pattern.findall(p.read_text())}
+    return {m for p in (ROOT / "tlray").rglob("*.py") for m in pattern.findall(p.read_text())}
 
 
 def _pod_templates(obj: dict) -> list[tuple[str, dict]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -17,9 +19,11 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from tlray import logged_model, registry, tracking
+from tlray.data.preprocess import to_channels, to_model_input
 from tlray.errors import TlrayError
-from tlray.preprocess import to_channels, to_model_input
+from tlray.serve import log_model as logged_model
+from tlray.track import registry
+from tlray.track import runs as tracking
 
 CLASSES = ["cat", "dog", "fish"]
 PRE = {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3], "size": [16, 16], "channels": 3}
@@ -111,7 +115,8 @@ def test_the_tensor_network_and_the_shipped_code_are_in_the_same_model(logged) -
             torch.testing.assert_close(tensor(x), model(x), rtol=1e-4, atol=1e-5)
 
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
-    assert sorted(p.name for p in (local / "code" / "tlray").glob("*.py")) == sorted(
+    shipped = local / "code" / "tlray"
+    assert sorted(p.relative_to(shipped).as_posix() for p in shipped.rglob("*.py")) == sorted(
         logged_model.SHIPPED_MODULES)
     assert (local / "artifacts" / "network" / "model.pt2").is_file()
     mlmodel = mlflow.models.Model.load(str(local))
@@ -192,15 +197,15 @@ def test_champion_moves_only_on_better_metric(home: Path) -> None:
         assert not torch.allclose(champion(x), models[0](x))
 
     # Another metric: the champion has no test_loss tag and keeps the alias.
-    loss = registry.register_champion(uris[0], name, "test_loss", 0.2, higher_is_better=False)
+    loss = registry.register_champion(uris[0], name, "test_loss", 0.2, mode="min")
     assert loss.moved is False and loss.champion_version == 3
     assert math.isnan(loss.previous[1])
     assert "no test_loss tag" in registry.alias_note(loss, "test_loss", 0.2)
 
 
 def test_runs_record_their_splits_and_the_models_metrics(home: Path, tmp_path: Path) -> None:
-    from tlray.datasets import prepare
-    from tlray.sources import from_arrays
+    from tlray.data.arrays import from_arrays
+    from tlray.data.prepare import prepare
 
     info = prepare(from_arrays(_pixels((30, 6, 6, 1)), np.repeat([0, 1, 2], 10)),
                    tmp_path / "tiny", progress=False)
@@ -228,3 +233,24 @@ def test_runs_record_their_splits_and_the_models_metrics(home: Path, tmp_path: P
                       "test_acc": (3, 0.8)}
     history = MlflowClient().get_metric_history(run.info.run_id, "val_acc")
     assert sorted(m.step for m in history) == [1, 2, 3]  # linking added no second entry
+
+
+def test_the_model_serves_with_nothing_of_tlray_but_what_it_ships(logged, tmp_path) -> None:
+    # A fresh process that cannot import the installed tlray: the model's own copy must do.
+    local = mlflow.artifacts.download_artifacts(logged[1].model_uri, dst_path=str(tmp_path))
+    code = f"""
+import sys
+sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f)]
+import mlflow, numpy as np
+model = mlflow.pyfunc.load_model({local!r})
+print(model.predict(np.zeros((2, 16, 16, 3), np.uint8)).shape)
+used = sorted(m.__file__ for name, m in sys.modules.items() if name.startswith("tlray"))
+assert all(f.startswith({local!r}) for f in used), used
+print(len(used))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-2] == f"(2, {len(CLASSES) + 1})"  # label and each class probability
+    assert int(lines[-1]) == len(logged_model.SHIPPED_MODULES)

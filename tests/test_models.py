@@ -11,14 +11,14 @@ from timm.layers import FrozenBatchNormAct2d
 from torch import nn
 
 from tlray.errors import TlrayError
-from tlray.models import (
+from tlray.model.build import (
     MLPHead,
     build_model,
     describe_backbone,
     format_groups,
     model_groups,
 )
-from tlray.weights import classifier_names
+from tlray.model.weights import classifier_names
 
 # ImageNet classes a photo of a Chinese palace/temple may fairly land in.
 BUILDING_CLASSES = {698, 663, 497, 538, 442, 832, 668, 483, 449}  # palace, monastery, church, ...
@@ -219,3 +219,14 @@ def test_bad_input_raises_a_helpful_error(kwargs: dict[str, object], expected: l
         build_model(**args)  # type: ignore[arg-type]
     for text in expected:
         assert text in str(excinfo.value)
+
+
+@pytest.mark.parametrize("typo, first", [("efficientnet_bO", "efficientnet_b0"),
+                                         ("EfficientNet_B0", "efficientnet_b0"),
+                                         ("resnetl8", "resnet18"), ("resnet5O", "resnet50")])
+def test_look_alike_typos_suggest_the_intended_backbone_first(typo: str, first: str) -> None:
+    from tlray.cli.main import main
+
+    with pytest.raises(TlrayError, match=f"did you mean {first},"):
+        build_model(typo, 10, weights="none")
+    assert main(["models", "describe", typo]) == 2

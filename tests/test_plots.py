@@ -1,4 +1,4 @@
-"""tlray.plots: structure of each figure, and PNGs that really are PNGs."""
+"""tlray.track.plots: structure of each figure, and PNGs that really are PNGs."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
-from tlray import plots
 from tlray.errors import TlrayError
+from tlray.track import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLASSES = [str(d) for d in range(10)]

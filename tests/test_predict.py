@@ -1,4 +1,4 @@
-"""tlray.predict against a real SQLite MLflow store and real logged tlray models (no mocks).
+"""tlray.serve.predict against a real SQLite MLflow store and real logged tlray models (no mocks).
 
 The models are tiny but real: logits are a function of an image's mean brightness, so the
 right answer is known for every generated image (class k = brightness near k*100) and a
@@ -20,9 +20,14 @@ import pytest
 import torch
 from PIL import Image
 
-from tlray import datasets, logged_model, registry, sources, tracking
+from tlray.data import arrays
+from tlray.data import dataset as datasets
+from tlray.data.prepare import prepare
 from tlray.errors import TlrayError
-from tlray.predict import predict, write_csv_atomic
+from tlray.serve import log_model as logged_model
+from tlray.serve.predict import predict, write_csv_atomic
+from tlray.track import registry
+from tlray.track import runs as tracking
 
 CLASSES = ["0", "1", "2"]  # the class names `prepare` gives Kaggle labels 0, 1, 2
 SIZE = [12, 12]  # model input size; the generated images are other sizes (8x8, 10x10, ...)
@@ -166,7 +171,7 @@ def test_kaggle_dataset_predict_split_is_a_submission_in_test_csv_order(work: Pa
     test_levels = [100, 200, 0, 0, 200, 100, 100]
     _write_pixel_csv(kaggle / "test.csv", _images(test_levels, seed=2))
     dest = work / "prepared"
-    datasets.prepare(str(kaggle), dest, rows_per_shard=3, progress=False)  # 3 predict shards
+    prepare(str(kaggle), dest, rows_per_shard=3, progress=False)  # 3 predict shards
 
     frame = predict("models:/bright@champion", dest, verbose=False)
     assert frame.attrs["path"] == str(work / "submission.csv")
@@ -187,9 +192,9 @@ def test_rgb_dataset_on_a_grey_model_uses_luminance(work: Path) -> None:
     white = np.full((10, 6, 6, 3), 255, np.uint8)
     black = np.zeros((10, 6, 6, 3), np.uint8)
     labels = np.repeat([1, 2, 0], 10)
-    src = sources.from_arrays(np.concatenate([red, white, black]), labels)
+    src = arrays.from_arrays(np.concatenate([red, white, black]), labels)
     dest = work / "colours"
-    datasets.prepare(src, dest, progress=False)
+    prepare(src, dest, progress=False)
 
     frame = predict("models:/bright@champion", dest, verbose=False)
     assert len(frame) == datasets.load_info(dest).splits["test"].rows == 3

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import re
 
-from tlray.loop import EpochTicker, format_seconds
-from tlray.session import PROGRESS_LINES
-from tlray.sweep import SweepClock
+from tlray.train.progress import PROGRESS_LINES, EpochTicker, format_seconds
+from tlray.tune.clock import SweepClock
 
 
 def _run(ticks, total=20_000, say=True):
@@ -39,13 +38,20 @@ def test_durations_read_as_a_person_reads_them():
         "0s", "1m00s", "1m01s", "59m59s", "1h00m", "2h02m", "?"]
 
 
-def test_the_sweep_says_its_remaining_time_once_every_running_trial_has_an_epoch():
-    clock = SweepClock(trials=4, epochs=5, concurrency=2)
-    assert clock.observe("a", 1, 10.0, started=["a"]) is None  # the second has not started
-    assert clock.observe("a", 2, 10.0, started=["a", "b"]) is None  # b has no epoch yet
-    line = clock.observe("b", 1, 25.0, started=["a", "b"])
-    # (5 - 2) + (5 - 1) epochs of the two running, 2 x 5 of the two to come: 17 at 15 s,
-    # two at a time.
-    assert line == ("sweep: at most 2m08s left (17 trial epochs to go at ~15 s each, 2 at a "
-                    "time; ASHA stops some trials early)")
-    assert clock.observe("a", 3, 10.0, started=["a", "b"]) is None  # said once
+def test_the_sweep_estimates_each_trial_at_its_own_kinds_epoch_time():
+    # Two at a time; the design plans freeze 3, 3, 0, 0; depth 0 epochs cost more.
+    clock = SweepClock(trials=4, epochs=5, concurrency=2, kinds=["3", "3", "0", "0"])
+    assert clock.observe("a", "3", 1, 10.0, started=["a"]) is None  # b has not started
+    assert clock.observe("a", "3", 2, 10.0, started=["a", "b"]) is None  # b has no epoch
+    line = clock.observe("b", "3", 1, 10.0, started=["a", "b"])
+    # (5 - 2) + (5 - 1) epochs at 10 s, then 2 x 5 of depth 0, not seen yet: the mean, 10 s.
+    assert line == ("sweep: about 1m25s left (17 trial epochs to go; an epoch takes ~10 s at "
+                    "freeze 3; 2 at a time; ASHA may stop some trials early)")
+    assert clock.observe("a", "3", 3, 10.0, started=["a", "b"]) is None  # said once
+    # a ends (ASHA stopped it); c starts, at depth 0, and shows what depth 0 costs.
+    clock.trial_ended("a", started=["a", "b", "c"])
+    clock.observe("c", "0", 1, 40.0, started=["a", "b", "c"])
+    line = clock.trial_ended("b", started=["a", "b", "c"])
+    # c: 4 epochs at 40 s; d (depth 0, still to come): 5 at 40 s; two at a time.
+    assert line.startswith("sweep: about 3m00s left (9 trial epochs to go; an epoch takes "
+                           "~40 s at freeze 0, ~10 s at freeze 3;")

@@ -19,13 +19,15 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from cluster_helpers import VENV_BIN, free_port, kill_groups, start_group, wait_for
 from mlflow import MlflowClient
 from PIL import Image
 
-from cluster_helpers import VENV_BIN, free_port, kill_groups, start_group, wait_for
-from tlray import config, sweep
-from tlray.datasets import iter_split, prepare
-from tlray.predict import predict
+from tlray import config
+from tlray.data.dataset import iter_split
+from tlray.data.prepare import prepare
+from tlray.serve.predict import predict
+from tlray.tune import sweep
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -45,7 +47,7 @@ def champion(ray_cluster, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TLRAY_HOME", str(home))
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        from tlray import tracking
+        from tlray.track import runs as tracking
 
         uri = tracking.configure()
         info = prepare("builtin:mnist", progress=False)

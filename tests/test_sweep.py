@@ -15,10 +15,12 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from tlray import config, sweep
-from tlray.datasets import prepare
+from tlray import config
+from tlray.data.prepare import prepare
 from tlray.errors import TlrayError
-from tlray.predict import predict
+from tlray.serve.predict import predict
+from tlray.tune import sweep
+from tlray.tune.space import freeze_choices, spread_trials
 
 pytestmark = pytest.mark.ray
 
@@ -61,7 +63,7 @@ def test_sweep_registers_champion_and_a_worse_one_does_not_move_it(ray_cluster, 
     runs = children(first.parent_run_id)
     assert len(runs) == 4
     # The stratified search ran exactly the trials it spread over the space.
-    planned = sweep.spread_trials(cfg, ["0", "2", "all"])
+    planned = spread_trials(cfg, ["0", "2", "all"])
     assert sorted((t["model.freeze"], t["optim.lr"]) for t in first.trials) == sorted(
         (p["model.freeze"], p["optim.lr"]) for p in planned)
     assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)
@@ -95,15 +97,15 @@ def test_sweep_registers_champion_and_a_worse_one_does_not_move_it(ray_cluster, 
     assert model is not None
 
 
-def test_a_trial_whose_process_dies_resumes_from_its_checkpoint(ray_cluster, mnist):
+def test_a_trial_whose_process_dies_resumes_from_its_checkpoint(ray_cluster, mnist,
+                                                                monkeypatch):
     # A one-worker trial trains in the Tune trial's own process (no Train controller or
     # workers), so a dead worker is a dead trial: Tune starts it again, from the checkpoint
     # it reported last, in a new process and a new MLflow run.
     steps_per_epoch = -(-mnist.splits["train"].rows // 64)
+    monkeypatch.setenv("TLRAY_TEST_FAULT", f"kill:rank=0:step={steps_per_epoch + 3}")
     cfg = config.load(None, SMALL + [f"--data.dataset={mnist.uri}", "--tune.num_samples=1",
-                                     "--tune.freeze=all", "--tune.max_failures=1",
-                                     "--train.kill_rank=0",
-                                     f"--train.kill_at_step={steps_per_epoch + 3}"])
+                                     "--tune.freeze=all", "--tune.max_failures=1"])
     result = sweep.sweep(cfg)
 
     assert [t["status"] for t in result.trials] == ["COMPLETED"]
@@ -120,7 +122,7 @@ def test_a_trial_whose_process_dies_resumes_from_its_checkpoint(ray_cluster, mni
 
 def mnist_test_csv(path, info):
     """Unlabelled pixel rows from the dataset's test split, as Kaggle's test.csv."""
-    from tlray.datasets import sample_per_class
+    from tlray.data.dataset import sample_per_class
 
     images, _ = sample_per_class(info, "test", per_class=3)
     pixels = images.reshape(len(images), -1)
@@ -194,7 +196,7 @@ def test_bad_sweep_input_fails_before_any_trial(ray_cluster, mnist):
 
 def test_small_inputs_share_a_gpu_between_trials():
     from tlray import config as config_mod
-    from tlray.sweep import share_gpus
+    from tlray.tune.trial import share_gpus
 
     def share(*overrides):
         cfg = config_mod.load(None, ["--scaling.use_gpu=true", *overrides])
@@ -215,7 +217,7 @@ def test_stratified_trials_cover_learning_rate_and_freeze_depth():
 
     def trials(*overrides):
         cfg = config.load(None, ["--tune.lr_min=1e-4", "--tune.lr_max=1e-2", *overrides])
-        return sweep.spread_trials(cfg, sweep.freeze_choices(cfg, tuple("abcdefgh")))
+        return spread_trials(cfg, freeze_choices(cfg, tuple("abcdefgh")))
 
     four = trials("--tune.freeze=0,1,3", "--tune.num_samples=4")
     assert {t["model.freeze"] for t in four} == {"0", "1", "3"}  # every depth, one twice
@@ -234,7 +236,7 @@ def test_stratified_trials_cover_learning_rate_and_freeze_depth():
 
 
 def test_regret_trains_every_config_the_sweep_stopped_to_the_end(ray_cluster, mnist, tmp_path):
-    from tlray import bench_sweep
+    from tlray.bench import sweep as bench_sweep
 
     # One trial at a time: ASHA sees results in one order every time, so it stops the same
     # trials every time. Seed 4 plans freeze 0, then 2, then the head-only probe of a

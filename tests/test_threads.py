@@ -8,7 +8,7 @@ import sys
 import pytest
 import ray.cloudpickle
 
-from tlray.threads import borrowed_threads, own_threads
+from tlray.train.threads import borrowed_threads, own_threads
 
 pytestmark = pytest.mark.ray
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers can't import tests/

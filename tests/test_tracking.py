@@ -1,4 +1,4 @@
-"""tlray.tracking against a real SQLite MLflow store in a temporary TLRAY_HOME (no mocks)."""
+"""tlray.track.runs against a real SQLite MLflow store in a temporary TLRAY_HOME (no mocks)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from tlray import tracking
 from tlray.errors import TlrayError
+from tlray.track import runs as tracking
 
 
 def _status(run_id: str) -> str:
@@ -197,7 +197,7 @@ def test_epoch_metrics_logged_per_step_and_non_finite_skipped(
         {"train_loss": math.nan, "val_acc": np.float32(0.875)},
     ]
     with tracking.start_run("metrics") as run:
-        with caplog.at_level(logging.WARNING, logger="tlray.tracking"):
+        with caplog.at_level(logging.WARNING, logger="tlray.track.runs"):
             for epoch, row in enumerate(rows):
                 tracking.log_epoch_metrics(row, epoch)
             assert tracking.log_epoch_metrics({"val_auc": math.inf}, 3) == {}
@@ -213,7 +213,7 @@ def test_epoch_metrics_logged_per_step_and_non_finite_skipped(
 
 
 def test_log_figure_writes_png_artifact(home: Path) -> None:
-    from tlray import plots
+    from tlray.track import plots
 
     fig = plots.learning_curves([{"epoch": 1, "train_loss": 1.0}, {"epoch": 2, "train_loss": 0.5}])
     with tracking.start_run("figures") as run:

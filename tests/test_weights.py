@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from tlray.errors import TlrayError
-from tlray.models import MLPHead, build_model
+from tlray.model.build import MLPHead, build_model
+from tlray.model.weights import packaged_weights_path, parse_weights
 from tlray.paths import cache_dir
-from tlray.weights import packaged_weights_path, parse_weights
 
 BACKBONE = "test_efficientnet"
 
@@ -255,7 +255,7 @@ def test_hub_weights_in_the_local_cache_load_without_network(tmp_path: Path) -> 
     script = textwrap.dedent(
         f"""
         import safetensors.torch, torch
-        from tlray.models import build_model
+        from tlray.model.build import build_model
         hub = safetensors.torch.load_file({str(snapshot / "model.safetensors")!r})
         model, info = build_model({BACKBONE!r}, 4, in_chans=1, weights="timm")
         assert torch.equal(model.conv_stem.weight, hub["conv_stem.weight"].sum(1, keepdim=True))
@@ -295,7 +295,7 @@ def logged_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[nn.
             "tlray-weights", artifact_location=str(root / "artifacts")
         )
         model = _trained(in_chans=1, classes=3, head="mlp", freeze=2)
-        from tlray.logged_model import log_model
+        from tlray.serve.log_model import log_model
 
         with mlflow.start_run(experiment_id=experiment) as run:
             digits = np.random.default_rng(0).integers(0, 256, (2, 28, 28, 1), dtype=np.uint8)

@@ -1,10 +1,11 @@
-"""tlray: distributed transfer learning with timm, Ray Train/Tune/Data and MLflow."""
+"""tlray: distributed transfer learning with timm, Ray Train/Tune/Data and MLflow.
 
-import os as _os
-
-from tlray.session import PROGRESS_LINES as _PROGRESS_LINES
-
-# Ray reads this once, when it is first imported (a user's own value wins).
-_os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", _PROGRESS_LINES)
+The packages follow the data flow (docs/architecture.md): `config` (settings) -> `data`
+(sources, prepared Parquet datasets, Ray Data ingest, pixels to model input) -> `model`
+(timm backbone, weights, the frozen-front cache) -> `track` (MLflow) -> `serve` (the logged
+pyfunc) -> `train` (preflight plan, per-worker loop, launch) -> `tune` (the sweep) ->
+`compare` -> `bench` -> `cli`. Each imports only packages before it. Importing tlray changes
+nothing outside it.
+"""
 
 __version__ = "0.1.0"

@@ -1,0 +1,88 @@
+"""How a command fails: a bug keeps its cause, a user's mistake is one line."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from tlray.data.prepare import prepare
+
+pytestmark = pytest.mark.ray
+
+SMALL = ["--backbone", "test_efficientnet", "--weights", "none", "--image-size", "32",
+         "--scaling.num_workers", "1", "--scaling.cpus_per_worker", "0.5",
+         "--scaling.max_failures", "0", "--tracking.log_model", "false"]
+
+
+def tlray(args, ray_cluster, home, **env):
+    environment = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+                   "TLRAY_HOME": str(home), **env}
+    environment.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "tlray.cli", *args], env=environment,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_an_internal_error_keeps_its_cause_and_a_users_is_one_line(ray_cluster, tlray_home):
+    info = prepare("builtin:mnist", progress=False)
+    failed = tlray(["train", "--data", info.uri, *SMALL, "--epochs", "1"], ray_cluster,
+                   tlray_home,
+                   TLRAY_TEST_FAULT="raise:rank=0:step=2")
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    report = failed.stderr[failed.stderr.index("tlray: internal error"):]
+    assert "KeyError: 'test fault at step 2'" in report.splitlines()[0]
+    # The innermost frame, where it was raised, by file and line.
+    assert re.search(r"tlray/train/faults\.py:\d+ in maybe_fail", report), report
+    assert "full traceback: artifact error.txt of MLflow run" in report
+
+    client = MlflowClient(f"sqlite:///{tlray_home}/mlflow.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED" and run.info.run_id in report
+    mlflow.set_tracking_uri(f"sqlite:///{tlray_home}/mlflow.db")
+    trace = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/error.txt")
+    assert "KeyError" in trace and "faults.py" in trace and "train_loop_per_worker" in trace
+
+    missing = tlray(["train", "--data", str(tlray_home / "nowhere"), *SMALL], ray_cluster,
+                    tlray_home)
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("tlray: error: source") and "does not exist" in \
+        missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_ends_a_training_run_with_one_line_and_status_130(ray_cluster, tlray_home):
+    import signal
+    import time
+
+    info = prepare("builtin:mnist", progress=False)
+    environment = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+                   "TLRAY_HOME": str(tlray_home)}
+    environment.pop("MLFLOW_TRACKING_URI", None)
+    driver = subprocess.Popen([sys.executable, "-m", "tlray.cli", "train", "--data", info.uri,
+                               *SMALL, "--epochs", "20"], env=environment,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    client = MlflowClient(f"sqlite:///{tlray_home}/mlflow.db")
+
+    def first_epoch_logged():
+        try:
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        except Exception:  # noqa: BLE001 - the store is being created
+            return False
+        return bool(runs and client.get_metric_history(runs[0].info.run_id, "val_acc"))
+
+    deadline = time.time() + 400
+    while not first_epoch_logged():
+        assert time.time() < deadline and driver.poll() is None, driver.stderr.read()[-3000:]
+        time.sleep(1)
+    os.killpg(driver.pid, signal.SIGINT)
+    _, stderr = driver.communicate(timeout=300)
+    assert driver.returncode == 130
+    assert stderr.strip().splitlines()[-1] == "tlray: interrupted"
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "KILLED"

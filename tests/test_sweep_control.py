@@ -1,0 +1,160 @@
+"""A sweep a person controls: Ctrl-C pauses it, --resume continues it exactly, a goal stops
+it, --more grows it, and its summary says which settings mattered."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from tlray import config
+from tlray.data.prepare import prepare
+from tlray.tune import sweep
+from tlray.tune.pick import format_summary
+
+pytestmark = pytest.mark.ray
+
+SMALL = ["--model.backbone=test_efficientnet", "--model.weights=none", "--data.image_size=32",
+         "--scaling.num_workers=1", "--scaling.cpus_per_worker=0.5", "--train.epochs=2",
+         "--train.monitor=val_acc", "--tune.freeze=0,2,all", "--tune.lr_min=1e-3",
+         "--tune.lr_max=1e-2", "--tune.grace_period=2", "--tune.registered_name=digits",
+         "--scaling.borrow_idle_cpus=false"]
+MEASURED = ("train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr")
+
+
+@pytest.fixture
+def mnist(tlray_home):
+    return prepare("builtin:mnist", progress=False)
+
+
+def children(parent_run_id=None):
+    """Every trial run so far, oldest first (all of them when there is no parent yet)."""
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}'" if parent_run_id else \
+        "tags.mlflow.parentRunId != ''"
+    return client.search_runs(experiments, query, order_by=["attributes.start_time ASC"])
+
+
+def epochs_logged(run) -> list[int]:
+    return [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_acc")]
+
+
+def history(run) -> dict[int, dict]:
+    """A run's per-epoch metrics as MLflow holds them, by epoch."""
+    client = MlflowClient()
+    out: dict[int, dict] = {}
+    for key in MEASURED:
+        for m in client.get_metric_history(run.info.run_id, key):
+            out.setdefault(m.step, {})[key] = m.value
+    return out
+
+
+def start_sweep(args, ray_cluster, home, log):
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+           "TLRAY_HOME": str(home)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen([sys.executable, "-m", "tlray.cli", "tune", *args], env=env,
+                            stdout=log, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for(condition, driver, what: str, timeout: float = 400):
+    deadline = time.time() + timeout
+    while time.time() < deadline and driver.poll() is None:
+        found = condition()
+        if found:
+            return found
+        time.sleep(1)
+    raise AssertionError(f"{what} did not happen (driver exit code {driver.poll()})")
+
+
+def test_ctrl_c_pauses_a_sweep_and_resume_continues_it_exactly(ray_cluster, mnist, tmp_path,
+                                                               tlray_home):
+    # Dropout and augmentation draw random numbers too: all must follow from the epoch.
+    exact = ["--train.epochs=3", "--tune.grace_period=3", "--tune.freeze=2",
+             "--model.drop_rate=0.2", "--data.augment=digits"]
+    args = [*SMALL, *exact, f"--data.dataset={mnist.uri}", "--tune.num_samples=2",
+            "--tune.max_concurrent=1", "--tune.name=paused"]
+    driver = start_sweep(args, ray_cluster, tlray_home, open(tmp_path / "driver.log", "w"))
+
+    # Interrupt once the first trial has completed and the second has reported an epoch.
+    def first_done_second_running():
+        runs = children()
+        return (len(runs) == 2 and runs[0].info.status == "FINISHED"
+                and epochs_logged(runs[1]) and runs[1])
+
+    second = wait_for(first_done_second_running, driver, "trial 2's first epoch")
+    os.killpg(driver.pid, signal.SIGINT)
+    _, stderr = driver.communicate(timeout=300)
+
+    assert driver.returncode == 130, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("tlray: interrupted: 2 of 2 trials have progress saved; continue "
+                           "with: python -m tlray.cli tune ") and last.endswith(" --resume")
+    assert "Tuner.restore" not in stderr  # Ray's own hint stays out of the console
+    assert {r.info.status for r in children()} <= {"FINISHED", "KILLED"}
+    parent = MlflowClient().get_run(second.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "KILLED"
+    assert not MlflowClient().search_registered_models()  # half a sweep registers nothing
+
+    result = sweep.sweep(config.load(None, args), resume=True)
+    assert [t["status"] for t in result.trials] == ["COMPLETED", "COMPLETED"]
+    assert result.registered is not None and result.registered.version == 1
+    runs = children(result.parent_run_id)
+    assert {r.info.status for r in runs} == {"FINISHED", "KILLED"}
+    killed, resumed = [r for r in runs
+                       if r.data.tags["tune_trial_id"] == second.data.tags["tune_trial_id"]]
+    # Every epoch of the interrupted trial was trained once: none again after resuming.
+    assert sorted(epochs_logged(killed) + epochs_logged(resumed)) == [1, 2, 3]
+
+    # The same trial, never interrupted, trains exactly the same epochs.
+    cfg = config.load(None, [*SMALL, *exact, f"--data.dataset={mnist.uri}",
+                             "--tune.name=whole", "--tune.registered_name=whole"])
+    (interrupted,) = [t for t in result.trials
+                      if t["trial_id"] == second.data.tags["tune_trial_id"]]
+    reference = sweep.sweep(cfg, points=[{k: interrupted[k]
+                                          for k in ("optim.lr", "model.freeze")}])
+    (whole,) = children(reference.parent_run_id)
+    assert {**history(killed), **history(resumed)} == history(whole)
+    assert interrupted["test_acc"] == reference.trials[0]["test_acc"]
+
+
+def test_a_goal_stops_the_sweep_and_more_trials_grow_it(ray_cluster, mnist):
+    args = [*SMALL, f"--data.dataset={mnist.uri}", "--tune.num_samples=3",
+            "--tune.max_concurrent=1", "--tune.name=grown", "--tune.goal=0.15"]
+    first = sweep.sweep(config.load(None, args))
+    # The first trial reaches 15% validation accuracy in its first epoch: it is tested and
+    # registered, and the other two never start.
+    assert first.trials[0]["status"] == "COMPLETED" and len(first.trials) < 3
+    assert all(t["status"] == "NOT STARTED (goal)" for t in first.trials[1:])
+    assert first.goal_trial == first.trials[0]["trial_id"] and first.trials[0]["epochs"] == 1
+    assert first.registered is not None
+    summary = format_summary(first, "val_acc")
+    assert "the goal stopped the sweep" in summary
+    assert "too few trials (1 with a result)" in summary
+
+    # Grown by three: the same parent run, the finished trial kept, new settings tried.
+    grown_args = [a for a in args if not a.startswith("--tune.goal")]
+    grown = sweep.sweep(config.load(None, grown_args), more=3)
+    runs = children(grown.parent_run_id)
+    assert grown.parent_run_id == first.parent_run_id and len(runs) == 4
+    assert runs[0].info.run_id == first.trials[0]["mlflow_run_id"]  # not trained again
+    completed = [t for t in grown.trials if t["status"] == "COMPLETED"]
+    assert len(completed) == 4
+    old, new = completed[0], completed[1:]
+    assert all((t["optim.lr"], t["model.freeze"]) != (old["optim.lr"], old["model.freeze"])
+               for t in new)
+    assert len({t["model.freeze"] for t in new}) >= 2  # the design spreads over the depths
+    # Which settings mattered, now that there are enough trials to say.
+    assert set(grown.importance.values) == {"optim.lr", "model.freeze"}
+    assert "which settings mattered" in format_summary(grown, "val_acc")
+    artifacts = {a.path for a in MlflowClient().list_artifacts(grown.parent_run_id)}
+    assert "importance.csv" in artifacts
+    plots = {a.path for a in MlflowClient().list_artifacts(grown.parent_run_id, "plots")}
+    assert {"plots/importance.png", "plots/parallel_coordinates.png"} <= plots

@@ -1,0 +1,473 @@
+"""Training-loop benchmark: tlray's Ray Train loop against a plain PyTorch loop, side by side.
+
+Both sides train the same model (`tlray.model.build.build_model`, same weights and freeze depth)
+with the same optimizer and schedule (`tlray.train.steps.make_optimizer`), batch, input size and
+synthetic uint8 images, on whatever device is present, and the ratio of their train
+images/s says what tlray's machinery costs:
+
+- plain: one process, the images held in host memory as one uint8 array (pinned on CUDA),
+  each batch a zero-copy slice that is moved to the device and normalised/resized there by
+  `tlray.train.steps.train_step` (the loop's own step), channels_last, and bf16 autocast on CUDA.
+  No metrics, no shuffling, no checkpoints: the floor any training loop has to pay.
+- tlray: exactly what a user runs, `train(preflight(cfg))`: the images prepared as a
+  Parquet dataset, read by Ray Data, trained by `tlray.train.loop.train_loop_per_worker` in Ray
+  Train workers, with MLflow logging (the logged model is switched off). Its figure is the
+  `img_per_s` each epoch reports: train rows / time of the epoch's training part (batches
+  from Ray Data, forward, backward, optimizer; validation, checkpoints and MLflow fall
+  outside it).
+
+- ingest: the same train split, read as the run reads it and handed to one worker through
+  Ray Train's split of the dataset, iterated into uint8 batches on the worker's device with
+  nothing else to do (`ingest_pass`). Divided by one worker's training rate, it says how much
+  faster the data arrives than the model consumes it (`ingest_headroom`).
+
+Fairness: each side is timed on the same number of steps per pass; the first pass (plain:
+`warmup` steps; tlray: the first epoch) is left out and the headline figure of each side is
+the best of the following passes (the plain ones half before, half after the tlray run).
+The plain loop runs in a process of its own with what a Ray worker process gets, which the
+benchmark asks a Ray worker with the same CPUs for:
+
+- threads: Ray gives a worker `OMP_NUM_THREADS = max(1, floor(CPUs of the worker))` unless
+  that variable is already set (torch then caps it at the cores it may use), and on CPU
+  `tlray.train.loop` sets `torch.set_num_threads(round(cpus_per_worker))` (at least 1) itself, so a
+  worker with the default `cpus_per_worker=1` trains on ONE thread where a plain process
+  would take every core. `--threads N` gives each worker N CPUs, hence N threads (and no
+  more: the benchmark turns `scaling.borrow_idle_cpus` off).
+- priority: Ray starts worker processes at niceness 15 (`RAY_worker_niceness`). On an idle
+  machine that changes nothing; on one busy with other work a niceness-15 worker gets a
+  much smaller share of the CPU than a niceness-0 process, which is not a cost of tlray's
+  loop, so the plain process runs at the workers' niceness too.
+
+With `workers > 1` the tlray figure is all workers together against one plain process, so the
+ratio then also shows how training scales (on CPU, give the cluster the cores for it).
+
+The data are stored at `data_size` pixels and resized on the device to `image_size`, as
+tlray does with every dataset (MNIST's 28 px is trained at 32-224 px); on CUDA the default
+224 px input is fed from 64 px images, which keeps the synthetic dataset small.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from tlray import config as config_mod
+from tlray.data.preprocess import to_model_input
+from tlray.model.build import build_model
+from tlray.train.steps import make_optimizer, train_step
+from tlray.train.threads import own_threads
+
+NUM_CLASSES = 10
+# Train gets almost all rows: tlray evaluates val every epoch and test at the end, outside
+# the timed part, and they only have to exist.
+VAL_FRACTION = 0.02
+
+CPU_DEFAULTS = dict(backbone="tf_efficientnet_lite0", weights="packaged", image_size=32,
+                    batch_size=64, steps=100, epochs=3, warmup=10)
+CUDA_DEFAULTS = dict(backbone="efficientnet_b0", weights="none", image_size=224,
+                     batch_size=256, steps=100, epochs=3, warmup=30)
+
+
+@dataclass
+class TrainBenchResult:
+    """One side-by-side measurement; rates are train images/s (all workers together)."""
+
+    device: str
+    backbone: str
+    weights: str
+    image_size: int
+    data_size: int
+    batch_size: int
+    workers: int
+    threads: int  # torch intra-op threads: plain process = each Ray worker
+    nice: int  # niceness of the Ray workers (Ray's RAY_worker_niceness)
+    plain_nice: int  # niceness of the plain process (= nice unless it could not be raised)
+    steps: int  # timed steps per pass (plain) and per epoch and worker (tlray)
+    plain_img_s: float  # best timed pass (half of them before the tlray run, half after)
+    tlray_img_s: float  # best epoch after the first
+    plain_passes_img_s: list[float] = field(default_factory=list)
+    tlray_epochs_img_s: list[float] = field(default_factory=list)  # epoch 1 included
+    tlray_epoch_seconds: list[float] = field(default_factory=list)  # incl. val + checkpoint
+    tlray_wall_s: float = 0.0  # the whole train() call: Ray start, workers, MLflow, test
+    ingest_img_s: float = 0.0  # one worker's batches alone, on its device (best pass)
+    ingest_passes_img_s: list[float] = field(default_factory=list)  # first pass included
+    load_avg: list[float] = field(default_factory=list)  # 1-min load: at start, at end
+
+    @property
+    def ratio(self) -> float:
+        return self.tlray_img_s / self.plain_img_s
+
+    @property
+    def ingest_headroom(self) -> float:
+        """What Ray Data delivers to one worker's device over what that worker trains on:
+        at least ~1.2 means the training never waits for data."""
+        return self.ingest_img_s / (self.tlray_img_s / self.workers)
+
+
+# ---------------------------------------------------------------------------------------
+# The data
+
+
+def synthetic_images(train_rows: int, side: int, seed: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Random uint8 RGB images (N, side, side, 3), labels, and split fractions that put
+    exactly `train_rows` rows into train (rounded up to whole classes) and ~2% each into val
+    and test (at least one row per class)."""
+    per_class = math.ceil(train_rows / NUM_CLASSES)
+    held_out = max(1, round(per_class * VAL_FRACTION / (1 - 2 * VAL_FRACTION)))
+    n = per_class + 2 * held_out
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (NUM_CLASSES * n, side, side, 3), dtype=np.uint8)
+    labels = np.arange(NUM_CLASSES * n) % NUM_CLASSES
+    fractions = {"train": per_class / n, "val": held_out / n, "test": held_out / n}
+    return images, labels, fractions
+
+
+# ---------------------------------------------------------------------------------------
+# The plain loop
+
+
+def plain_loop(cfg: config_mod.Config, images: np.ndarray, labels: np.ndarray, *,
+               steps: int, passes: int, warmup: int, device: torch.device | str,
+               threads: int | None = None) -> list[float]:
+    """A plain single-process loop on in-memory uint8 images; train images/s of each pass.
+
+    Same model, optimizer/schedule, batch, input size and device-side preprocessing as
+    `tlray.train.loop.train_loop_per_worker`; batches are consecutive slices of `images`
+    (N, H, W, C), wrapping around. `warmup` untimed steps come first, then `passes` timed
+    passes of `steps` steps each.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    batch = cfg.data.batch_size
+    if len(images) < batch:
+        raise ValueError(f"need at least one batch of images ({batch}), got {len(images)}")
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(cfg.train.seed)
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+        model, minfo = build_model(
+            cfg.model.backbone, NUM_CLASSES, in_chans=images.shape[-1],
+            img_size=cfg.data.image_size, weights=cfg.model.weights, head=cfg.model.head,
+            freeze=cfg.model.freeze, drop_rate=cfg.model.drop_rate)
+        optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.train.epochs, steps)
+        model = model.to(device)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        forward = torch.compile(model) if cfg.train.compile else model
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.train.amp)
+        feed = functools.partial(to_model_input, mean=minfo.data_config["mean"],
+                                 std=minfo.data_config["std"], size=(cfg.data.image_size,) * 2,
+                                 channels_last=cfg.train.channels_last)
+        host_images = torch.from_numpy(images)
+        host_labels = torch.from_numpy(labels.astype(np.int64))
+        if cuda:
+            host_images, host_labels = host_images.pin_memory(), host_labels.pin_memory()
+        n_batches = len(images) // batch
+        step = 0
+
+        def one_step() -> None:
+            nonlocal step
+            start = (step % n_batches) * batch
+            step += 1
+            train_step(host_images[start:start + batch].to(device, non_blocking=True),
+                            host_labels[start:start + batch].to(device, non_blocking=True),
+                            step, forward=forward, criterion=criterion, optimizer=optimizer,
+                            scheduler=scheduler, amp=amp, feed=feed)
+
+        model.train()
+        for _ in range(warmup):
+            one_step()
+        rates = []
+        for _ in range(passes):
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                one_step()
+            _sync(device)
+            rates.append(steps * batch / (time.perf_counter() - t0))
+        return rates
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _plain_child(cfg_dict: dict, train_rows: int, data_size: int, seed: int, steps: int,
+                 passes: int, warmup: int, device: str, threads: int, nice: int
+                 ) -> tuple[list[float], int]:
+    """The plain loop in a fresh process at the Ray workers' niceness (and thread count)."""
+    current = os.nice(0)
+    if nice > current:
+        current = os.nice(nice - current)
+    images, labels, _ = synthetic_images(train_rows, data_size, seed)
+    rates = plain_loop(config_mod.from_plain(cfg_dict), images, labels, steps=steps,
+                       passes=passes, warmup=warmup, device=device, threads=threads)
+    return rates, current
+
+
+def plain_process(cfg: config_mod.Config, *, train_rows: int, data_size: int, seed: int,
+                  steps: int, passes: int, warmup: int, device: str, threads: int,
+                  nice: int) -> tuple[list[float], int]:
+    """Runs `plain_loop` in a spawned child process; returns its rates and niceness.
+
+    A Ray worker runs at a lower priority than the driver (niceness 15): on a machine that
+    is busy with other work it gets a smaller share of the CPU than a plain process would,
+    which is not a cost of tlray's loop. The plain loop therefore runs at the same niceness
+    (which a process can raise but not lower again, hence the child). Like any `spawn`ed
+    process it re-imports the caller's main module: call this from a `__main__` guard.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_plain_child, cfg.to_dict(), train_rows, data_size, seed, steps,
+                           passes, warmup, device, threads, nice).result()
+
+
+# ---------------------------------------------------------------------------------------
+# tlray's path
+
+
+def _worker_process_settings() -> tuple[int, int]:
+    import os as os_
+
+    import torch as t
+
+    return t.get_num_threads(), os_.nice(0)
+
+
+def ray_worker_settings(cpus: float) -> tuple[int, int]:
+    """(torch intra-op threads, niceness) of a Ray worker process that holds `cpus` CPUs.
+
+    Ray sets OMP_NUM_THREADS = max(1, floor(cpus)) in the worker unless it is already set
+    in the environment the worker inherits (torch reads it when it loads), and starts every
+    worker process at niceness `RAY_worker_niceness` (15 by default).
+    """
+    import ray
+
+    remote = ray.remote(_worker_process_settings).options(num_cpus=cpus)
+    threads, nice = ray.get(remote.remote())
+    return int(threads), int(nice)
+
+
+def tlray_run(cfg: config_mod.Config, workdir: str):
+    """`train(preflight(cfg))` with MLflow, Ray results and artifacts kept in `workdir`."""
+    from tlray.train.plan import preflight
+    from tlray.train.run import train
+
+    saved = {k: os.environ.get(k) for k in ("TLRAY_HOME", "MLFLOW_TRACKING_URI")}
+    os.environ["TLRAY_HOME"] = workdir  # MLflow artifacts go under it
+    try:
+        return train(preflight(cfg), run_name="bench-train")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def ingest_pass(cfg_dict: dict, passes: int, cuda: bool) -> list[float]:
+    """Ray task: images/s of `passes` passes over the train split as one Train worker gets
+    it (`launch.read_splits`, then a one-way `streaming_split`), into uint8 batches on the
+    device, shuffled as in training; nothing is computed on them."""
+    import ray.data
+
+    from tlray.data.dataset import load_info
+    from tlray.data.ingest import iter_image_batches
+    from tlray.train.launch import read_splits
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # a task's own context
+    cfg = config_mod.from_plain(cfg_dict)
+    info = load_info(cfg.data.dataset)
+    device = torch.device("cuda" if cuda else "cpu")
+    train = read_splits(cfg, info, ("train",))["train"]
+    (shard,) = train.streaming_split(1, equal=False)
+    rates = []
+    for _ in range(passes):
+        _sync(device)
+        t0, rows = time.perf_counter(), 0
+        for images, _ in iter_image_batches(shard, info.image_shape, cfg.data.batch_size,
+                                            device=device, shuffle=torch.Generator()):
+            rows += len(images)
+        _sync(device)
+        rates.append(rows / (time.perf_counter() - t0))
+    return rates
+
+
+def ingest_rates(cfg: config_mod.Config, passes: int, cuda: bool) -> list[float]:
+    """`ingest_pass` in a Ray task holding one training worker's CPUs (and GPU)."""
+    import ray
+
+    task = ray.remote(ingest_pass).options(num_cpus=cfg.scaling.cpus_per_worker,
+                                           num_gpus=1 if cuda else 0)
+    return ray.get(task.remote(cfg.to_dict(), passes, cuda))
+
+
+# ---------------------------------------------------------------------------------------
+# Both, side by side
+
+
+def bench_config(*, dataset: str, backbone: str, weights: str, image_size: int,
+                 batch_size: int, epochs: int, workers: int, cpus_per_worker: float,
+                 use_gpu: bool, workdir: str, overrides: list[str] | None = None
+                 ) -> config_mod.Config:
+    """The run's config: tlray's defaults, the benchmark's settings, then `overrides`."""
+    base = [f"--data.dataset={dataset}", f"--model.backbone={backbone}",
+            f"--model.weights={weights}", f"--data.image_size={image_size}",
+            f"--data.batch_size={batch_size}", f"--train.epochs={epochs}",
+            f"--scaling.num_workers={workers}", f"--scaling.cpus_per_worker={cpus_per_worker}",
+            f"--scaling.use_gpu={str(use_gpu).lower()}", "--tracking.log_model=false",
+            # Both sides on the same threads: the plain loop cannot borrow idle CPUs.
+            "--scaling.borrow_idle_cpus=false",
+            "--tracking.experiment=tlray-bench-train",
+            f"--tracking.tracking_uri=sqlite:///{workdir}/mlflow.db",
+            f"--storage_path={workdir}/ray_results"]
+    return config_mod.load(None, base + list(overrides or []))
+
+
+def train_benchmark(*, backbone: str | None = None, weights: str | None = None,
+                    image_size: int | None = None, data_size: int | None = None,
+                    batch_size: int | None = None, steps: int | None = None,
+                    epochs: int | None = None, warmup: int | None = None, workers: int = 1,
+                    threads: int | None = None, device: str = "auto",
+                    overrides: list[str] | None = None, seed: int = 0,
+                    workdir: str | None = None) -> TrainBenchResult:
+    """Measures both sides on the same synthetic data; see the module docstring.
+
+    Unset options take the device's defaults (`CPU_DEFAULTS` / `CUDA_DEFAULTS`).
+
+    Args:
+        steps: timed steps per plain pass, and optimizer steps per tlray epoch (per worker).
+        epochs: tlray epochs; the plain loop runs `epochs - 1` timed passes (at least 1),
+            half of them before the tlray run and half after.
+        threads: CPUs per Ray worker (default: tlray's `cpus_per_worker`, 1); the plain
+            loop uses as many torch threads as such a worker gets.
+        overrides: `--section.key=value` settings applied to both sides (e.g.
+            `--model.freeze=all`, `--train.amp=false`, `--data.shuffle=false`).
+        workdir: where the dataset, MLflow store and Ray results go (default: a temporary
+            directory removed afterwards).
+    """
+    from tlray.data.arrays import from_arrays
+    from tlray.data.prepare import prepare
+    from tlray.train.cluster import init_ray
+
+    cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    d = CUDA_DEFAULTS if cuda else CPU_DEFAULTS
+    backbone = backbone or d["backbone"]
+    weights = weights or (d["weights"] if backbone == d["backbone"] else "none")
+    image_size = image_size or d["image_size"]
+    data_size = data_size or min(image_size, 64)
+    batch_size = batch_size or d["batch_size"]
+    steps = steps or d["steps"]
+    epochs = epochs or d["epochs"]
+    warmup = d["warmup"] if warmup is None else warmup
+    cpus = float(threads) if threads else config_mod.ScalingConfig().cpus_per_worker
+
+    load_start = os.getloadavg()[0]
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tlray-bench-"))
+        images, labels, fractions = synthetic_images(steps * batch_size * workers, data_size,
+                                                     seed)
+        info = prepare(from_arrays(images, labels), f"{workdir}/data", fractions=fractions,
+                       seed=seed, progress=False)
+        cfg = bench_config(dataset=info.uri, backbone=backbone, weights=weights,
+                           image_size=image_size, batch_size=batch_size, epochs=epochs,
+                           workers=workers, cpus_per_worker=cpus, use_gpu=cuda,
+                           workdir=workdir, overrides=overrides)
+
+        # A local cluster gets one spare logical CPU beyond the workers', so Ray Data's read
+        # tasks (0.25 CPU each) never wait behind workers that hold every CPU.
+        init_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(workers * cpus) + 1))
+        n_threads, worker_nice = ray_worker_settings(cpus)
+        if not cuda:
+            # tlray.train.loop then sets the worker's threads itself, from the CPUs it holds.
+            n_threads = own_threads(cfg.scaling.cpus_per_worker)
+        train_rows = steps * batch_size * workers
+        del images, labels  # the plain process makes the same ones from the seed
+        # The plain passes are split around the tlray run, so that a machine getting busier
+        # or quieter meanwhile does not favour one side.
+        passes = max(1, epochs - 1)
+        plain_args = dict(train_rows=train_rows, data_size=data_size, seed=seed, steps=steps,
+                          warmup=warmup, device="cuda" if cuda else "cpu", threads=n_threads,
+                          nice=worker_nice)
+        plain, plain_nice = plain_process(cfg, passes=(passes + 1) // 2, **plain_args)
+
+        t0 = time.perf_counter()
+        result = tlray_run(cfg, workdir)
+        wall = time.perf_counter() - t0
+        ingest = ingest_rates(cfg, max(2, epochs), cuda)
+        if passes // 2:
+            plain += plain_process(cfg, passes=passes // 2, **plain_args)[0]
+        history = result.history
+        rates = [row["img_per_s"] for row in history]
+        return TrainBenchResult(
+            device=_device_name(cuda), backbone=backbone, weights=cfg.model.weights,
+            image_size=image_size, data_size=data_size, batch_size=batch_size,
+            workers=workers, threads=n_threads, nice=worker_nice, plain_nice=plain_nice,
+            steps=steps,
+            plain_img_s=max(plain), tlray_img_s=max(rates[1:] or rates),
+            plain_passes_img_s=plain, tlray_epochs_img_s=rates,
+            tlray_epoch_seconds=[row["epoch_seconds"] for row in history], tlray_wall_s=wall,
+            ingest_img_s=max(ingest[1:]), ingest_passes_img_s=ingest,
+            load_avg=[load_start, os.getloadavg()[0]])
+
+
+def _device_name(cuda: bool) -> str:
+    if cuda:
+        return torch.cuda.get_device_name()
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def format_train(result: TrainBenchResult) -> str:
+    r = result
+    header = (f"{'device':<16}{'model':<24}{'size':>5}{'batch':>6}{'workers':>8}{'threads':>8}"
+              f"{'nice':>5}{'plain img/s':>13}{'tlray img/s':>13}{'ratio':>7}")
+    nice = f"{r.nice}" if r.nice == r.plain_nice else f"{r.plain_nice}/{r.nice}"
+    row = (f"{r.device[:15]:<16}{r.backbone[:23]:<24}{r.image_size:>5}{r.batch_size:>6}"
+           f"{r.workers:>8}{r.threads:>8}{nice:>5}{r.plain_img_s:>13,.0f}"
+           f"{r.tlray_img_s:>13,.0f}{r.ratio:>7.2f}")
+    note = (f"plain: best of {len(r.plain_passes_img_s)} passes of {r.steps} steps, before and "
+            f"after tlray "
+            f"({', '.join(f'{x:,.0f}' for x in r.plain_passes_img_s)}); tlray: best epoch "
+            f"after the first ({', '.join(f'{x:,.0f}' for x in r.tlray_epochs_img_s)}), "
+            f"{r.steps} steps per worker and epoch; data {r.data_size} px -> {r.image_size} px")
+    ingest = (f"ingest: {r.ingest_img_s:,.0f} img/s reach one worker's {r.device.split()[0]} "
+              f"with nothing else to do (best pass after the first; "
+              f"{', '.join(f'{x:,.0f}' for x in r.ingest_passes_img_s)}), "
+              f"{r.ingest_headroom:.1f}x what it trains on")
+    lines = [header, row, note, ingest]
+    cores = os.cpu_count() or 1
+    if r.device.startswith("cpu") and max(r.load_avg or [0]) > cores:
+        lines.append(f"warning: the machine was busy (1-min load average "
+                     f"{' -> '.join(f'{x:.1f}' for x in r.load_avg)} on {cores} cores): "
+                     f"CPU timings are noisy, compare the per-pass figures")
+    return "\n".join(lines)
+
+
+def train_json(result: TrainBenchResult) -> str:
+    return json.dumps(dict(asdict(result), ratio=result.ratio,
+                           ingest_headroom=result.ingest_headroom), indent=2)
+
+
+# ---------------------------------------------------------------------------------------
+# Command line (`tlray benchmark train`)

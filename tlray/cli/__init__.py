@@ -1,0 +1,1 @@
+"""Every command-line parser: `tlray ...` and the job scripts' shared flags."""

@@ -1,0 +1,7 @@
+"""`python -m tlray.cli ...` is `tlray ...`."""
+
+import sys
+
+from tlray.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,114 @@
+"""`tlray benchmark ingest|train|sweep`: each times tlray against a baseline in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+
+from tlray.cli.settings import add_settings, overrides_from_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("benchmark", help="speed benchmarks, each against a baseline")
+    bsub = p.add_subparsers(title="benchmarks")
+    b = bsub.add_parser("ingest", help="Ray Data ingest vs a plain pyarrow read")
+    b.add_argument("--batch-size", type=int, default=256)
+    b.add_argument("--json", action="store_true", help="also print the results as JSON")
+    b.set_defaults(run=ingest_command)
+    add_train_options(bsub.add_parser("train", help="tlray's Ray Train loop vs a plain "
+                                                    "PyTorch loop"))
+    add_sweep_options(bsub.add_parser(
+        "sweep", help="a whole sweep under two values of one setting (default: with vs "
+                      "without the frozen-backbone feature cache)"))
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", help="timm model (default: tf_efficientnet_lite0 on CPU, "
+                                           "efficientnet_b0 on CUDA)")
+    parser.add_argument("--weights", help="weight source (default: packaged for "
+                                          "tf_efficientnet_lite0 on CPU, else none)")
+    parser.add_argument("--image-size", type=int, help="model input px (default 32 CPU, "
+                                                       "224 CUDA)")
+    parser.add_argument("--data-size", type=int,
+                        help="stored image px, resized on the device (default: "
+                             "min(image size, 64))")
+    parser.add_argument("--batch-size", type=int, help="per worker (default 64 CPU, 256 CUDA)")
+    parser.add_argument("--steps", type=int, help="timed steps per pass / epoch (default 100)")
+    parser.add_argument("--epochs", type=int, help="tlray epochs, the first one warm-up; the "
+                                                   "plain loop runs epochs-1 passes (default 3)")
+    parser.add_argument("--warmup", type=int, help="untimed plain steps (default 10 CPU, "
+                                                    "30 CUDA)")
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
+    parser.add_argument("--threads", type=int,
+                        help="CPUs per Ray worker, hence its torch threads; the plain loop "
+                             "uses the same count (default: cpus_per_worker 1 -> 1 thread)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--json", action="store_true", help="also print the result as JSON")
+    add_settings(parser, short_flags=False, config_file=False)
+    parser.set_defaults(run=train_command)
+
+
+def add_sweep_options(p: argparse.ArgumentParser) -> None:
+    from tlray.bench.sweep import DEFAULT_COMPARE
+
+    p.add_argument("--compare", default=DEFAULT_COMPARE, metavar="SECTION.KEY=A,B",
+                   help="the setting whose two values are timed, candidate first (default "
+                        f"{DEFAULT_COMPARE}; on GPUs e.g. tune.trials_per_gpu=4,1)")
+    p.add_argument("--workdir", help="where both sides keep their Ray results and caches "
+                                     "(default: a new temporary directory)")
+    p.add_argument("--regret", action="store_true",
+                   help="instead of timing two values: run the sweep as configured, train "
+                        "every config it stopped early to the end, and print how much the "
+                        "sweep's pick leaves on the table (its regret) and both wall times")
+    p.add_argument("--json", action="store_true", help="also print the results as JSON")
+    add_settings(p, short_flags=False)
+    p.set_defaults(run=sweep_command)
+
+
+def ingest_command(args: argparse.Namespace) -> int:
+    from tlray.bench import ingest
+
+    results = ingest.ingest(batch_size=args.batch_size)
+    print(ingest.format_ingest(results))
+    if args.json:
+        print(ingest.ingest_json(results))
+    return 0
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from tlray.bench.train import format_train, train_benchmark, train_json
+
+    result = train_benchmark(
+        backbone=args.backbone, weights=args.weights, image_size=args.image_size,
+        data_size=args.data_size, batch_size=args.batch_size, steps=args.steps,
+        epochs=args.epochs, warmup=args.warmup, workers=args.workers, threads=args.threads,
+        device=args.device, overrides=overrides_from_args(args))
+    print(format_train(result))
+    if args.json:
+        print(train_json(result))
+    return 0
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    from tlray.bench.sweep import (
+        format_regret,
+        format_sweep,
+        regret_benchmark,
+        sweep_benchmark,
+        sweep_json,
+    )
+
+    overrides = overrides_from_args(args)
+    if args.regret:
+        regret = regret_benchmark(overrides, args.config, args.workdir)
+        print(format_regret(regret))
+        if args.json:
+            print(json.dumps({**asdict(regret), "regret": regret.regret,
+                              "test_regret": regret.test_regret}, indent=2))
+        return 0
+    result = sweep_benchmark(overrides, args.config, args.workdir, compare=args.compare)
+    print(format_sweep(result))
+    if args.json:
+        print(sweep_json(result))
+    return 0

@@ -1,0 +1,88 @@
+"""The run commands: train, tune, compare. Each takes every setting as an option (`--help`
+lists them, grouped by section, with defaults) and starts from one preflight plan."""
+
+from __future__ import annotations
+
+import argparse
+
+from tlray.cli.settings import add_settings, config_from_args
+from tlray.config import Config, dump_yaml
+
+COMPARE_SMOKE = ("train.epochs=1", "data.image_size=32", "scaling.num_workers=2",
+                 "scaling.cpus_per_worker=0.5")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="one training run on Ray Train, tracked in MLflow",
+                       description="One training run on Ray Train, tracked in MLflow.")
+    add_settings(p)
+    p.set_defaults(run=train_command)
+
+    p = sub.add_parser("tune", help="a Ray Tune sweep over learning rate x freeze depth; "
+                                    "registers the best model as @champion",
+                       description="A Ray Tune sweep over learning rate x freeze depth; "
+                                   "registers the best model as @champion.")
+    add_settings(p, sweep=True)
+    p.set_defaults(run=tune_command)
+
+    p = sub.add_parser("compare", help="scratch CNN vs the transfer model, same budget",
+                       description="Trains the configured transfer model and the malaria "
+                                   "original's scratch CNN on the same splits with the same "
+                                   "budget, and puts them side by side.")
+    add_compare_options(p)
+    add_settings(p)
+    p.set_defaults(run=compare_command)
+
+
+def add_compare_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scratch", dest="scratch_overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE",
+                   help="a setting for the scratch model only: optim.* or "
+                        "model.head/freeze/drop_rate (repeatable), e.g. optim.lr=3e-4")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny budget: 1 epoch, 32 px, 2 workers x 0.5 CPU (the transfer "
+                        "backbone stays as configured)")
+
+
+def resolved(args: argparse.Namespace, defaults: list[str] | None = None,
+             chosen: list[str] | None = None) -> Config | None:
+    """The command's config; None (after printing it) with --print-config."""
+    cfg = config_from_args(args, defaults, chosen)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return None
+    return cfg
+
+
+def train_command(args: argparse.Namespace, defaults: list[str] | None = None,
+                  chosen: list[str] | None = None) -> int:
+    cfg = resolved(args, defaults, chosen)
+    if cfg is not None:
+        from tlray.train.plan import preflight
+        from tlray.train.run import summary, train
+
+        print(summary(train(preflight(cfg))))
+    return 0
+
+
+def tune_command(args: argparse.Namespace, defaults: list[str] | None = None,
+                 chosen: list[str] | None = None) -> int:
+    cfg = resolved(args, defaults, chosen)
+    if cfg is not None:
+        from tlray.tune.pick import format_summary
+        from tlray.tune.sweep import sweep
+
+        print(format_summary(sweep(cfg, resume=args.resume, more=args.more),
+                             cfg.train.monitor))
+    return 0
+
+
+def compare_command(args: argparse.Namespace, defaults: list[str] | None = None,
+                    chosen: list[str] | None = None) -> int:
+    cfg = resolved(args, defaults, [*(chosen or []), *(COMPARE_SMOKE if args.smoke else ())])
+    if cfg is not None:
+        from tlray.compare.experiment import compare
+        from tlray.compare.report import format_comparison
+
+        print(format_comparison(compare(cfg, scratch_overrides=list(args.scratch_overrides))))
+    return 0

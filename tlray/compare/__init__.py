@@ -1,0 +1,1 @@
+"""Transfer vs scratch: the malaria original's experiment on any prepared dataset."""

@@ -1,0 +1,72 @@
+"""Test-only faults in the training loop, switched on by an environment variable and never by
+a user setting: `TLRAY_TEST_FAULT=ACTION:rank=R:step=S`.
+
+  kill   the worker of rank R SIGKILLs itself at global step S, once per run (a marker file
+         keeps the restarted workers alive): proves that a run resumes from its checkpoint;
+  raise  it raises a KeyError there, an internal error: proves that a bug keeps its
+         traceback (exit status 1, the innermost frame on stderr, a FAILED MLflow run).
+
+The driver reads the variable once, in its preflight, and hands it to the workers in their
+`WorkerArgs`: a variable set after the Ray cluster started would not reach them otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV = "TLRAY_TEST_FAULT"
+
+
+@dataclass(frozen=True)
+class Fault:
+    action: str  # "kill" | "raise"
+    rank: int
+    step: int
+
+    @classmethod
+    def parse(cls, spec: str) -> Fault:
+        action, *fields = spec.split(":")
+        values = dict(f.split("=", 1) for f in fields)
+        if action not in ("kill", "raise") or set(values) != {"rank", "step"}:
+            raise ValueError(f"{ENV}={spec!r}: expected kill|raise:rank=R:step=S")
+        return cls(action, int(values["rank"]), int(values["step"]))
+
+
+def from_env() -> str | None:
+    """The fault the driver hands its workers (checked here, so a typo fails at once)."""
+    spec = os.environ.get(ENV) or None
+    if spec is not None:
+        Fault.parse(spec)
+    return spec
+
+
+def maybe_fail(spec: str | None, rank: int, step: int, restart_key: str) -> None:
+    """At a step boundary: the configured fault, if this is its rank and step."""
+    if spec is None:
+        return
+    fault = Fault.parse(spec)
+    if fault.rank != rank or fault.step != step:
+        return
+    if fault.action == "raise":
+        raise KeyError(f"test fault at step {step}")
+    _die_once(restart_key)
+
+
+def _die_once(restart_key: str) -> None:
+    """SIGKILL this process, once per run.
+
+    Waits until Ray Train has registered every checkpoint reported so far, so that what is
+    tested is the resume, not a race with the controller.
+    """
+    import ray.train
+
+    marker = Path(tempfile.gettempdir()) / f"tlray-killed-{restart_key}"
+    if marker.exists():
+        return
+    ray.train.get_all_reported_checkpoints()
+    marker.touch()
+    os.kill(os.getpid(), signal.SIGKILL)

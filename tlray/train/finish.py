@@ -1,0 +1,85 @@
+"""Logging a finished run to MLflow: what its final checkpoint holds, as a person wants it.
+
+Learning curves, the confusion matrix, a grid of test predictions, the test metrics (linked
+to the test split and to the logged model), every test row's probabilities, and the best
+model as a pyfunc that takes raw images (evaluated by `mlflow.models.evaluate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from tlray.data.dataset import DatasetInfo, sample_per_class
+from tlray.model.build import build_model
+from tlray.serve import log_model as logged_model
+from tlray.track import plots
+from tlray.track import runs as tracking
+from tlray.train.checkpoint import FinalCheckpoint
+from tlray.train.plan import Plan
+
+
+def log_final(final: FinalCheckpoint, plan: Plan, test_data) -> str | None:
+    """Logs `final` to the active MLflow run; returns the logged model's URI (None if the
+    config says not to log it).
+
+    The logged model gets the best epoch's validation metrics and the test metrics (which
+    are also linked to the test split, `test_data`).
+    """
+    import mlflow
+
+    cfg, info, report = plan.config, plan.dataset, final.report
+    history, test = final.state.history, final.test
+    tracking.log_figure(plots.learning_curves(history), "plots/learning_curves.png")
+    tracking.log_figure(plots.confusion_matrix_plot(np.array(test["confusion_matrix"]),
+                                                    info.classes),
+                        "plots/confusion_matrix.png")
+    mlflow.log_dict(test, "test_metrics.json")
+    mlflow.log_artifact(str(final.predictions))
+    mlflow.log_metrics({f"test_acc_{c}": v for c, v in test["per_class_acc"].items()
+                        if v == v})
+    if final.samples is not None:
+        s = final.samples
+        tracking.log_figure(plots.predictions_grid(s["images"], s["labels"], s["preds"],
+                                                   info.classes),
+                            "plots/test_predictions.png")
+    model_uri = model_id = None
+    if cfg.tracking.log_model:
+        logged = logged_model.log_model(
+            trained_network(plan, final), model_example_images(info), info.classes,
+            {"mean": plan.model.data_config["mean"], "std": plan.model.data_config["std"],
+             "size": [cfg.data.image_size] * 2, "channels": info.channels})
+        model_uri, model_id = logged.model_uri, logged.model_id
+        mlflow.set_tag("model_uri", model_uri)
+        # The best epoch's metrics go with the model: its weights are that epoch's.
+        tracking.link_metrics(mlflow.active_run().info.run_id, model_id,
+                              list(dataclasses.asdict(final.state.best_row())),
+                              report.best_epoch or report.epochs_run)
+    test_metrics = {f"test_{k}": v for k, v in (("loss", report.test.loss),
+                                                ("acc", report.test.acc),
+                                                ("auc", report.test.auc)) if np.isfinite(v)}
+    mlflow.log_metrics(test_metrics, step=report.epochs_run, model_id=model_id,
+                       dataset=test_data)
+    if model_uri is not None:
+        mlflow.set_tag("mlflow_evaluate", logged_model.evaluate(
+            model_uri, model_id, info, cfg.data.image_size, cfg.tracking.evaluate))
+    return model_uri
+
+
+def trained_network(plan: Plan, final: FinalCheckpoint) -> torch.nn.Module:
+    """The run's architecture with the final checkpoint's (best) weights: built without its
+    starting weights, which the checkpoint replaces entirely."""
+    cfg, info = plan.config, plan.dataset
+    model, _ = build_model(cfg.model.backbone, info.num_classes, in_chans=info.channels,
+                           img_size=cfg.data.image_size, weights="none", head=cfg.model.head,
+                           freeze=cfg.model.freeze, drop_rate=cfg.model.drop_rate)
+    model.load_state_dict(torch.load(final.weights, map_location="cpu", weights_only=True))
+    return model
+
+
+def model_example_images(info: DatasetInfo) -> np.ndarray:
+    """Two real validation images as the dataset stores them: the logged model's example."""
+    images, _ = sample_per_class(info, "val", per_class=1)
+    return images[:2].copy()

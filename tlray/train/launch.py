@@ -1,0 +1,110 @@
+"""Launching a run's workers on Ray Train, with its data, and getting its final checkpoint.
+
+Every place this run touches Ray Train is here: the splits as Ray Datasets (the feature
+cache's where the plan says so), the scaling, checkpoint and failure settings, and the
+final checkpoint Ray (or, in a Tune trial's own process, Tune) persisted.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from tlray.data.dataset import DatasetInfo, load_info
+from tlray.data.ingest import exact_split_data_config, read_split
+from tlray.train.cluster import quiet_logging_config, worker_resources
+from tlray.train.plan import SPLITS, Plan
+from tlray.train.protocol import WorkerArgs
+
+
+def read_splits(cfg, info: DatasetInfo, splits=SPLITS) -> dict:
+    """A dataset's splits as Ray Datasets, in shard order: each read into Ray's object store
+    once, now, when it fits `data.cache_gb`, else streamed from Parquet every epoch.
+
+    A sweep reads its images once and hands them to all its trials, so that they neither
+    read the same shards again nor keep a copy each in the object store.
+    """
+    return {name: read_split(info, name,
+                             cache=info.split_bytes(name) <= cfg.data.cache_gb * 2**30)
+            for name in splits}
+
+
+def fit(plan: Plan, args: WorkerArgs, *, name: str, callbacks: list | None = None,
+        images: dict | None = None):
+    """Runs the workers; returns the run's final checkpoint (best weights, history, test).
+
+    In a Tune trial's own process, Train's local mode (`num_workers=0`) runs the loop here
+    without a controller or workers; its reports go straight to Tune, which persists their
+    checkpoints in the trial's directory (local mode would only hand back a temporary one).
+
+    Args:
+        name: the run's name in Ray storage.
+        callbacks: Ray Train callbacks (a sweep's trial passes Tune's reporting callback).
+        images: the dataset's image splits from `read_splits`, when the caller (a sweep)
+            read them once for all its runs; read here otherwise.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from tlray.train.loop import train_loop_per_worker
+
+    cfg, s = plan.config, plan.config.scaling
+    cached = plan.cache.splits if plan.cache else ()
+    datasets = read_splits(cfg, load_info(plan.cache.uri), cached) if cached else {}
+    images = images or read_splits(cfg, plan.dataset, [n for n in SPLITS if n not in cached])
+    datasets.update({n: images[n] for n in SPLITS if n not in datasets})
+    # The training blocks' order, seeded: the same run sees the same batches.
+    datasets["train"] = datasets["train"].randomize_block_order(seed=cfg.train.seed)
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config={"args": args},
+        scaling_config=ray.train.ScalingConfig(num_workers=0, use_gpu=s.use_gpu)
+        if args.in_trial_process else ray.train.ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu,
+            resources_per_worker=worker_resources(s), placement_strategy=s.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=plan.storage,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute=cfg.train.monitor,
+                checkpoint_score_order=cfg.monitor_mode),
+            failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+            logging_config=quiet_logging_config(), callbacks=callbacks or None),
+        datasets=datasets, dataset_config=exact_split_data_config())
+    result = _fit_interruptibly(trainer)
+    if result.error is not None:
+        raise result.error
+    if args.in_trial_process:
+        from ray import tune
+
+        checkpoint = tune.get_checkpoint()  # the last one reported, as Tune persisted it
+    else:
+        checkpoint = result.checkpoint
+    if checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    return checkpoint
+
+
+def _fit_interruptibly(trainer):
+    """`trainer.fit()`, where Ctrl-C is a KeyboardInterrupt as everywhere else in tlray.
+
+    Called from the main thread, Ray Train's fit installs a SIGINT handler of its own: it
+    aborts the run and then ends the process with status 1, saying nothing. Run from a
+    helper thread it installs none, and the interrupt reaches tlray, which ends the MLflow
+    run KILLED and exits with status 130; the run's Ray actors end with this process.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()  # e.g. a Tune trial's function thread
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread as is
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

@@ -1,0 +1,205 @@
+"""After a sweep: the best completed trial by its best validation metric, registered (the
+`champion` alias moves only when its test metric beats the current champion's), and the
+results table and plot on the parent run."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+from tlray import config as config_mod
+from tlray.config import Config
+from tlray.errors import TlrayError
+from tlray.track import plots, registry
+from tlray.track import runs as tracking
+from tlray.track.metrics import best_of
+from tlray.train.protocol import is_final
+from tlray.tune.goal import Goal
+from tlray.tune.importance import Importance
+from tlray.tune.importance import plots as importance_plots
+
+
+@dataclass
+class SweepResult:
+    name: str
+    path: str
+    parent_run_id: str
+    best_config: dict  # the searched values of the winner
+    best_metrics: dict  # its val and test metrics
+    best_run_id: str
+    model_uri: str | None
+    registered: registry.RegistrationResult | None
+    registered_name: str
+    trials: list[dict]  # one row per trial: searched values, status, metrics
+    goal_trial: str | None = None  # the trial that reached tune.goal and ended the sweep
+    importance: Importance | None = None
+    importance_note: str = ""
+
+
+# A trial's status in the results table.
+COMPLETED, STOPPED, GOAL_STOPPED, NOT_STARTED, ERROR = (
+    "COMPLETED", "STOPPED", "STOPPED (goal)", "NOT STARTED (goal)", "ERROR")
+
+
+def pick_and_register(cfg, info, results, parent_id: str, registered_name: str,
+                      goal: Goal) -> dict:
+    """The best trial by its best validation metric; only completed trials have been tested.
+
+    Args:
+        results: every Tune result of the sweep (of each of its parts, once grown).
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    metric, mode = cfg.train.monitor, cfg.monitor_mode
+    # Oldest first, so that a retried trial's last attempt (the one that finished) wins.
+    children = {r.data.tags.get("tune_trial_id"): r for r in client.search_runs(
+        [client.get_run(parent_id).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10_000,
+        order_by=["attributes.start_time ASC"])}
+    trials = [_trial_row(r, children, metric, goal) for r in results]
+    best = best_of([t for t in trials if t["status"] == COMPLETED], lambda t: t[metric], mode)
+    if best is None:
+        errors = [r.error for r in results if r.error]
+        if errors:
+            raise errors[0]  # a user's mistake (TlrayError) or a bug: the cause, as it is
+        raise TlrayError(f"no trial of the sweep completed ({len(trials)} stopped before "
+                         f"their last epoch); run more trials, or a longer tune.grace_period")
+    best_result = next(r for r in results if (r.metrics or {}).get("trial_id") == best["trial_id"])
+    best_metrics = {k: v for k, v in best_result.metrics.items()
+                    if k.startswith(("val_", "test_", "best_", "train_"))}
+    registered = None
+    if best["model_uri"]:
+        registered = _register(cfg, info, registered_name, best_result.metrics,
+                               client.get_run(best["mlflow_run_id"]), len(trials))
+    return {"best_config": {k: best[k] for k in best_result.config},
+            "best_metrics": best_metrics, "best_run_id": best["mlflow_run_id"],
+            "model_uri": best["model_uri"], "registered": registered, "trials": trials,
+            "goal_trial": goal.trial}
+
+
+def _trial_row(result, children: dict, metric: str, goal: Goal) -> dict:
+    m = result.metrics or {}
+    trial_id = m.get("trial_id") or getattr(result, "trial_id", None)
+    child = children.get(trial_id)
+    if child is not None and result.error is None and child.info.status == "FAILED":
+        # Stopped by ASHA or the goal, its Train run broke mid-way and the trial recorded
+        # a failure. It was stopped, not broken.
+        tracking.end_run_with_status(child.info.run_id, "KILLED")
+    if result.error:
+        status = ERROR
+    elif is_final(m):
+        status = COMPLETED
+    elif not m:
+        status = NOT_STARTED
+    else:
+        status = GOAL_STOPPED if trial_id in goal.stopped else STOPPED
+    return {"trial_id": trial_id, **(result.config or {}), "status": status,
+            "epochs": m.get("epochs_run", m.get("epoch")),
+            metric: m.get(f"best_{metric}", m.get(metric)),
+            "test_acc": m.get("test_acc"), "test_auc": m.get("test_auc"),
+            "seconds": m.get("time_total_s"),  # the whole trial, start-up included
+            "epochs_seconds": m.get("epochs_seconds"),  # its epochs (train + validation)
+            "mlflow_run_id": child.info.run_id if child else None,
+            "model_uri": child.data.tags.get("model_uri") if child else None}
+
+
+def _register(cfg: Config, info, registered_name: str, metrics: dict, run,
+              trials: int) -> registry.RegistrationResult:
+    """The winner as a new version: plain tags, the alias if it beats the champion, and a
+    description a person can choose by in the MLflow UI."""
+    p, champion = run.data.params, cfg.tune.champion_metric
+    val = {k: metrics.get(f"val_{k}") for k in ("acc", "auc", "loss")}
+    test = {k: metrics.get(f"test_{k}") for k in ("acc", "auc", "loss")}
+    lr, freeze = float(p["optim.lr"]), p["model.freeze"]
+    tags = {**{f"val_{k}": v for k, v in val.items()}, **{f"test_{k}": v for k, v in test.items()},
+            "backbone": p["model.backbone"], "weights": p["model.weights"],
+            "freeze_depth": p.get("model.freeze_depth", freeze), "lr": f"{lr:.4g}",
+            "epochs": metrics.get("epochs_run"), "dataset": info.name,
+            "dataset_hash": info.fingerprint, "run_id": run.info.run_id,
+            "sweep_run_id": run.data.tags.get("mlflow.parentRunId")}
+    result = registry.register_champion(
+        run.data.tags["model_uri"], registered_name, champion, metrics[champion],
+        mode=config_mod.CHAMPION_METRICS[champion], tags=tags)
+    splits = ", ".join(f"{info.splits[s].rows:,} {s}" for s in ("train", "val", "test"))
+    facts = {
+        "summary": f"{p['model.backbone']} ({p['model.weights']} weights), freeze {freeze}, "
+                   f"lr {lr:.3g}, on {info.name}: test accuracy {_fmt(test['acc'])}",
+        "Dataset": f"`{info.name}` (hash `{info.fingerprint[:12]}`), {splits} images of "
+                   f"{info.height}x{info.width} {info.mode}, {info.num_classes} classes; "
+                   f"from {info.source.get('uri', '?')}",
+        "Backbone": f"{p['model.backbone']}, weights `{p['model.weights']}`, freeze depth "
+                    f"{freeze} ({int(p['model.trainable_params']):,} of "
+                    f"{int(p['model.total_params']):,} parameters trained)",
+        "Training": f"lr {lr:.3g} ({p['optim.name']}, {p['optim.schedule']} schedule), "
+                    f"{_fmt(metrics.get('epochs_run'))} of {p['train.epochs']} epochs, best "
+                    f"epoch {_fmt(metrics.get('best_epoch'))} by {cfg.train.monitor}, batch "
+                    f"{p['data.batch_size']}, input {p['data.image_size']} px",
+        "Chosen": f"best of {trials} sweep trials by {cfg.train.monitor}; MLflow run "
+                  f"`{run.info.run_id}` ({run.info.run_name})",
+    }
+    registry.describe_version(registered_name, result.version, registry.version_description(
+        registered_name, result.version, facts=facts, val=val, test=test,
+        alias=registry.alias_note(result, champion, metrics[champion])))
+    return result
+
+
+def log_sweep(trials: list[dict], metric: str, importance: Importance | None,
+              study=None) -> None:
+    """The results table, the sweep plot and which settings mattered, on the parent run."""
+    import mlflow
+    import pandas as pd
+
+    frame = pd.DataFrame(trials)
+    mlflow.log_text(frame.to_csv(index=False), "sweep_results.csv")
+    rows = [{"lr": t["optim.lr"], "freeze_depth": t["model.freeze"], metric: t[metric]}
+            for t in trials if t.get(metric) is not None and "optim.lr" in t]
+    if rows:
+        tracking.log_figure(plots.sweep_plot(rows, metric), "plots/sweep.png")
+    if importance is not None:
+        mlflow.log_text(pd.Series(importance.values, name="importance").rename_axis(
+            "setting").to_csv(), "importance.csv")
+        mlflow.log_metrics({f"importance.{k}": v for k, v in importance.values.items()})
+        bars, lines = importance_plots(study, list(importance.values))
+        tracking.log_figure(bars, "plots/importance.png")
+        tracking.log_figure(lines, "plots/parallel_coordinates.png")
+
+
+def format_summary(result: SweepResult, monitor: str) -> str:
+    m = result.best_metrics
+    searched = ", ".join(f"{k}={_fmt(v)}" for k, v in result.best_config.items())
+    counts = Counter(t["status"] for t in result.trials)
+    said = {COMPLETED: "completed", STOPPED: "stopped early by ASHA",
+            GOAL_STOPPED: "stopped by the goal", NOT_STARTED: "not started: the goal was "
+            "reached", ERROR: "failed"}
+    lines = [f"sweep {result.name}: {len(result.trials)} trials ("
+             + ", ".join(f"{counts[s]} {said[s]}" for s in said if counts[s]) + ")"]
+    if result.goal_trial:
+        lines.append(f"the goal stopped the sweep: trial {result.goal_trial} reached it")
+    lines += [f"best trial: {searched}",
+              f"  best {monitor} {_fmt(m.get(f'best_{monitor}'))}  val_acc "
+              f"{_fmt(m.get('val_acc'))}",
+              f"  test  acc {_fmt(m.get('test_acc'))}  auc {_fmt(m.get('test_auc'))}  "
+              f"loss {_fmt(m.get('test_loss'))}"]
+    if result.importance is not None:
+        lines.append(f"which settings mattered (importance of each for the best {monitor}):")
+        lines.append(result.importance.table())
+    if result.importance_note:
+        lines.append(f"  ({result.importance_note})")
+    if result.registered is not None:
+        r = result.registered
+        lines.append(f"registered: models:/{result.registered_name}/{r.version}; champion is "
+                     f"version {r.champion_version}"
+                     + (" (moved to this one)" if r.moved else " (kept: not beaten)"))
+        lines.append(f"load it: mlflow.pyfunc.load_model('models:/{result.registered_name}"
+                     f"@champion').predict(images); serve it: mlflow models serve -m "
+                     f"models:/{result.registered_name}@champion --env-manager local -p 5001")
+    lines.append(f"MLflow parent run {result.parent_run_id}: {tracking.ui_command()}")
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else "nan"
+    return str(v)
