@@ -10,8 +10,16 @@ published by the U.S. National Library of Medicine (lhncbc.nlm.nih.gov, "Malaria
 and as TensorFlow Datasets' `malaria`. As in the original: resized to 128x128, split
 60/20/20, batch 30, ImageNet ResNet50 with a dense 256 / dropout 0.4 / dense 128 head,
 NAdam, accuracy and AUC, early stopping with patience 5 on val_loss; training images get
-the `microscopy` augmentation (`--data.augment none` turns it off). Every setting is an
-option: see --help.
+the `microscopy` augmentation (`--data.augment none` turns it off).
+
+Beyond the original: the sweep compares fine-tuning recipes as well as depths. `all:2,0@0.3`
+trains the new head alone for two epochs (from the feature cache where it fits: the head of
+a ResNet50 on cached pooled features costs next to nothing), then the whole network at 0.3x
+the rate: the new head's large early gradients never reach the pretrained layers, as in
+fastai's fine_tune. Cells have no up, down, left or right, so the test split and the served
+model average the 8 flips and quarter turns of every image (`model.tta=dihedral`, 8x the
+inference cost), and the weights are averaged over the last steps (`train.ema`), which
+smooths the noisy small-batch (30) updates. Every setting is an option: see --help.
 """
 
 from __future__ import annotations
@@ -28,8 +36,12 @@ DEFAULTS = ["model.backbone=resnet50", "model.weights=timm", "model.head=mlp",
             "optim.weight_decay=0", "train.epochs=20", "train.patience=5",
             "train.monitor=val_loss", "tune.num_samples=8", "tune.lr_min=1e-5",
             "tune.lr_max=1e-3", "tune.champion_metric=test_auc",
-            # Cells have no up or left: the 8 flips / quarter turns, and a mild zoom.
-            "data.augment=microscopy"]
+            # Cells have no up or left: the 8 flips / quarter turns, and a mild zoom, in
+            # training and at test time.
+            "data.augment=microscopy", "model.tta=dihedral", "train.ema=0.999",
+            # Head first (2 epochs, from the feature cache), then everything at 0.3x; against
+            # a fixed mid depth and full fine-tuning from the start.
+            "tune.freeze=all:2,0@0.3;3;0"]
 DATA = "setting:data.dataset"  # where --data lands
 
 

@@ -21,7 +21,7 @@ from tlray.cli.jobs import run_job
 from tlray.config.presets import MNIST_SWEEP
 
 SMOKE = ["data.image_size=32", "train.epochs=1", "tune.num_samples=2", "tune.grace_period=1",
-         "scaling.cpus_per_worker=0.5"]
+         "tune.freeze=0,all", "scaling.cpus_per_worker=0.5"]  # a 2-phase schedule needs 2 epochs
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -164,6 +164,8 @@ class RayCluster:
         self.num_cpus = num_cpus_per_node
         self.object_store_bytes = object_store_mb * 1024 * 1024
         self.procs: list[subprocess.Popen] = []
+        self.node_ids: list[str] = []  # of the live nodes, in the order of `procs`
+        self.dead: list[subprocess.Popen] = []  # nodes killed on purpose
         self.env = {
             **os.environ,
             # A job entrypoint's `python` is looked up on the PATH of `ray start`.
@@ -205,11 +207,36 @@ class RayCluster:
                      "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                      f"--ray-client-server-port={free_port()}"])
         wait_for(lambda: len(self.alive_node_ids()) == 1, 120, "the Ray head", 1.0)
+        self.node_ids = self.alive_node_ids()
 
-    def add_node(self) -> None:
+    def add_node(self) -> str:
+        """Starts a node and waits until it is up; returns its node id."""
+        before = set(self.alive_node_ids())
         self._start([f"--address={self.address}"])
         wait_for(lambda: len(self.alive_node_ids()) == len(self.procs), 120,
                  "the new Ray node", 1.0)
+        (new,) = set(self.alive_node_ids()) - before
+        self.node_ids.append(new)
+        return new
+
+    def drain(self, node_id: str, deadline_s: int) -> None:
+        """What the autoscaler does on a spot notice: drain with reason preemption and a
+        deadline. Nothing kills the node at the deadline: the caller does (`kill_node`)."""
+        out = subprocess.run(
+            [str(VENV_BIN / "ray"), "drain-node", f"--address={self.address}",
+             f"--node-id={node_id}", "--reason=DRAIN_NODE_REASON_PREEMPTION",
+             "--reason-message=spot instance reclaimed",
+             f"--deadline-remaining-seconds={deadline_s}"],
+            env=self.env, capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise RuntimeError(f"ray drain-node failed:\n{out.stdout}\n{out.stderr}")
+
+    def kill_node(self, node_id: str) -> None:
+        """SIGKILLs a node's whole process group (raylet, workers): a reclaimed machine."""
+        proc = self.procs.pop(self.node_ids.index(node_id))
+        self.node_ids.remove(node_id)
+        kill_groups([proc], grace_s=0)
+        self.dead.append(proc)
 
     def check_alive(self) -> None:
         for proc in self.procs:
@@ -253,7 +280,7 @@ class RayCluster:
 
     def stop(self) -> None:
         # `ray start --block`, the GCS and the autoscaler monitor linger on SIGTERM.
-        kill_groups(self.procs, grace_s=3.0)
+        kill_groups(self.procs + self.dead, grace_s=3.0)
         for d in self.temp_dirs:
             shutil.rmtree(d, ignore_errors=True)
 

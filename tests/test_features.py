@@ -260,7 +260,7 @@ def test_sweep_benchmark_times_both_sides_of_the_same_sweep(ray_cluster, tlray_h
         ["--model.backbone=test_efficientnet", "--model.weights=none", "--data.image_size=32",
          f"--data.dataset={info.uri}", "--train.epochs=1", "--tune.num_samples=2",
          "--tune.freeze=all", "--tune.grace_period=1", "--scaling.cpus_per_worker=0.5",
-         "--tracking.log_model=false"], workdir=str(tmp_path))
+         "--tracking.log_model=false", "--data.augment=none"], workdir=str(tmp_path))
     assert list(result.sides) == ["auto", "never"]
     assert result.setting == "train.feature_cache" and result.baseline.value == "never"
     for side in result.sides.values():
@@ -289,6 +289,7 @@ def test_sweep_benchmark_times_both_sides_of_the_same_sweep(ray_cluster, tlray_h
     ("train.feature_cache=auto,auto", "two different values"),
     ("tune.trials_per_gpu=4,one", "tune.trials_per_gpu"),
     ("tune.trials_per_gpus=4,1", "unknown setting"),
+    ("train.feature_cache=never,auto", "data.augment=none"),  # the preset augments
 ])
 def test_sweep_benchmark_refuses_a_bad_comparison(spec, message):
     from tlray.bench import sweep as bench_sweep
@@ -297,7 +298,7 @@ def test_sweep_benchmark_refuses_a_bad_comparison(spec, message):
     assert bench_sweep.parse_compare("tune.trials_per_gpu=4,1") == (
         "tune.trials_per_gpu", ["4", "1"])
     with pytest.raises(TlrayError, match=message):
-        bench_sweep.parse_compare(spec)
+        bench_sweep.sweep_benchmark(compare=spec)  # refused before anything runs
 
 
 @pytest.mark.gpu

@@ -13,7 +13,7 @@ import torch
 
 from tlray.data.arrays import from_arrays
 from tlray.data.dataset import read_shard
-from tlray.data.ingest import exact_split_data_config, iter_image_batches, read_split
+from tlray.data.ingest import worker_split_config, iter_image_batches, read_split
 from tlray.data.prepare import prepare
 from tlray.data.preprocess import to_model_input
 
@@ -57,7 +57,7 @@ def test_two_workers_see_every_row_exactly_once_per_epoch(ray_cluster, tmp_path)
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         run_config=RunConfig(storage_path=str(tmp_path / "ray")),
         datasets={"train": read_split(info, "train", shuffle=True)},
-        dataset_config=exact_split_data_config())
+        dataset_config=worker_split_config())
     trainer.fit()
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     every_row = {f"arrays:{i}" for i in range(n)}
@@ -66,6 +66,41 @@ def test_two_workers_see_every_row_exactly_once_per_epoch(ray_cluster, tmp_path)
         assert len(a) > 0 and len(b) > 0
         assert not set(a) & set(b)  # disjoint
         assert len(a) + len(b) == n and set(a) | set(b) == every_row  # complete, no repeats
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_lockstep_workers_get_as_many_rows_and_held_ones_the_same_again(
+        ray_cluster, tmp_path, in_memory):
+    # Lockstep: every worker the same number of rows (so the same steps), at most
+    # workers - 1 rows of an epoch left out. Held in memory, they are dealt by position:
+    # a restarted run with as many workers gives every worker the same rows again.
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    rng = np.random.default_rng(0)
+    n = 203
+    info = prepare(from_arrays(rng.integers(0, 256, (n, 6, 6, 3), dtype=np.uint8),
+                               np.arange(n) % 3), tmp_path / "ds", fractions={"train": 1.0},
+                   rows_per_shard=20, progress=False)
+    runs = []
+    for attempt in range(2 if in_memory else 1):
+        out = tmp_path / f"run{attempt}"
+        out.mkdir()
+        TorchTrainer(
+            collect_ids,
+            train_loop_config={"epochs": 2, "shape": info.image_shape, "out": str(out)},
+            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+            run_config=RunConfig(storage_path=str(tmp_path / "ray")),
+            datasets={"train": read_split(info, "train", shuffle=True, seed=3,
+                                          cache=in_memory)},
+            dataset_config=worker_split_config(lockstep=["train"],
+                                               in_memory=["train"] if in_memory else [])).fit()
+        runs.append([json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)])
+    for a, b in zip(*runs[0]):  # each epoch: rank 0's rows, rank 1's
+        assert len(a) == len(b) == n // 2 and not set(a) & set(b)
+    if in_memory:
+        assert [sorted(r) for rank in runs[0] for r in rank] == \
+            [sorted(r) for rank in runs[1] for r in rank]
 
 
 @pytest.mark.parametrize("cache,shuffle,local", [(False, False, False), (True, False, True),

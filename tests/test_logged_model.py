@@ -123,7 +123,7 @@ def test_the_tensor_network_and_the_shipped_code_are_in_the_same_model(logged) -
     assert set(mlmodel.flavors) == {"python_function", "pytorch"}
     assert mlmodel.flavors["pytorch"]["model_data"] == "artifacts/network"
     assert mlmodel.metadata["class_names"] == CLASSES
-    assert mlmodel.metadata["preprocess"] == PRE
+    assert mlmodel.metadata["preprocess"] == {**PRE, "tta": "none"}  # none unless asked
     assert (local / "serving_input_example.json").is_file()  # what a client posts
     requirements = (local / "requirements.txt").read_text()
     assert "torch==" in requirements and "timm" not in requirements

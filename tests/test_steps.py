@@ -54,7 +54,7 @@ def test_an_epoch_counts_every_row_and_reports_every_step(tiny):
     batches = [(images[i:i + 10], labels[i:i + 10]) for i in range(0, 24, 10)]  # 10, 10, 4
     seen = []
     totals, last = train_epoch(batches, step, first_step=5, device="cpu",
-                               on_batch=lambda s, rows: seen.append((s, rows)))
+                               on_batch=lambda s, totals: seen.append((s, totals.seen)))
     assert seen == [(6, 10), (7, 20), (8, 24)]
     assert last == 8 and totals.seen == 24
     assert 0 <= totals.acc <= 1 and totals.loss > 0

@@ -129,23 +129,33 @@ def test_killed_worker_resumes_from_checkpoint(ray_cluster, mnist, monkeypatch):
     assert MlflowClient().get_run(result.run_id).info.status == "FINISHED"
 
 
-def test_a_resumed_run_trains_exactly_as_if_it_never_stopped(ray_cluster, mnist, monkeypatch):
-    # Dropout, augmentation and the data order all draw random numbers: a run that dies in
-    # epoch 2 and resumes from epoch 1's checkpoint must draw exactly what it would have.
+@pytest.mark.parametrize("checkpoint_every", ["0", "4"])
+def test_a_resumed_run_trains_exactly_as_if_it_never_stopped(ray_cluster, mnist, monkeypatch,
+                                                             checkpoint_every):
+    # Dropout, augmentation and the data order all draw random numbers: a run SIGKILLed in
+    # epoch 2 and resumed from epoch 1's checkpoint (or, with train.checkpoint_every, from
+    # one inside epoch 2) must draw exactly what it would have, to the last weight.
     common = ("--train.epochs=3", "--scaling.num_workers=1", "--scaling.cpus_per_worker=1",
-              "--scaling.max_failures=1", "--tracking.log_model=false", "--model.drop_rate=0.3",
-              "--data.augment=digits", "--scaling.borrow_idle_cpus=false")
+              "--scaling.max_failures=1", "--model.drop_rate=0.3", "--data.augment=digits",
+              "--scaling.borrow_idle_cpus=false", f"--train.checkpoint_every={checkpoint_every}")
     whole = train_run(run_cfg(mnist, *common))
     steps_per_epoch = -(-mnist.splits["train"].rows // 64)
-    monkeypatch.setenv("TLRAY_TEST_FAULT", f"kill:rank=0:step={steps_per_epoch + 5}")
+    monkeypatch.setenv("TLRAY_TEST_FAULT", f"kill:rank=0:step={steps_per_epoch + 10}")
     resumed = train_run(run_cfg(mnist, *common))
 
     state = json.loads((Path(resumed.checkpoint_path) / "state.json").read_text())
-    assert state["resumed"] == 1  # it died in epoch 2, and came back from epoch 1
+    assert state["resumed"] == 1  # it died in epoch 2, and came back
     measured = ("train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr")
     for a, b in zip(whole.history, resumed.history, strict=True):
         assert {k: a[k] for k in measured} == {k: b[k] for k in measured}, a["epoch"]
     assert resumed.metrics["test_acc"] == whole.metrics["test_acc"]
+    final = [torch.load(Path(r.checkpoint_path) / "model.pt", weights_only=True)
+             for r in (whole, resumed)]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    client = MlflowClient()  # every epoch's figures once, though epoch 2 ran in two parts
+    assert [m.step for m in client.get_metric_history(resumed.run_id, "val_loss")] == [1, 2, 3]
+    # Killed after step 10 of epoch 2: resumed from its end of epoch 1, or from step 8.
+    assert state["resumed_at"] == [steps_per_epoch + (8 if checkpoint_every == "4" else 0)]
 
 
 def test_bad_input_fails_before_training(ray_cluster, mnist):

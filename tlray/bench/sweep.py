@@ -26,6 +26,7 @@ metric and test accuracy the pick leaves on the table) and the wall time of both
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
 from collections import defaultdict
@@ -50,6 +51,7 @@ class SweepSide:
     best_config: dict
     seconds_by_freeze: dict[str, float]  # mean trial seconds per freeze depth
     epoch_seconds_by_freeze: dict[str, float]  # mean seconds of its epochs (train + val)
+    epoch_seconds_by_phase: dict[str, float] = field(default_factory=dict)  # schedules only
 
 
 @dataclass
@@ -72,6 +74,12 @@ class SweepBenchResult:
         return self.baseline.wall_s / self.candidate.wall_s
 
     @property
+    def epochs_ratio_by_phase(self) -> dict[str, float]:
+        """A schedule's epoch time per phase (the frozen phase is where a cache helps)."""
+        return _ratios(self.baseline.epoch_seconds_by_phase,
+                       self.candidate.epoch_seconds_by_phase)
+
+    @property
     def ratio_by_freeze(self) -> dict[str, float]:
         """Trial wall time, baseline / candidate, per freeze depth."""
         return _ratios(self.baseline.seconds_by_freeze, self.candidate.seconds_by_freeze)
@@ -88,9 +96,10 @@ def _ratios(plain: dict, cached: dict) -> dict[str, float]:
 
 
 def parse_compare(spec: str) -> tuple[str, list[str]]:
-    """`section.key=A,B` -> (key, [A, B]), both values checked against the config."""
+    """`section.key=A,B` -> (key, [A, B]), both values checked against the config; `A;B`
+    when a value holds a comma (a freeze schedule: `model.freeze=all:1,0@0.5;0`)."""
     key, sep, values = spec.partition("=")
-    sides = [v.strip() for v in values.split(",")]
+    sides = [v.strip() for v in values.split(";" if ";" in values else ",")]
     if not sep or len(sides) != 2 or not all(sides) or sides[0] == sides[1]:
         raise TlrayError(f"--compare {spec!r}: expected SECTION.KEY=CANDIDATE,BASELINE, "
                          f"two different values (e.g. {DEFAULT_COMPARE})")
@@ -110,17 +119,19 @@ def sweep_benchmark(overrides: list[str] | None = None, config_path: str | None 
     key, values = parse_compare(compare)
     base = config_mod.load(config_path, [*MNIST_SWEEP, *(overrides or [])]
                            if config_path is None else list(overrides or []))
+    _check_the_sides_differ(base, key, values)
     if not any("tune.grace_period" in o for o in overrides or []):
         base = config_mod.load(None, [f"tune.grace_period={base.train.epochs + 2}"], base=base)
     resolve_dataset(base.data.dataset)  # prepared once, outside both timings
     workdir = workdir or tempfile.mkdtemp(prefix="tlray-bench-sweep-")
     result = SweepBenchResult(monitor=base.train.monitor, setting=key)
     for value in values:
+        tag = re.sub(r"[^\w.-]+", "_", value)  # a directory and a model name
         cfg = config_mod.load(None, [f"{key}={value}",
-                                     f"storage_path={workdir}/{value}",
+                                     f"storage_path={workdir}/{tag}",
                                      "tracking.experiment=tlray-benchmark-sweep",
-                                     f"tune.registered_name=tlray-benchmark-sweep-{value}",
-                                     f"tune.name=bench-{value}"], base=base)
+                                     f"tune.registered_name=tlray-benchmark-sweep-{tag}",
+                                     f"tune.name=bench-{tag}"], base=base)
         started = time.perf_counter()
         outcome = sweep.sweep(cfg)
         wall = time.perf_counter() - started
@@ -135,8 +146,43 @@ def sweep_benchmark(overrides: list[str] | None = None, config_path: str | None 
             completed=sum(t["status"] == "COMPLETED" for t in outcome.trials),
             best_metric=outcome.best_metrics.get(f"best_{cfg.train.monitor}"),
             best_test_acc=outcome.best_metrics.get("test_acc"), best_config=outcome.best_config,
-            seconds_by_freeze=_means(by_freeze), epoch_seconds_by_freeze=_means(epochs_by_freeze))
+            seconds_by_freeze=_means(by_freeze), epoch_seconds_by_freeze=_means(epochs_by_freeze),
+            epoch_seconds_by_phase=_phase_epoch_seconds(outcome.trials))
     return result
+
+
+def _check_the_sides_differ(base, key: str, values: list[str]) -> None:
+    """Refuses the cache comparison where both sides would train the same way: with
+    augmented training images `auto` builds no cache (one for validation alone does not
+    pay), so auto and never would time one thing twice."""
+    from tlray.config.augmentation import from_config
+
+    if (key == "train.feature_cache" and sorted(values) == ["auto", "never"]
+            and from_config(base.data).enabled):
+        raise TlrayError(f"--compare {key}=auto,never times nothing: training images are "
+                         f"augmented (data.augment={base.data.augment}), which a cache "
+                         f"never serves; add --set data.augment=none, or compare "
+                         f"{key}=always,never to time a validation-only cache")
+
+
+def _phase_epoch_seconds(trials: list[dict]) -> dict[str, float]:
+    """Mean epoch seconds per phase of every schedule's trials, from their MLflow metric
+    histories (`phase` and `epoch_seconds` per epoch), keyed `SCHEDULE phase N`."""
+    from mlflow.tracking import MlflowClient
+
+    from tlray.config.schedule import parse
+
+    client, seconds = MlflowClient(), defaultdict(list)
+    for t in trials:
+        freeze = str(t["model.freeze"])
+        if len(parse(freeze)) < 2 or not t.get("mlflow_run_id"):
+            continue
+        phase = {m.step: int(m.value) for m in client.get_metric_history(t["mlflow_run_id"],
+                                                                         "phase")}
+        for m in client.get_metric_history(t["mlflow_run_id"], "epoch_seconds"):
+            if m.step in phase:
+                seconds[f"{freeze} phase {phase[m.step] + 1}"].append(m.value)
+    return _means(seconds)
 
 
 @dataclass
@@ -246,6 +292,12 @@ def format_sweep(result: SweepBenchResult) -> str:
     lines.append(f"speed-up of {result.setting}={result.candidate.value} over "
                  f"{result.baseline.value}: whole sweep {result.ratio:.2f}x; trials by freeze "
                  f"depth {per_ratio}; their epochs {epoch_ratio}")
+    if result.epochs_ratio_by_phase:
+        for value, s in result.sides.items():
+            lines.append(f"{value:<16} epoch s by schedule phase: " + "  ".join(
+                f"{k}: {v:.1f}" for k, v in s.epoch_seconds_by_phase.items()))
+        lines.append("  epochs by schedule phase: " + "  ".join(
+            f"{k}: {r:.2f}x" for k, r in result.epochs_ratio_by_phase.items()))
     return "\n".join(lines)
 
 
@@ -254,6 +306,7 @@ def sweep_json(result: SweepBenchResult) -> str:
                        "candidate": result.candidate.value, "baseline": result.baseline.value,
                        "ratio": result.ratio, "ratio_by_freeze": result.ratio_by_freeze,
                        "epochs_ratio_by_freeze": result.epochs_ratio_by_freeze,
+                       "epochs_ratio_by_phase": result.epochs_ratio_by_phase,
                        "sides": {v: asdict(s) for v, s in result.sides.items()}}, indent=2)
 
 

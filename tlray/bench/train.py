@@ -102,6 +102,19 @@ class TrainBenchResult:
     ingest_img_s: float = 0.0  # one worker's batches alone, on its device (best pass)
     ingest_passes_img_s: list[float] = field(default_factory=list)  # first pass included
     load_avg: list[float] = field(default_factory=list)  # 1-min load: at start, at end
+    # With `notice_checks`: tlray again, asking for a preemption notice after every step
+    # (the main tlray run then never asks); best epoch after the first.
+    notice_img_s: float = 0.0
+
+    @property
+    def notice_ratio(self) -> float:
+        """Train speed asking for a notice every step over never asking."""
+        return self.notice_img_s / self.tlray_img_s
+
+    @property
+    def ms_per_notice_check(self) -> float:
+        per_step = self.batch_size * self.workers
+        return 1000 * (per_step / self.notice_img_s - per_step / self.tlray_img_s)
 
     @property
     def ratio(self) -> float:
@@ -350,7 +363,8 @@ def train_benchmark(*, backbone: str | None = None, weights: str | None = None,
                     epochs: int | None = None, warmup: int | None = None, workers: int = 1,
                     threads: int | None = None, device: str = "auto",
                     overrides: list[str] | None = None, seed: int = 0,
-                    workdir: str | None = None) -> TrainBenchResult:
+                    workdir: str | None = None, notice_checks: bool = False
+                    ) -> TrainBenchResult:
     """Measures both sides on the same synthetic data; see the module docstring.
 
     Unset options take the device's defaults (`CPU_DEFAULTS` / `CUDA_DEFAULTS`).
@@ -365,6 +379,8 @@ def train_benchmark(*, backbone: str | None = None, weights: str | None = None,
             `--model.freeze=all`, `--train.amp=false`, `--data.shuffle=false`).
         workdir: where the dataset, MLflow store and Ray results go (default: a temporary
             directory removed afterwards).
+        notice_checks: also time what asking Ray Train for a preemption notice costs: the
+            tlray run never asks, and a second one asks after every step.
     """
     from tlray.data.arrays import from_arrays
     from tlray.data.prepare import prepare
@@ -393,7 +409,10 @@ def train_benchmark(*, backbone: str | None = None, weights: str | None = None,
         cfg = bench_config(dataset=info.uri, backbone=backbone, weights=weights,
                            image_size=image_size, batch_size=batch_size, epochs=epochs,
                            workers=workers, cpus_per_worker=cpus, use_gpu=cuda,
-                           workdir=workdir, overrides=overrides)
+                           workdir=workdir, overrides=[
+                               *(overrides or []),
+                               *(["--scaling.notice_check_every=1000000000"]
+                                 if notice_checks else [])])
 
         # A local cluster gets one spare logical CPU beyond the workers', so Ray Data's read
         # tasks (0.25 CPU each) never wait behind workers that hold every CPU.
@@ -420,6 +439,11 @@ def train_benchmark(*, backbone: str | None = None, weights: str | None = None,
             plain += plain_process(cfg, passes=passes // 2, **plain_args)[0]
         history = result.history
         rates = [row["img_per_s"] for row in history]
+        notice = 0.0
+        if notice_checks:
+            asking = tlray_run(config_mod.load(None, ["scaling.notice_check_every=1"],
+                                               base=cfg), workdir)
+            notice = max(row["img_per_s"] for row in asking.history[1:] or asking.history)
         return TrainBenchResult(
             device=_device_name(cuda), backbone=backbone, weights=cfg.model.weights,
             image_size=image_size, data_size=data_size, batch_size=batch_size,
@@ -429,7 +453,7 @@ def train_benchmark(*, backbone: str | None = None, weights: str | None = None,
             plain_passes_img_s=plain, tlray_epochs_img_s=rates,
             tlray_epoch_seconds=[row["epoch_seconds"] for row in history], tlray_wall_s=wall,
             ingest_img_s=max(ingest[1:]), ingest_passes_img_s=ingest,
-            load_avg=[load_start, os.getloadavg()[0]])
+            load_avg=[load_start, os.getloadavg()[0]], notice_img_s=notice)
 
 
 def _device_name(cuda: bool) -> str:
@@ -456,6 +480,11 @@ def format_train(result: TrainBenchResult) -> str:
               f"{', '.join(f'{x:,.0f}' for x in r.ingest_passes_img_s)}), "
               f"{r.ingest_headroom:.1f}x what it trains on")
     lines = [header, row, note, ingest]
+    if r.notice_img_s:
+        lines.append(f"preemption notice checks: asking after every step trains at "
+                     f"{r.notice_img_s:,.0f} img/s, {r.notice_ratio:.3f}x never asking "
+                     f"({r.ms_per_notice_check:.2f} ms per ask; tlray asks every "
+                     f"scaling.notice_check_every steps, default 10)")
     cores = os.cpu_count() or 1
     if r.device.startswith("cpu") and max(r.load_avg or [0]) > cores:
         lines.append(f"warning: the machine was busy (1-min load average "
@@ -465,8 +494,11 @@ def format_train(result: TrainBenchResult) -> str:
 
 
 def train_json(result: TrainBenchResult) -> str:
+    extra = ({"notice_ratio": result.notice_ratio,
+              "ms_per_notice_check": result.ms_per_notice_check}
+             if result.notice_img_s else {})
     return json.dumps(dict(asdict(result), ratio=result.ratio,
-                           ingest_headroom=result.ingest_headroom), indent=2)
+                           ingest_headroom=result.ingest_headroom, **extra), indent=2)
 
 
 # ---------------------------------------------------------------------------------------

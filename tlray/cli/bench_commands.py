@@ -44,6 +44,9 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
                         help="CPUs per Ray worker, hence its torch threads; the plain loop "
                              "uses the same count (default: cpus_per_worker 1 -> 1 thread)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--notice-checks", action="store_true",
+                        help="also time asking Ray Train for a preemption notice after every "
+                             "step against never asking (one more tlray run)")
     parser.add_argument("--json", action="store_true", help="also print the result as JSON")
     add_settings(parser, short_flags=False, config_file=False)
     parser.set_defaults(run=train_command)
@@ -83,7 +86,8 @@ def train_command(args: argparse.Namespace) -> int:
         backbone=args.backbone, weights=args.weights, image_size=args.image_size,
         data_size=args.data_size, batch_size=args.batch_size, steps=args.steps,
         epochs=args.epochs, warmup=args.warmup, workers=args.workers, threads=args.threads,
-        device=args.device, overrides=overrides_from_args(args))
+        device=args.device, overrides=overrides_from_args(args),
+        notice_checks=args.notice_checks)
     print(format_train(result))
     if args.json:
         print(train_json(result))

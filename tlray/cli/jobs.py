@@ -17,12 +17,14 @@ from tlray.cli.errors import run_guarded
 from tlray.cli.run_commands import (
     add_compare_options,
     compare_command,
+    lr_find_command,
     train_command,
     tune_command,
 )
 from tlray.cli.settings import add_settings
 
-COMMANDS = {"train": train_command, "tune": tune_command, "compare": compare_command}
+COMMANDS = {"train": train_command, "tune": tune_command, "compare": compare_command,
+            "lr-find": lr_find_command}
 
 
 def run_job(command: str, argv: Sequence[str] | None, *, doc: str, prog: str | None = None,
@@ -31,7 +33,7 @@ def run_job(command: str, argv: Sequence[str] | None, *, doc: str, prog: str | N
     """Parses a job's options and runs it; returns the exit status.
 
     Args:
-        command: train, tune or compare.
+        command: train, tune, compare or lr-find.
         doc: the job's docstring: its first line describes it in `--help`, the rest follows.
         prog: the job's name in messages (default: the script that runs).
         defaults: the job's own settings, under everything the user gives.

@@ -25,6 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_settings(p, sweep=True)
     p.set_defaults(run=tune_command)
 
+    p = sub.add_parser("lr-find", help="learning-rate range test of each freeze depth the "
+                                       "sweep tries: a plot and suggested rates",
+                       description="A learning-rate range test (an exponential ramp over at "
+                                   "most one epoch, on the training images) for each of "
+                                   "tune.freeze's depths (a schedule: its first phase); the "
+                                   "plot and the suggestions go to MLflow.")
+    add_settings(p)
+    p.set_defaults(run=lr_find_command)
+
     p = sub.add_parser("compare", help="scratch CNN vs the transfer model, same budget",
                        description="Trains the configured transfer model and the malaria "
                                    "original's scratch CNN on the same splits with the same "
@@ -74,6 +83,16 @@ def tune_command(args: argparse.Namespace, defaults: list[str] | None = None,
 
         print(format_summary(sweep(cfg, resume=args.resume, more=args.more),
                              cfg.train.monitor))
+    return 0
+
+
+def lr_find_command(args: argparse.Namespace, defaults: list[str] | None = None,
+                    chosen: list[str] | None = None) -> int:
+    cfg = resolved(args, defaults, chosen)
+    if cfg is not None:
+        from tlray.train.lr_find import find_and_log
+
+        print(find_and_log(cfg))
     return 0
 
 

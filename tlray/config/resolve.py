@@ -17,7 +17,9 @@ from typing import Any
 
 import yaml
 
+from tlray.config import schedule
 from tlray.config.augmentation import from_config as augmentation_from_config
+from tlray.config.interval import parse_every
 from tlray.config.settings import Config, all_settings, sections
 from tlray.errors import TlrayError
 
@@ -97,14 +99,20 @@ def validate(config: Config) -> Config:
         (t.epochs >= 1, "train.epochs", "an int >= 1", t.epochs),
         (t.patience is None or t.patience >= 1, "train.patience", "an int >= 1", t.patience),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints", "an int >= 1", t.keep_checkpoints),
-        (s.num_workers >= 1, "scaling.num_workers", "an int >= 1", s.num_workers),
+        (s.min_workers >= 1, "scaling.num_workers", "an int >= 1, or MIN-MAX", s.num_workers),
         (s.cpus_per_worker > 0, "scaling.cpus_per_worker", "a number > 0", s.cpus_per_worker),
         (s.gpus_per_worker > 0, "scaling.gpus_per_worker", "a number > 0", s.gpus_per_worker),
         (s.max_failures >= -1, "scaling.max_failures", "an int >= 0, or -1 for no limit",
          s.max_failures),
+        (s.max_preemptions >= -1, "scaling.max_preemptions",
+         "an int >= 0, or -1 for no limit", s.max_preemptions),
+        (s.notice_check_every >= 1, "scaling.notice_check_every", "an int >= 1",
+         s.notice_check_every),
+        (s.grow_check_every >= 0, "scaling.grow_check_every", "a number of seconds >= 0",
+         s.grow_check_every),
         (u.num_samples >= 1, "tune.num_samples", "an int >= 1", u.num_samples),
-        (0 < u.lr_min <= u.lr_max, "tune.lr_min/lr_max", "0 < lr_min <= lr_max",
-         (u.lr_min, u.lr_max)),
+        (_lr_range_ok(u.lr_min, u.lr_max), "tune.lr_min/lr_max",
+         "0 < lr_min <= lr_max, or auto", (u.lr_min, u.lr_max)),
         (u.grace_period >= 1, "tune.grace_period", "an int >= 1", u.grace_period),
         (u.reduction_factor >= 2, "tune.reduction_factor", "an int >= 2", u.reduction_factor),
         (u.max_concurrent >= 0, "tune.max_concurrent", "an int >= 0", u.max_concurrent),
@@ -115,11 +123,17 @@ def validate(config: Config) -> Config:
         if not ok:
             raise TlrayError(f"--{key}: expected {expected}, got {got!r}")
     augmentation_from_config(d)  # the preset's overrides are in range
-    freeze = str(m.freeze)
-    if freeze != "all" and not freeze.isdigit():
-        raise TlrayError(f"--model.freeze: expected a number of groups (0, 1, ...) or 'all', "
-                         f"got {m.freeze!r}")
+    schedule.parse(m.freeze, t.epochs)  # a depth, or phases that fit train.epochs
+    parse_every(t.checkpoint_every)
+    if t.ema is not None and not 0 < t.ema < 1:
+        raise TlrayError(f"--train.ema: expected a decay in (0, 1), e.g. 0.999, got {t.ema!r}")
     return config
+
+
+def _lr_range_ok(low, high) -> bool:
+    if isinstance(low, str) or isinstance(high, str):
+        return all(v == "auto" or isinstance(v, float) and v > 0 for v in (low, high))
+    return 0 < low <= high
 
 
 def dump_yaml(config: Config) -> str:
@@ -176,6 +190,11 @@ def _unknown(origin: str, key: str, name: str, known: list[str], prefix: str = "
     return f"{origin} {key!r}: unknown setting{hint}"
 
 
+def _union_args(annotation: Any) -> tuple:
+    hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation
+    return typing.get_args(hint)
+
+
 def field_type(annotation: Any) -> tuple[type, bool]:
     """(the base type, whether None is allowed) of a field's annotation."""
     hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation
@@ -188,6 +207,11 @@ def field_type(annotation: Any) -> tuple[type, bool]:
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Converts YAML/CLI values to the field's declared type, or explains the mismatch."""
     base, optional = field_type(annotation)
+    if base in (int, float) and str in _union_args(annotation) and isinstance(value, str):
+        try:
+            return base(value)
+        except ValueError:
+            return value  # a word ("auto") or a range ("1-4"): validate() says if it is one
     if value is None:
         if optional:
             return None

@@ -71,3 +71,9 @@ def choices(text: str) -> list[str]:
     """A sweep's freeze choices: separated by `;` when one of them is a schedule, else `,`."""
     separator = ";" if ";" in text or ":" in text or "@" in text else ","
     return [c.strip() for c in text.split(separator) if c.strip()]
+
+
+def first_depth(text: str) -> str:
+    """The frozen depth a run starts at: a schedule's first phase's (what the model is built
+    with, what the feature cache caches, what the sweep plots)."""
+    return parse(text)[0].depth

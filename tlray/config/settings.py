@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tlray.config.augmentation import PRESETS
+from tlray.config.workers import worker_range
 
 # Metrics every epoch reports; the value is the direction in which they improve.
 MONITORS = {"val_loss": "min", "val_acc": "max", "val_auc": "max", "train_loss": "min"}
@@ -59,9 +60,13 @@ class ModelConfig:
                                        "models:/NAME@ALIAS | runs:/ID/model")
     head: str = setting("linear", "the new head: linear, or mlp (dense 256/128, as the "
                                   "malaria original)", choices=("linear", "mlp"))
-    freeze: str = setting("0", "coarse groups frozen from the stem: 0 .. N, or all (head "
-                              "only); see `tlray models describe`")
+    freeze: str = setting("0", "coarse groups frozen from the stem (0 .. N, or all: head "
+                              "only; see `tlray models describe`), or a schedule of phases "
+                              "DEPTH:EPOCHS@LR_SCALE, e.g. all:1,0@0.5")
     drop_rate: float = setting(0.0, "dropout before the classifier")
+    tta: str = setting("none", "test-time augmentation of the test split and the served "
+                               "model: none, flip (2 views), dihedral (8)",
+                       choices=("none", "flip", "dihedral"))
 
 
 @dataclass
@@ -89,11 +94,17 @@ class TrainConfig:
     monitor: str = setting("val_loss", "the metric that picks the best epoch",
                            choices=tuple(MONITORS))
     keep_checkpoints: int = setting(2, "checkpoints kept, best first by the monitor")
+    checkpoint_every: str = setting("0", "also checkpoint inside an epoch, every N steps "
+                                         "(200), minutes (10m) or seconds (90s), so a crash "
+                                         "costs at most that much; 0: at epoch ends only")
     seed: int = setting(42, "initial weights, data order, augmentation: a one-worker run "
                             "repeats exactly")
     amp: bool = setting(True, "bf16 autocast on CUDA (ignored on a CPU)")
     channels_last: bool = setting(True, "NHWC memory: faster convolutions")
     compile: bool = setting(False, "torch.compile the model, once per run")
+    ema: float | None = setting(None, "average the weights (decay, e.g. 0.999, warmed up): "
+                                      "validation, the best checkpoint, the test and the "
+                                      "logged model use the average")
     # YAML reads on/off as booleans, hence the words.
     feature_cache: str = setting("auto", "train a frozen front from its cached outputs: auto "
                                          "(when they are small), always, never",
@@ -104,18 +115,40 @@ class TrainConfig:
 class ScalingConfig:
     """How many Train workers, on what."""
 
-    num_workers: int = setting(1, "data-parallel Train workers")
+    num_workers: int | str = setting(1, "data-parallel Train workers, or a range MIN-MAX "
+                                        "(1-4): starts once MIN fit, grows when nodes "
+                                        "join, goes on with fewer when one is lost")
     use_gpu: bool = setting(False, "one GPU (or gpus_per_worker) per worker")
     cpus_per_worker: float = setting(1.0, "CPUs each worker reserves; fractions work (0.5)")
     gpus_per_worker: float = setting(1.0, "GPUs each worker reserves; fractions share one")
     max_failures: int = setting(1, "worker failures a run survives by resuming from its "
                                    "checkpoint (-1: no limit)")
+    max_preemptions: int = setting(-1, "node preemptions (a drain notice, e.g. a spot "
+                                       "reclaim) a run survives, counted apart from failures "
+                                       "(-1: no limit)")
+    notice_check_every: int = setting(10, "steps between checks for a preemption notice, "
+                                          "which triggers a checkpoint at once")
+    grow_check_every: float = setting(60.0, "seconds between an elastic run's looks for room "
+                                            "to grow; growing restarts the workers from "
+                                            "the latest checkpoint")
     placement_strategy: str = setting("PACK", "where workers go: PACK, SPREAD, STRICT_SPREAD "
                                               "(one per node)",
                                       choices=("PACK", "SPREAD", "STRICT_PACK",
                                                "STRICT_SPREAD"))
     borrow_idle_cpus: bool = setting(True, "a one-worker CPU run also computes on CPUs "
                                            "nobody holds (re-counted every epoch)")
+
+    @property
+    def min_workers(self) -> int:
+        return worker_range(self.num_workers)[0]
+
+    @property
+    def max_workers(self) -> int:
+        return worker_range(self.num_workers)[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
 
 
 @dataclass
@@ -137,9 +170,11 @@ class TuneConfig:
     """The sweep (`tlray tune`): what to search, how many trials, how to stop bad ones early."""
 
     num_samples: int = setting(4, "trials")
-    lr_min: float = setting(1e-4, "learning rate range, log-uniform: low end")
-    lr_max: float = setting(1e-2, "learning rate range: high end")
-    freeze: str = setting("auto", "freeze depths to try, e.g. 0,3,all (auto: every depth)")
+    lr_min: float | str = setting(1e-4, "learning rate range, log-uniform: low end (auto: "
+                                        "from a learning-rate range test, `tlray lr-find`)")
+    lr_max: float | str = setting(1e-2, "learning rate range: high end (auto: from lr-find)")
+    freeze: str = setting("auto", "freeze depths (or schedules) to try, e.g. 0,3,all or "
+                                  "0;all:1,0@0.5 (auto: every depth)")
     space: dict | None = setting(None, "more fields: {optim.weight_decay: [0, 0.05]} or "
                                        "{optim.label_smoothing: {uniform: [0, 0.2]}}")
     search: str = setting("stratified", "stratified (lr x freeze covered evenly), random, "

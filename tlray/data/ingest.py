@@ -14,7 +14,9 @@ as in dataset.json), `labels` int64 [N] (index into dataset.json's classes, -1 u
 
 from __future__ import annotations
 
+import itertools
 import warnings
+from collections.abc import Iterable
 from typing import Iterator
 
 import pyarrow as pa
@@ -66,16 +68,24 @@ def read_split(info: DatasetInfo, split: str, *, shuffle: bool = False,
     return ds.randomize_block_order(seed=seed) if shuffle else ds
 
 
-def exact_split_data_config():
-    """A Train DataConfig whose shards cover every row exactly once per epoch.
+def worker_split_config(lockstep: Iterable[str] = (), in_memory: Iterable[str] = ()):
+    """A Train DataConfig that splits each dataset across the workers.
 
-    Ray's default splits with `equal=True`, which drops rows so that every worker sees the
-    same count. We keep them all; the training loop handles the uneven last batches with
-    DDP's `join()`.
+    - By default every row exactly once per epoch, in parts that may differ by a batch or
+      two (DDP's `join()` covers the last batches): validation and test.
+    - In lockstep (datasets in `lockstep`: the training split): every worker gets as many
+      rows, so all of them reach every step together and a check across workers at a step
+      (a preemption notice, a mid-epoch checkpoint) is safe; at most workers - 1 rows of
+      an epoch are left out.
+    - Dealt by position (`in_memory`: lockstep datasets already in Ray's object store): a
+      run restarted with as many workers gives each the same rows, so it can resume inside
+      an epoch exactly. Streamed ones are dealt as workers ask.
     """
     from ray.train import DataConfig
 
-    class ExactSplitDataConfig(DataConfig):
+    lockstep, in_memory = set(lockstep), set(in_memory)
+
+    class WorkerSplitConfig(DataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
             output = [{} for _ in range(world_size)]
             for name, ds in datasets.items():
@@ -88,18 +98,23 @@ def exact_split_data_config():
                 if ds.name is None:
                     ds.set_name(name)
                 hints = worker_node_ids if self._enable_shard_locality else None
-                for i, part in enumerate(ds.streaming_split(world_size, equal=False,
-                                                            locality_hints=hints)):
+                equal = name in lockstep and world_size > 1
+                if equal and name in in_memory:  # its blocks are already somewhere
+                    parts = [p.iterator() for p in ds.split(world_size, equal=True)]
+                else:
+                    parts = ds.streaming_split(world_size, equal=equal, locality_hints=hints)
+                for i, part in enumerate(parts):
                     output[i][name] = part
             return output
 
-    return ExactSplitDataConfig()
+    return WorkerSplitConfig()
 
 
 def iter_image_batches(data, shape: tuple[int, ...], batch_size: int, *,
                        dtype: str = "uint8", device: torch.device | str = "cpu",
                        shuffle: torch.Generator | None = None, prefetch_batches: int = 2,
-                       with_ids: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+                       with_ids: bool = False, skip: int = 0
+                       ) -> Iterator[tuple[torch.Tensor, ...]]:
     """Yields (images uint8 [N,H,W,C], labels int64 [N]) from a Ray Dataset or DataIterator.
 
     From a feature cache (`dtype` float32) the first tensor is [N, *shape] activations.
@@ -111,12 +126,13 @@ def iter_image_batches(data, shape: tuple[int, ...], batch_size: int, *,
     epoch's generator is seeded by (seed, epoch, rank), so the order is a function of them.
 
     On CUDA the host tensors are pinned and copied asynchronously, so the next batch is in
-    flight while the current one trains.
+    flight while the current one trains. The first `skip` batches are cut (the shuffle draws
+    the same order) but not decoded: an epoch resumed after its first `skip` steps.
     """
     cuda = torch.device(device).type == "cuda"
     blocks = data.iter_batches(batch_size=None, batch_format="pyarrow",
                                prefetch_batches=prefetch_batches)
-    for table in rebatch(blocks, batch_size, shuffle=shuffle):
+    for table in itertools.islice(rebatch(blocks, batch_size, shuffle=shuffle), skip, None):
         with warnings.catch_warnings():
             # Arrow's buffers are read-only and torch warns about that; nothing writes to
             # them (the first step on the device, `to_model_input`, makes a float copy).

@@ -83,3 +83,26 @@ def to_model_input(images: torch.Tensor, mean: tuple[float, ...], std: tuple[flo
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     x = (x - m) / s
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+TTA_VIEWS = {"none": 1, "flip": 2, "dihedral": 8}
+
+
+def tta_views(x: torch.Tensor, kind: str) -> list[torch.Tensor]:
+    """The views of a model-input batch [N, C, H, W] that test-time augmentation averages:
+    `none` the batch itself; `flip` it and its mirror image; `dihedral` the 8 flips and
+    quarter turns (a square input keeps its shape)."""
+    if kind == "none":
+        return [x]
+    if kind == "flip":
+        return [x, x.flip(-1)]
+    if kind == "dihedral":
+        turns = [torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
+        return turns + [t.flip(-1) for t in turns]
+    raise ValueError(f"test-time augmentation {kind!r}: expected one of {', '.join(TTA_VIEWS)}")
+
+
+def tta_probabilities(network, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Softmax probabilities [N, classes], averaged over the test-time views of `x`."""
+    views = tta_views(x, kind)
+    return sum(torch.softmax(network(v).float(), dim=1) for v in views) / len(views)

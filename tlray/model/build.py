@@ -241,6 +241,25 @@ def build_model(
     return model, info
 
 
+def build_for_run(cfg, info, *, weights: str | None = None, freeze: str | None = None
+                  ) -> tuple[nn.Module, ModelInfo]:
+    """The model a run's config asks for, on a dataset's classes and channels.
+
+    Args:
+        cfg: a `tlray.config.Config`.
+        info: the `tlray.data.dataset.DatasetInfo` it trains on.
+        weights: instead of `model.weights` (e.g. "none" for an architecture whose weights a
+            checkpoint replaces).
+        freeze: instead of the first phase's depth of `model.freeze`.
+    """
+    from tlray.config.schedule import first_depth
+
+    return build_model(cfg.model.backbone, info.num_classes, in_chans=info.channels,
+                       img_size=cfg.data.image_size, weights=weights or cfg.model.weights,
+                       head=cfg.model.head, freeze=freeze or first_depth(cfg.model.freeze),
+                       drop_rate=cfg.model.drop_rate)
+
+
 def _check_options(num_classes: int, in_chans: int, head: str, drop_rate: float) -> None:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise TlrayError(

@@ -59,7 +59,8 @@ def log_model(network: torch.nn.Module, example_images: np.ndarray, class_names:
         example_images: two or more uint8 [N, H, W, C] images, as the dataset stores them:
             the input example (as PNGs) and the export's example (preprocessed).
         class_names: the label of each output logit, in order.
-        preprocess: {"mean", "std", "size": [h, w], "channels"}: what training fed the network.
+        preprocess: {"mean", "std", "size": [h, w], "channels"}: what training fed the network,
+            and "tta" (none, flip, dihedral): the test-time augmentation the answers average.
         metadata: more MLmodel metadata (tlray adds class_names and preprocess).
 
     Link metrics to it with `tracking.link_metrics`, or log them with its `model_id`.
@@ -75,7 +76,8 @@ def log_model(network: torch.nn.Module, example_images: np.ndarray, class_names:
     pre = {"mean": [float(m) for m in preprocess["mean"]],
            "std": [float(s) for s in preprocess["std"]],
            "size": [int(s) for s in preprocess["size"]],
-           "channels": int(preprocess["channels"])}
+           "channels": int(preprocess["channels"]),
+           "tta": str(preprocess.get("tta", "none"))}
     config = {"class_names": [str(c) for c in class_names], **pre}
     cpu = copy.deepcopy(_unwrap(network)).to("cpu").eval()
     tensors = to_model_input(torch.from_numpy(images.copy()), pre["mean"], pre["std"],
@@ -176,10 +178,24 @@ def import_evaluators() -> None:
     Their first import registers them from an import hook that holds MLflow's import-hook
     lock while it imports more modules; the system-metrics thread's own imports (it looks for
     pyspark at every sample) wait for that lock while holding a module lock, and the two can
-    deadlock (seen: a test hung for good inside `mlflow.models.evaluate`). ~2 s, once per
-    process.
+    deadlock (seen: a test hung for good inside `mlflow.models.evaluate`). The same goes for
+    the autologging flavors `evaluate` configures: for every library already imported (torch)
+    it imports MLflow's flavor module (`mlflow.pytorch`) under that lock (seen: the main job
+    hung for good in a sweep trial's `evaluate`), so those are imported now too. ~2 s, once
+    per process.
     """
+    import importlib
+
     import mlflow.models.evaluation.evaluator_registry  # noqa: F401
+    from mlflow.ml_package_versions import FLAVOR_TO_MODULE_NAME
+    from mlflow.utils.autologging_utils import is_autolog_supported
+
+    for flavor, module in FLAVOR_TO_MODULE_NAME.items():
+        if module in sys.modules and is_autolog_supported(flavor):
+            try:
+                importlib.import_module(f"mlflow.{flavor}")
+            except Exception:  # noqa: BLE001 - evaluate skips a flavor it cannot import too
+                pass
 
 
 # Test images x model input pixels that the pyfunc evaluates on a CPU in seconds: the

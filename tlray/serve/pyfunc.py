@@ -36,7 +36,13 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from PIL import Image
 
-from tlray.data.preprocess import MODES, to_channels, to_mode, to_model_input
+from tlray.data.preprocess import (
+    MODES,
+    to_channels,
+    to_mode,
+    to_model_input,
+    tta_probabilities,
+)
 
 NETWORK = "network"  # the artifact: a folder holding the exported network, model.pt2
 NETWORK_FILE = "model.pt2"
@@ -66,6 +72,7 @@ class ImageClassifier(PythonModel):
         self.size = tuple(int(s) for s in config["size"])
         self.mean = tuple(float(m) for m in config["mean"])
         self.std = tuple(float(s) for s in config["std"])
+        self.tta = str(config.get("tta", "none"))  # averaged as the test split was
         path = Path(context.artifacts[NETWORK]) / NETWORK_FILE
         self.network = torch.export.load(str(path)).module()
 
@@ -86,8 +93,8 @@ class ImageClassifier(PythonModel):
             for start in range(0, len(members), BATCH):
                 rows = members[start:start + BATCH]
                 batch = torch.from_numpy(np.stack([images[i] for i in rows]))
-                logits = self.network(to_model_input(batch, self.mean, self.std, self.size))
-                out[rows] = torch.softmax(logits.float(), dim=1).numpy()
+                x = to_model_input(batch, self.mean, self.std, self.size)
+                out[rows] = tta_probabilities(self.network, x, self.tta).numpy()
         return out
 
 

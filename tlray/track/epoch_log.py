@@ -41,6 +41,29 @@ class EpochLogger:
             except Exception as e:  # noqa: BLE001 - a tag is not worth failing a run for
                 sys.stderr.write(f"could not set MLflow tag {key} ({type(e).__name__})\n")
 
+    def get_tag(self, key: str) -> str | None:
+        """A run tag's value (None if unset, empty or unreadable); best effort."""
+        if not self.enabled:
+            return None
+        try:
+            return self.client.get_run(self.run_id).data.tags.get(key) or None
+        except Exception:  # noqa: BLE001 - the caller goes on without it
+            return None
+
+    def log_missing(self, history: list[dict], extra=lambda row: {}) -> None:
+        """Logs the epochs of `history` that the run lacks: a restarted run's checkpoint
+        may hold an epoch whose metrics were never written (killed in between), and
+        logging one twice would show it twice. Judged by `val_loss`, logged every epoch."""
+        if not self.enabled or not history:
+            return
+        try:
+            logged = {m.step for m in self.client.get_metric_history(self.run_id, "val_loss")}
+        except Exception:  # noqa: BLE001 - unknown: leave the history as it is
+            return
+        for row in history:
+            if row["epoch"] not in logged:
+                self.log({**row, **extra(row)}, row["epoch"])
+
     def flush(self) -> bool:
         try:
             for start in range(0, len(self.pending), 500):

@@ -137,11 +137,13 @@ def augmentation_grid(rows: np.ndarray, row_titles: Sequence[str], what: str) ->
     return fig
 
 
-def learning_curves(history: Sequence[Mapping[str, Any]]) -> Figure:
+def learning_curves(history: Sequence[Mapping[str, Any]],
+                    phase_starts: Sequence[int] = ()) -> Figure:
     """Loss per epoch, and accuracy/AUC per epoch when present, train vs validation.
 
     Columns are found by name: `*loss` go to the first panel, `*acc`, `*accuracy` and `*auc`
-    to the second. Missing or non-finite values leave a gap.
+    to the second. Missing or non-finite values leave a gap. `phase_starts`: the first epoch
+    of each later phase of a freeze schedule, marked by a dashed line.
     """
     if not history:
         raise TlrayError("learning_curves: history is empty: expected one dict per epoch")
@@ -161,6 +163,10 @@ def learning_curves(history: Sequence[Mapping[str, Any]]) -> Figure:
         for col in cols:
             values = [_number(row.get(col)) for row in history]
             ax.plot(epochs, values, marker="o", markersize=3, label=col)
+        for n, start in enumerate(phase_starts, 2):
+            ax.axvline(start - 0.5, color="grey", linestyle="--", linewidth=1)
+            ax.annotate(f"phase {n}", (start - 0.5, 1), xycoords=("data", "axes fraction"),
+                        xytext=(2, -10), textcoords="offset points", fontsize=7, color="grey")
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -280,6 +286,30 @@ def sweep_plot(
     ax.set_xlabel("learning rate")
     ax.set_ylabel(metric)
     ax.set_title(f"sweep: {metric} by learning rate and freeze depth")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def lr_find_plot(curves: Sequence[Any]) -> Figure:
+    """The learning-rate range test: the smoothed loss against the learning rate (log
+    scale), one line per freeze depth, each depth's suggestion marked. Read it from the left:
+    the loss falls as the rate grows, then turns up; the suggestion sits where it still falls
+    steadily, well before the turn."""
+    fig = _figure(5.5, 3.6)
+    ax = fig.subplots()
+    for curve in curves:
+        line, = ax.plot(curve.lrs, curve.losses, label=f"freeze {curve.freeze}: "
+                                                      f"{curve.suggestion:.2g}")
+        ax.plot(curve.lrs, curve.raw, color=line.get_color(), alpha=0.2, linewidth=0.8)
+        ax.axvline(curve.suggestion, color=line.get_color(), linestyle="--", linewidth=1)
+    finite = [v for c in curves for v in c.losses if math.isfinite(v)]
+    if finite:
+        ax.set_ylim(min(finite) * 0.9, min(max(finite), 3 * min(finite)) * 1.1)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss (smoothed)")
+    ax.set_title("learning-rate range test: suggestions dashed")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return fig

@@ -2,10 +2,10 @@
 
 Two kinds, both directories that Ray Train or Tune persist:
 
-- a training checkpoint, after every epoch: the model, the optimizer and schedule, the best
-  weights so far and `TrainingState`; a run restarted after a failure resumes from it
-  exactly (the data order and every random draw of an epoch follow from (seed, epoch), see
-  `tlray.train.loop.seed_epoch`);
+- a training checkpoint, after every epoch (and inside one, see `tlray.train.position`):
+  the model, the optimizer and schedule, the weight average, the best weights so far and
+  `TrainingState`; a run restarted after a failure resumes from it exactly (the data order
+  and every random draw follow from (seed, epoch, step), see `tlray.train.feeds`);
 - the final checkpoint, once training is over: the best weights, the state, the final
   `Report`, the test details and every test row's probabilities (`test_predictions.csv`).
   A run restarted from it (a trial killed while its model was being logged) only re-runs
@@ -32,8 +32,8 @@ from tlray.train.protocol import EpochMetrics, Report
 
 FORMAT = 2
 TEST_PREDICTIONS = "test_predictions.csv"  # every test row: id, label, class, prob_<class>
-_STATE, _MODEL, _BEST, _OPTIMIZER, _SCHEDULER = ("state.json", "model.pt", "best_model.pt",
-                                                 "optimizer.pt", "scheduler.pt")
+_STATE, _MODEL, _BEST, _OPTIMIZER, _SCHEDULER, _EMA = (
+    "state.json", "model.pt", "best_model.pt", "optimizer.pt", "scheduler.pt", "ema.pt")
 _REPORT, _TEST, _SAMPLES = "report.json", "test.json", "test_samples.npz"
 
 
@@ -50,7 +50,17 @@ class TrainingState:
     stopped_early: bool = False
     goal_reached: bool = False  # stopped early because the monitored metric reached tune.goal
     resumed: int = 0  # times this run was restored from a checkpoint after a failure
+    resumed_at: list[int] = field(default_factory=list)  # the global step of each restore
     trained: bool = False  # every epoch done (the final checkpoint): only the test remains
+    phase: int = 0  # the schedule's phase model.pt is frozen as (the last epoch's; the best's
+    #                 in the final checkpoint)
+    phase_start_step: int = 0  # the global step that phase started after
+    best_phase: int = 0  # the phase of the best epoch: how its weights were frozen
+    position: dict | None = None  # written inside an epoch: `tlray.train.position.Position`
+    preemptions: int = 0  # preemption notices this run has had
+    world: int = 0  # workers when it was written (an elastic run may resume with others)
+    run_id: str | None = None  # the MLflow run it was written for (a resumed sweep's
+    #                            trial starts a new run)
 
     def record(self, row: EpochMetrics, monitor: str, mode: str, patience: int | None,
                epochs: int, goal: float | None = None) -> bool:
@@ -96,18 +106,31 @@ class FinalCheckpoint:
 
 
 def save_training(d: Path, model, optimizer, scheduler, state: TrainingState,
-                  best_weights: dict | None) -> None:
+                  best_weights: dict | None, ema=None) -> None:
     torch.save(model.state_dict(), d / _MODEL)
+    if ema is not None:  # the running average goes on where it stopped
+        torch.save(ema.module.state_dict(), d / _EMA)
     torch.save(optimizer.state_dict(), d / _OPTIMIZER)
     if scheduler is not None:
         torch.save(scheduler.state_dict(), d / _SCHEDULER)
-    if best_weights is not None and state.best_epoch != state.epoch:
+    if best_weights is not None and (state.best_epoch != state.epoch or state.position):
         torch.save(best_weights, d / _BEST)
     _write_state(d, state)
 
 
-def load_training(d: Path, model, optimizer, scheduler) -> tuple[TrainingState, dict]:
-    """Restores model, optimizer, schedule and state in place; returns (state, best weights).
+def peek(found) -> TrainingState | None:
+    """The state a checkpoint (Ray's) was saved in, before anything is loaded from it: the
+    model must be frozen as that epoch's phase froze it first. None without a checkpoint."""
+    if found is None:
+        return None
+    with found.as_directory() as d:
+        return _read_state(Path(d))
+
+
+def load_training(d: Path, model, optimizer, scheduler, ema=None
+                  ) -> tuple[TrainingState, dict]:
+    """Restores model, optimizer, schedule, weight average and state in place; returns
+    (state, best weights).
 
     From the final checkpoint the model gets the best weights and nothing else is restored:
     training is over, the test remains.
@@ -116,6 +139,8 @@ def load_training(d: Path, model, optimizer, scheduler) -> tuple[TrainingState, 
     model.load_state_dict(_load(d / _MODEL))
     if state.trained:
         return state, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if ema is not None and (d / _EMA).exists():
+        ema.module.load_state_dict(_load(d / _EMA))
     optimizer.load_state_dict(_load(d / _OPTIMIZER))
     if scheduler is not None and (d / _SCHEDULER).exists():
         scheduler.load_state_dict(_load(d / _SCHEDULER))
@@ -123,9 +148,10 @@ def load_training(d: Path, model, optimizer, scheduler) -> tuple[TrainingState, 
     return state, best
 
 
-def save_final(d: Path, model, state: TrainingState, report: Report, test, classes: list[str]
-               ) -> None:
-    """The final checkpoint. `test` is the test split's `tlray.train.steps.Evaluation`."""
+def save_final(d: Path, model, state: TrainingState, report: Report, test, classes: list[str],
+               tta: dict | None = None) -> None:
+    """The final checkpoint. `test` is the test split's `tlray.train.steps.Evaluation`;
+    `tta` what test-time augmentation bought and cost (accuracy and ms per image without)."""
     torch.save(model.state_dict(), d / _MODEL)
     _write_state(d, state)
     (d / _REPORT).write_text(json.dumps(report.metrics()))
@@ -133,7 +159,8 @@ def save_final(d: Path, model, state: TrainingState, report: Report, test, class
     (d / _TEST).write_text(json.dumps({
         "loss": test.loss, "acc": test.acc, "auc": test.auc, "rows": test.rows,
         "classes": classes, "confusion_matrix": cm.tolist(),
-        "per_class_acc": dict(zip(classes, metrics.per_class_accuracy(cm).tolist()))}))
+        "per_class_acc": dict(zip(classes, metrics.per_class_accuracy(cm).tolist())),
+        **({"tta": tta} if tta else {})}))
     ids, labels, probs = test.predictions
     table = {"id": ids, "label": [classes[i] for i in labels],
              "class": [classes[i] for i in probs.argmax(1)],

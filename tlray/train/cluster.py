@@ -123,6 +123,11 @@ def worker_resources(scaling) -> dict:
             **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
 
 
+def train_workers(scaling) -> int | tuple[int, int]:
+    """Ray Train's `num_workers`: a count, or (fewest, most) for an elastic run."""
+    return (scaling.min_workers, scaling.max_workers) if scaling.elastic else scaling.max_workers
+
+
 def check_resources(scaling) -> None:
     """Fails fast, instead of waiting forever, when the cluster cannot hold the workers."""
     import ray
@@ -133,13 +138,14 @@ def check_resources(scaling) -> None:
         raise TlrayError(f"--scaling.use_gpu=true but the Ray cluster has "
                          f"{total.get('GPU', 0):g} GPUs; run on a GPU cluster or set "
                          f"--scaling.use_gpu=false")
-    if s.use_gpu and total.get("GPU", 0) < s.num_workers * s.gpus_per_worker:
-        raise TlrayError(f"{s.num_workers} workers x {s.gpus_per_worker:g} GPU need "
-                         f"{s.num_workers * s.gpus_per_worker:g} GPUs; the cluster has "
+    n = s.min_workers  # an elastic run starts once its fewest workers fit
+    if s.use_gpu and total.get("GPU", 0) < n * s.gpus_per_worker:
+        raise TlrayError(f"{n} workers x {s.gpus_per_worker:g} GPU need "
+                         f"{n * s.gpus_per_worker:g} GPUs; the cluster has "
                          f"{total.get('GPU', 0):g}")
-    need_cpu = s.num_workers * s.cpus_per_worker + DATA_CPU_RESERVE
+    need_cpu = n * s.cpus_per_worker + DATA_CPU_RESERVE
     if total.get("CPU", 0) < need_cpu:
-        raise TlrayError(f"{s.num_workers} workers x {s.cpus_per_worker:g} CPU, plus "
+        raise TlrayError(f"{n} workers x {s.cpus_per_worker:g} CPU, plus "
                          f"{DATA_CPU_RESERVE:g} for reading data, need {need_cpu:g} CPUs; the "
                          f"cluster has {total.get('CPU', 0):g} (use fractional "
                          f"--scaling.cpus_per_worker, e.g. 0.5)")

@@ -12,8 +12,9 @@ import dataclasses
 import numpy as np
 import torch
 
+from tlray.config import schedule
 from tlray.data.dataset import DatasetInfo, sample_per_class
-from tlray.model.build import build_model
+from tlray.model.build import build_for_run
 from tlray.serve import log_model as logged_model
 from tlray.track import plots
 from tlray.track import runs as tracking
@@ -32,7 +33,11 @@ def log_final(final: FinalCheckpoint, plan: Plan, test_data) -> str | None:
 
     cfg, info, report = plan.config, plan.dataset, final.report
     history, test = final.state.history, final.test
-    tracking.log_figure(plots.learning_curves(history), "plots/learning_curves.png")
+    phases = schedule.parse(cfg.model.freeze, cfg.train.epochs)
+    starts = [schedule.phase_epochs(phases, i, cfg.train.epochs)[0] for i in range(1, len(phases))]
+    tracking.log_figure(plots.learning_curves(history, [s for s in starts
+                                                        if s <= len(history)]),
+                        "plots/learning_curves.png")
     tracking.log_figure(plots.confusion_matrix_plot(np.array(test["confusion_matrix"]),
                                                     info.classes),
                         "plots/confusion_matrix.png")
@@ -46,11 +51,17 @@ def log_final(final: FinalCheckpoint, plan: Plan, test_data) -> str | None:
                                                    info.classes),
                             "plots/test_predictions.png")
     model_uri = model_id = None
+    if "tta" in test:
+        t = test["tta"]
+        mlflow.log_metrics({"test_acc_without_tta": t["acc_without_tta"],
+                            "test_ms_per_image": t["ms_per_image"],
+                            "test_ms_per_image_without_tta": t["ms_per_image_without_tta"]})
     if cfg.tracking.log_model:
         logged = logged_model.log_model(
             trained_network(plan, final), model_example_images(info), info.classes,
             {"mean": plan.model.data_config["mean"], "std": plan.model.data_config["std"],
-             "size": [cfg.data.image_size] * 2, "channels": info.channels})
+             "size": [cfg.data.image_size] * 2, "channels": info.channels,
+             "tta": cfg.model.tta})
         model_uri, model_id = logged.model_uri, logged.model_id
         mlflow.set_tag("model_uri", model_uri)
         # The best epoch's metrics go with the model: its weights are that epoch's.
@@ -72,9 +83,8 @@ def trained_network(plan: Plan, final: FinalCheckpoint) -> torch.nn.Module:
     """The run's architecture with the final checkpoint's (best) weights: built without its
     starting weights, which the checkpoint replaces entirely."""
     cfg, info = plan.config, plan.dataset
-    model, _ = build_model(cfg.model.backbone, info.num_classes, in_chans=info.channels,
-                           img_size=cfg.data.image_size, weights="none", head=cfg.model.head,
-                           freeze=cfg.model.freeze, drop_rate=cfg.model.drop_rate)
+    depth = schedule.parse(cfg.model.freeze)[final.state.phase].depth  # as the weights were
+    model, _ = build_for_run(cfg, info, weights="none", freeze=depth)
     model.load_state_dict(torch.load(final.weights, map_location="cpu", weights_only=True))
     return model
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import threading
 
+from tlray.config import schedule
 from tlray.data.dataset import DatasetInfo, load_info
-from tlray.data.ingest import exact_split_data_config, read_split
-from tlray.train.cluster import quiet_logging_config, worker_resources
+from tlray.data.ingest import worker_split_config, read_split
+from tlray.train.cluster import quiet_logging_config, train_workers, worker_resources
 from tlray.train.plan import SPLITS, Plan
-from tlray.train.protocol import WorkerArgs
+from tlray.train.protocol import WorkerArgs, cache_dataset, dataset_names
 
 
 def read_splits(cfg, info: DatasetInfo, splits=SPLITS) -> dict:
@@ -23,9 +24,12 @@ def read_splits(cfg, info: DatasetInfo, splits=SPLITS) -> dict:
     A sweep reads its images once and hands them to all its trials, so that they neither
     read the same shards again nor keep a copy each in the object store.
     """
-    return {name: read_split(info, name,
-                             cache=info.split_bytes(name) <= cfg.data.cache_gb * 2**30)
-            for name in splits}
+    return {name: read_split(info, name, cache=in_memory(cfg, info, name)) for name in splits}
+
+
+def in_memory(cfg, info: DatasetInfo, split: str) -> bool:
+    """Whether a split is read once into Ray's object store (else streamed every epoch)."""
+    return info.split_bytes(split) <= cfg.data.cache_gb * 2**30
 
 
 def fit(plan: Plan, args: WorkerArgs, *, name: str, callbacks: list | None = None,
@@ -48,28 +52,41 @@ def fit(plan: Plan, args: WorkerArgs, *, name: str, callbacks: list | None = Non
     from tlray.train.loop import train_loop_per_worker
 
     cfg, s = plan.config, plan.config.scaling
-    cached = plan.cache.splits if plan.cache else ()
-    datasets = read_splits(cfg, load_info(plan.cache.uri), cached) if cached else {}
-    images = images or read_splits(cfg, plan.dataset, [n for n in SPLITS if n not in cached])
-    datasets.update({n: images[n] for n in SPLITS if n not in datasets})
+    names = dataset_names(plan.cache, len(schedule.parse(cfg.model.freeze)))
+    cached = [n for n in SPLITS if cache_dataset(n) in names]
+    cache_info = load_info(plan.cache.uri) if cached else None
+    datasets = ({cache_dataset(n): ds for n, ds in read_splits(
+        cfg, cache_info, cached).items()} if cached else {})
+    held = {n for n in SPLITS if n in names and in_memory(cfg, plan.dataset, n)} | {
+        cache_dataset(n) for n in cached if in_memory(cfg, cache_info, n)}
+    wanted = [n for n in SPLITS if n in names]
+    images = images or read_splits(cfg, plan.dataset, wanted)
+    datasets.update({n: images[n] for n in wanted})
     # The training blocks' order, seeded: the same run sees the same batches.
-    datasets["train"] = datasets["train"].randomize_block_order(seed=cfg.train.seed)
+    for split in ("train", cache_dataset("train")):
+        if split in datasets:
+            datasets[split] = datasets[split].randomize_block_order(seed=cfg.train.seed)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config={"args": args},
         scaling_config=ray.train.ScalingConfig(num_workers=0, use_gpu=s.use_gpu)
         if args.in_trial_process else ray.train.ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu,
-            resources_per_worker=worker_resources(s), placement_strategy=s.placement_strategy),
+            num_workers=train_workers(s), use_gpu=s.use_gpu,
+            resources_per_worker=worker_resources(s), placement_strategy=s.placement_strategy,
+            elastic_resize_monitor_interval_s=s.grow_check_every),
         run_config=ray.train.RunConfig(
             name=name, storage_path=plan.storage,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute=cfg.train.monitor,
                 checkpoint_score_order=cfg.monitor_mode),
-            failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=s.max_failures, max_preemption_failures=s.max_preemptions),
             logging_config=quiet_logging_config(), callbacks=callbacks or None),
-        datasets=datasets, dataset_config=exact_split_data_config())
-    result = _fit_interruptibly(trainer)
+        # Training in lockstep: every worker the same number of steps, so that they ask for
+        # preemption notices (a barrier) at the same steps.
+        datasets=datasets, dataset_config=worker_split_config(
+            lockstep=("train", cache_dataset("train")), in_memory=held))
+    result = fit_interruptibly(trainer)
     if result.error is not None:
         raise result.error
     if args.in_trial_process:
@@ -83,7 +100,7 @@ def fit(plan: Plan, args: WorkerArgs, *, name: str, callbacks: list | None = Non
     return checkpoint
 
 
-def _fit_interruptibly(trainer):
+def fit_interruptibly(trainer):
     """`trainer.fit()`, where Ctrl-C is a KeyboardInterrupt as everywhere else in tlray.
 
     Called from the main thread, Ray Train's fit installs a SIGINT handler of its own: it

@@ -25,7 +25,7 @@ from tlray.data.dataset import DatasetInfo, load_info
 from tlray.data.prepare import prepare
 from tlray.errors import TlrayError
 from tlray.model import feature_cache
-from tlray.model.build import ModelInfo, build_model
+from tlray.model.build import ModelInfo, build_for_run
 from tlray.model.cut import split_model
 from tlray.track import runs as tracking
 from tlray.train import faults
@@ -106,10 +106,7 @@ def check_model(cfg: Config, info: DatasetInfo) -> tuple[torch.nn.Module, ModelI
     surfaces before Ray starts, and the feature cache is computed from these weights."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        return build_model(cfg.model.backbone, info.num_classes, in_chans=info.channels,
-                           img_size=cfg.data.image_size, weights=cfg.model.weights,
-                           head=cfg.model.head, freeze=cfg.model.freeze,
-                           drop_rate=cfg.model.drop_rate)
+        return build_for_run(cfg, info)
 
 
 def connect(cfg: Config) -> str:
@@ -151,8 +148,12 @@ def plan_feature_cache(cfg: Config, info: DatasetInfo, model: torch.nn.Module,
                           "one)")
         splits, why = ("val",), f"validation only: {why} (training images are augmented)"
     if found is None:
-        print(f"feature cache: computing the {why} (freeze {cfg.model.freeze})", flush=True)
-        build_cache(cfg, info, uri, key, here=here)
+        with feature_cache.build_lock(uri, on_wait=lambda: print(
+                f"feature cache: waiting for another run's build of the {why}", flush=True)):
+            if feature_cache.existing(uri) is None:  # (the other run's build is done now)
+                print(f"feature cache: computing the {why} (freeze {cfg.model.freeze})",
+                      flush=True)
+                build_cache(cfg, info, uri, key, here=here)
     return CachePlan(uri=uri, cut=split.cut, shape=tuple(split.shape), splits=splits,
                      reason=why), why
 

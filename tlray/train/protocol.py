@@ -33,6 +33,19 @@ class CachePlan:
         return "train" in self.splits
 
 
+def cache_dataset(split: str) -> str:
+    """The name under which a split of the feature cache reaches the workers."""
+    return f"cache:{split}"
+
+
+def dataset_names(cache: CachePlan | None, phases: int) -> list[str]:
+    """The datasets a run's workers read: the cache's splits, and the image splits that some
+    phase reads (all of them but those the cache serves in a one-phase run)."""
+    cached = list(cache.splits) if cache else []
+    images = [s for s in ("train", "val", "test") if phases > 1 or s not in cached]
+    return [cache_dataset(s) for s in cached] + images
+
+
 @dataclass(frozen=True)
 class WorkerArgs:
     """Everything a worker is given; nothing in it is re-derived by the worker."""
@@ -102,6 +115,15 @@ class Report:
                 out.update({f"test_{k}": v for k, v in dataclasses.asdict(self.test).items()})
         return out
 
+    @staticmethod
+    def partial(state, monitor: str, mode: str) -> dict:
+        """What a checkpoint written inside an epoch reports: no epoch's figures, the
+        monitored metric at its worst (so that Ray keeps it only while it is the latest);
+        `epoch` is the epochs done. Schedulers, clocks and pickers skip it (`is_partial`)."""
+        return {"partial": True, "epoch": state.epoch, "step": state.step,
+                "best_epoch": state.best_epoch, f"best_{monitor}": state.best_value,
+                monitor: -math.inf if mode == "max" else math.inf, "final": False}
+
     @classmethod
     def from_metrics(cls, metrics: dict, monitor: str) -> Report:
         """The report back from Ray's flat dict (a Tune result, a Train result)."""
@@ -117,6 +139,11 @@ class Report:
                    stopped_early=bool(metrics.get("stopped_early", False)),
                    epochs_run=int(metrics.get("epochs_run", epoch.epoch)),
                    epochs_seconds=float(metrics.get("epochs_seconds", math.nan)))
+
+
+def is_partial(metrics: dict) -> bool:
+    """Whether a result is a checkpoint's from inside an epoch (`Report.partial`)."""
+    return bool(metrics.get("partial", False))
 
 
 def is_final(metrics: dict) -> bool:

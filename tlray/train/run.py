@@ -9,6 +9,7 @@ restart from the last one after a worker failure; log what the final checkpoint 
 from __future__ import annotations
 
 import logging
+import re
 import os
 import sys
 from dataclasses import dataclass
@@ -62,7 +63,8 @@ def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | No
     tags = {**tracking.standard_tags(cfg.model.backbone, cfg.model.weights, minfo.freeze_depth,
                                      info.fingerprint),
             "dataset": info.name, **(extra_tags or {})}
-    name = run_name or cfg.tracking.run_name or f"{cfg.model.backbone}-f{cfg.model.freeze}"
+    name = run_name or cfg.tracking.run_name or re.sub(
+        r"[^\w.-]+", "_", f"{cfg.model.backbone}-f{cfg.model.freeze}")  # a directory name
     if cfg.tracking.log_model and cfg.tracking.evaluate != "never":
         logged_model.import_evaluators()  # before the system-metrics thread below starts
     # CPU, memory (and GPU, where there is one) of this process's machine, as system/* metrics.

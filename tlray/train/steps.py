@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tlray.data.preprocess import tta_probabilities
 from tlray.track import metrics
 
 SAMPLE_IMAGES = 36  # test images kept for the predictions grid
@@ -68,25 +69,41 @@ def train_step(batch: torch.Tensor, labels: torch.Tensor, step: int, *, forward,
     return logits, loss
 
 
+class RunningTotals:
+    """An epoch's sums so far, kept on the device so that no step waits for the GPU; read
+    (`snapshot`) only when a mid-epoch checkpoint needs them."""
+
+    def __init__(self, device, start: EpochTotals | None = None):
+        start = start or EpochTotals(0.0, 0.0, 0)
+        self.sums = torch.tensor([start.loss_sum, start.correct], device=device)
+        self.seen = start.seen
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.sums += torch.stack([loss.detach() * len(labels),
+                                  (logits.argmax(1) == labels).sum().float()])
+        self.seen += len(labels)
+
+    def snapshot(self) -> EpochTotals:
+        loss_sum, correct = self.sums.tolist()
+        return EpochTotals(loss_sum, correct, self.seen)
+
+
 def train_epoch(batches: Iterable, step: Callable, first_step: int, device,
-                on_batch: Callable[[int, int], None] | None = None) -> tuple[EpochTotals, int]:
+                on_batch: Callable[[int, RunningTotals], None] | None = None,
+                start: EpochTotals | None = None) -> tuple[EpochTotals, int]:
     """Runs `step` (a bound `train_step`) over one epoch's batches.
 
-    Sums stay on the device, so no step waits for the GPU. Returns this worker's totals and
-    the global step count after the epoch. `on_batch(step, rows_seen)` follows every step.
+    Returns this worker's totals (added to `start`, what a resumed epoch had done) and the
+    global step count after the epoch. `on_batch(step, totals so far)` follows every step.
     """
-    sums = torch.zeros(2, device=device)  # loss * n, correct
-    seen, global_step = 0, first_step
+    running, global_step = RunningTotals(device, start), first_step
     for images, labels in batches:
         global_step += 1
         logits, loss = step(images, labels, global_step)
-        sums += torch.stack([loss.detach() * len(labels),
-                             (logits.argmax(1) == labels).sum().float()])
-        seen += len(labels)
+        running.add(loss, logits, labels)
         if on_batch is not None:
-            on_batch(global_step, seen)
-    loss_sum, correct = sums.tolist()
-    return EpochTotals(loss_sum, correct, seen), global_step
+            on_batch(global_step, running)
+    return running.snapshot(), global_step
 
 
 def reduce_totals(totals: EpochTotals, world: int, device) -> EpochTotals:
@@ -129,22 +146,28 @@ def make_optimizer(model: nn.Module, optim, epochs: int, steps_per_epoch: int):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, num_classes: int, feed, amp, device,
-             world: int = 1, keep: bool = False) -> Evaluation:
+             world: int = 1, keep: bool = False, tta: str = "none") -> Evaluation:
     """Loss, accuracy and AUC over every worker's part of a split, identical on all ranks.
 
     `model` must be the unwrapped model, so that no DDP collective runs per batch: workers
     may hold different numbers of rows. Labels and probabilities are gathered once at the
-    end (AUC needs all of them). With `keep`, batches carry ids as a third item.
+    end (AUC needs all of them). With `keep`, batches carry ids as a third item. With `tta`
+    the probabilities (and the loss) are those averaged over the test-time views.
     """
     was_training = model.training
     model.eval()
     losses, labels_all, probs_all, images_kept, ids = [], [], [], [], []
     for images, labels, *batch_ids in batches:
         with amp:
-            logits = model(feed(images)).float()
-        losses.append(F.cross_entropy(logits, labels, reduction="sum"))
+            if tta == "none":
+                logits = model(feed(images)).float()
+                probs = logits.softmax(1)
+                losses.append(F.cross_entropy(logits, labels, reduction="sum"))
+            else:
+                probs = tta_probabilities(model, feed(images), tta)
+                losses.append(F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum"))
         labels_all.append(labels.cpu())
-        probs_all.append(logits.softmax(1).cpu())
+        probs_all.append(probs.cpu())
         if keep:
             ids.extend(batch_ids[0])
             if sum(len(i) for i in images_kept) < SAMPLE_IMAGES:
@@ -175,9 +198,9 @@ def evaluate(model: nn.Module, batches: Iterable, num_classes: int, feed, amp, d
     return out
 
 
-def all_reduce(t: torch.Tensor, world: int) -> torch.Tensor:
+def all_reduce(t: torch.Tensor, world: int, op: str = "sum") -> torch.Tensor:
     if world > 1:
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
 
 

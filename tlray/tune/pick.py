@@ -139,6 +139,15 @@ def _register(cfg: Config, info, registered_name: str, metrics: dict, run,
         "Chosen": f"best of {trials} sweep trials by {cfg.train.monitor}; MLflow run "
                   f"`{run.info.run_id}` ({run.info.run_name})",
     }
+    if p.get("train.ema") not in (None, "None"):
+        facts["Training"] += f"; weights averaged (EMA, decay {p['train.ema']})"
+    tta, m = p.get("model.tta", "none"), run.data.metrics
+    if tta != "none" and "test_ms_per_image_without_tta" in m:
+        facts["Test-time augmentation"] = (
+            f"`{tta}` (the served model applies it too): test accuracy {_fmt(test['acc'])}, "
+            f"{_fmt(m.get('test_acc_without_tta'))} without it; "
+            f"{m['test_ms_per_image']:.2f} ms per image, "
+            f"{m['test_ms_per_image_without_tta']:.2f} without")
     registry.describe_version(registered_name, result.version, registry.version_description(
         registered_name, result.version, facts=facts, val=val, test=test,
         alias=registry.alias_note(result, champion, metrics[champion])))

@@ -7,21 +7,23 @@ import json
 import math
 
 from tlray import config as config_mod
-from tlray.config import Config
+from tlray.config import Config, schedule
 from tlray.errors import TlrayError
 
 
 def freeze_choices(cfg: Config, group_names: tuple[str, ...]) -> list[str]:
-    """The freeze depths to try: every depth from 0 to "all", or the user's list, checked."""
+    """The freeze depths (or schedules) to try: every depth from 0 to "all", or the user's
+    list, each checked against the backbone's groups and the epochs."""
     n = len(group_names)
     if cfg.tune.freeze.strip() == "auto":
         return [str(k) for k in range(n)] + ["all"]
-    choices = [c.strip() for c in cfg.tune.freeze.split(",") if c.strip()]
+    choices = schedule.choices(cfg.tune.freeze)
     for c in choices:
-        if c != "all" and not (c.isdigit() and int(c) <= n):
-            raise TlrayError(f"--tune.freeze: {c!r} is not a freeze depth of "
-                             f"{cfg.model.backbone} (0..{n} or 'all'; groups: "
-                             f"{', '.join(group_names)})")
+        for phase in schedule.parse(c, cfg.train.epochs, key="tune.freeze"):
+            if phase.depth != "all" and int(phase.depth) > n:
+                raise TlrayError(f"--tune.freeze: {c!r} is not a freeze depth of "
+                                 f"{cfg.model.backbone} (0..{n} or 'all'; groups: "
+                                 f"{', '.join(group_names)})")
     if not choices:
         raise TlrayError("--tune.freeze: empty list of freeze depths")
     return choices

@@ -19,13 +19,16 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from tlray import config as config_mod
 from tlray.config import Config
+from tlray.config.schedule import first_depth
 from tlray.errors import Paused, TlrayError
 from tlray.track import registry
 from tlray.track import runs as tracking
 from tlray.train.launch import read_splits
+from tlray.train.lr_find import log_curves, lr_find, range_from
 from tlray.train.plan import Plan, preflight
-from tlray.train.protocol import is_final
+from tlray.train.protocol import is_final, is_partial
 from tlray.tune.clock import SweepClock, clock_callback
 from tlray.tune.goal import Goal
 from tlray.tune.importance import distributions, importance
@@ -53,6 +56,9 @@ def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
         raise TlrayError(f"--more: expected a number of trials to add, got {more}")
     plan = preflight(cfg, plan_cache=False)  # each trial plans the cache of its own depth
     choices = freeze_choices(plan.config, plan.model.group_names)
+    curves = []
+    if "auto" in (plan.config.tune.lr_min, plan.config.tune.lr_max):
+        plan, curves = _lr_range_from_tests(plan, choices)
     space = search_space(plan.config, choices)
     plan = dataclasses.replace(plan, config=share_gpus(plan.config))
     cfg, info = plan.config, plan.dataset
@@ -69,6 +75,11 @@ def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
                             run_id=state.parent_run_id) as parent:
         if state.parent_run_id is None:
             _log_sweep_settings(cfg, space)
+            # The splits, recorded here first: trials that start together would each
+            # insert the same dataset rows, and MLflow's store refuses the second.
+            tracking.log_datasets(info)
+        if curves:
+            log_curves(curves)
         state.parent_run_id, state.finished = parent.info.run_id, False
         state.write(plan.storage)
         # Every trial trains on the same splits: read once, here (see launch.read_splits).
@@ -132,6 +143,19 @@ class _Part:
         self.state.done.append(name)
         self.state.write(self.plan.storage)
         return results
+
+
+def _lr_range_from_tests(plan: Plan, choices: list[str]) -> tuple[Plan, list]:
+    """`tune.lr_min=auto` / `lr_max=auto`: the range from a learning-rate range test of
+    every freeze depth the sweep tries (a schedule's first phase)."""
+    depths = list(dict.fromkeys(first_depth(c) for c in choices))
+    print(f"sweep: finding the learning-rate range (freeze {', '.join(depths)})", flush=True)
+    curves = lr_find(plan, depths)
+    low, high = range_from(curves, plan.config.tune.lr_min, plan.config.tune.lr_max)
+    print(f"sweep: learning rates {low:.2g} .. {high:.2g} (suggested: " + ", ".join(
+        f"{c.suggestion:.2g} at freeze {c.freeze}" for c in curves) + ")", flush=True)
+    cfg = config_mod.with_overrides(plan.config, **{"tune.lr_min": low, "tune.lr_max": high})
+    return dataclasses.replace(plan, config=cfg), curves
 
 
 def trial_count(cfg: Config, points: list[dict] | None) -> int:
@@ -219,7 +243,7 @@ def epoch_asha(epochs: int, grace_period: int, reduction_factor: int, goal: Goal
 
     class EpochASHA(ASHAScheduler):
         def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-            if is_final(result) or result.get("epoch", 0) >= self._max_t:
+            if is_final(result) or is_partial(result) or result.get("epoch", 0) >= self._max_t:
                 return TrialScheduler.CONTINUE
             return super().on_trial_result(tune_controller, trial, result)
 

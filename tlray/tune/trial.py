@@ -35,7 +35,7 @@ def run_trial(params: dict, *, plan: Plan, parent_run_id: str,
 
 def trains_in_trial_process(cfg: Config) -> bool:
     """One-worker trials train in the trial's own process (see `tune.in_trial_process`)."""
-    return cfg.tune.in_trial_process and cfg.scaling.num_workers == 1
+    return cfg.tune.in_trial_process and cfg.scaling.max_workers == 1
 
 
 def trial_resources(cfg: Config) -> dict:
@@ -51,7 +51,7 @@ def trials_per_gpu(cfg: Config) -> int:
     EfficientNet-Lite0 at 64-128 px), so several trials per GPU raise a sweep's throughput;
     multi-worker trials keep whole GPUs (DDP across shares of one GPU gains nothing).
     """
-    if cfg.scaling.num_workers > 1:
+    if cfg.scaling.max_workers > 1:
         return 1
     if cfg.tune.trials_per_gpu:
         return cfg.tune.trials_per_gpu
@@ -79,9 +79,9 @@ def concurrency(cfg: Config) -> int:
         return cfg.tune.max_concurrent
     total = ray.cluster_resources()
     s = cfg.scaling
-    by_cpu = (total.get("CPU", 0) - DATA_CPU_RESERVE) // (s.num_workers * s.cpus_per_worker)
+    by_cpu = (total.get("CPU", 0) - DATA_CPU_RESERVE) // (s.max_workers * s.cpus_per_worker)
     if s.use_gpu:
-        by_gpu = total.get("GPU", 0) // (s.num_workers * s.gpus_per_worker)
+        by_gpu = total.get("GPU", 0) // (s.max_workers * s.gpus_per_worker)
         return max(1, int(min(by_gpu, by_cpu)))
     return max(1, int(by_cpu))
 

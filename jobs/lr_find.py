@@ -1,0 +1,26 @@
+"""The learning-rate range test of the main job's sweep: each freeze depth it tries.
+
+    python jobs/lr_find.py                          # the built-in digits, as tune_mnist.py
+    python jobs/lr_find.py --data ~/digit-recognizer --tune.freeze 0,3,all
+
+Prints each depth's suggested learning rate and the range a sweep with
+`--tune.lr_min auto --tune.lr_max auto` takes; the plot goes to MLflow (plots/lr_find.png).
+Every setting is an option: see --help.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from tlray.cli.jobs import run_job
+from tlray.config.presets import MNIST_SWEEP
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("lr-find", argv, doc=__doc__, prog=Path(__file__).name,
+                   defaults=MNIST_SWEEP)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
