@@ -13,8 +13,9 @@ NAdam, accuracy and AUC, early stopping with patience 5 on val_loss; training im
 the `microscopy` augmentation (`--data.augment none` turns it off).
 
 Beyond the original: the sweep compares fine-tuning recipes as well as depths. `all:2,0@0.3`
-trains the new head alone for two epochs (from the feature cache where it fits: the head of
-a ResNet50 on cached pooled features costs next to nothing), then the whole network at 0.3x
+trains the new head alone for two epochs (the frozen backbone runs forward only, no
+backward: about a third of a full epoch's work; with `--data.augment none` those epochs
+read the feature cache instead and cost next to nothing), then the whole network at 0.3x
 the rate: the new head's large early gradients never reach the pretrained layers, as in
 fastai's fine_tune. Cells have no up, down, left or right, so the test split and the served
 model average the 8 flips and quarter turns of every image (`model.tta=dihedral`, 8x the
@@ -39,7 +40,7 @@ DEFAULTS = ["model.backbone=resnet50", "model.weights=timm", "model.head=mlp",
             # Cells have no up or left: the 8 flips / quarter turns, and a mild zoom, in
             # training and at test time.
             "data.augment=microscopy", "model.tta=dihedral", "train.ema=0.999",
-            # Head first (2 epochs, from the feature cache), then everything at 0.3x; against
+            # Head first (2 epochs, backbone frozen), then everything at 0.3x; against
             # a fixed mid depth and full fine-tuning from the start.
             "tune.freeze=all:2,0@0.3;3;0"]
 DATA = "setting:data.dataset"  # where --data lands

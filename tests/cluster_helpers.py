@@ -213,7 +213,9 @@ class RayCluster:
         """Starts a node and waits until it is up; returns its node id."""
         before = set(self.alive_node_ids())
         self._start([f"--address={self.address}"])
-        wait_for(lambda: len(self.alive_node_ids()) == len(self.procs), 120,
+        # Generous: on a loaded 2-core machine a raylet, and the dashboard that reports it,
+        # can take minutes to come up.
+        wait_for(lambda: len(self.alive_node_ids()) == len(self.procs), 300,
                  "the new Ray node", 1.0)
         (new,) = set(self.alive_node_ids()) - before
         self.node_ids.append(new)
@@ -258,7 +260,7 @@ class RayCluster:
     def alive_node_ids(self) -> list[str]:
         self.check_alive()
         try:
-            rows = self.api("/api/v0/nodes?limit=100", timeout_s=5)["data"]["result"]["result"]
+            rows = self.api("/api/v0/nodes?limit=100", timeout_s=20)["data"]["result"]["result"]
         except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
             return []  # not up yet
         return sorted(r["node_id"] for r in rows if r["state"] == "ALIVE")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from PIL import Image
@@ -230,3 +232,22 @@ def test_look_alike_typos_suggest_the_intended_backbone_first(typo: str, first: 
     with pytest.raises(TlrayError, match=f"did you mean {first},"):
         build_model(typo, 10, weights="none")
     assert main(["models", "describe", typo]) == 2
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_a_zero_head_starts_every_class_equally_likely_and_then_learns(head) -> None:
+    torch.manual_seed(0)
+    model, _ = build_model("test_efficientnet", 10, in_chans=1, img_size=32, weights="none",
+                           head=head, head_init="zero", freeze="all")
+    x, y = torch.randn(8, 1, 32, 32), torch.arange(8)
+    loss = nn.functional.cross_entropy(model(x), y)
+    assert loss.item() == pytest.approx(math.log(10))  # logits all 0
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(5):  # the zero layer moves first, then the layers before it
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert nn.functional.cross_entropy(model(x), y).item() < loss.item()
+    timm_init, _ = build_model("test_efficientnet", 10, in_chans=1, img_size=32,
+                               weights="none", head=head)
+    assert timm_init(x).abs().max() > 0

@@ -60,6 +60,9 @@ class ModelConfig:
                                        "models:/NAME@ALIAS | runs:/ID/model")
     head: str = setting("linear", "the new head: linear, or mlp (dense 256/128, as the "
                                   "malaria original)", choices=("linear", "mlp"))
+    head_init: str = setting("timm", "the new head's output layer starts as the model's own "
+                                     "init (timm) or at zero (zero: as BiT, from a loss of "
+                                     "ln(classes))", choices=("timm", "zero"))
     freeze: str = setting("0", "coarse groups frozen from the stem (0 .. N, or all: head "
                               "only; see `tlray models describe`), or a schedule of phases "
                               "DEPTH:EPOCHS@LR_SCALE, e.g. all:1,0@0.5")

@@ -170,6 +170,7 @@ def build_model(
     head: HeadKind = "linear",
     freeze: Freeze = 0,
     drop_rate: float = 0.0,
+    head_init: str = "timm",
 ) -> tuple[nn.Module, ModelInfo]:
     """Create a backbone with a new ``num_classes``-way head, starting weights and frozen groups.
 
@@ -190,6 +191,7 @@ def build_model(
         freeze: Coarse groups to freeze: an int, a numeric string, or ``"all"`` (head only).
         drop_rate: timm's dropout before the classifier (ignored by ``scratch_cnn``, which has
             the original's fixed dropouts).
+        head_init: ``"timm"`` (the model's own init) or ``"zero"`` (the output layer at 0).
 
     Returns:
         The model (in train mode, on the CPU, not DDP-wrapped) and its `ModelInfo`.
@@ -222,6 +224,8 @@ def build_model(
         )
     if head == "mlp":
         _attach_mlp_head(model, backbone, num_classes, source_head)
+    if head_init == "zero" and not source_head:
+        _zero_output_layer(model)
 
     groups = model_groups(model)
     total = sum(p.numel() for p in model.parameters())
@@ -257,7 +261,18 @@ def build_for_run(cfg, info, *, weights: str | None = None, freeze: str | None =
     return build_model(cfg.model.backbone, info.num_classes, in_chans=info.channels,
                        img_size=cfg.data.image_size, weights=weights or cfg.model.weights,
                        head=cfg.model.head, freeze=freeze or first_depth(cfg.model.freeze),
-                       drop_rate=cfg.model.drop_rate)
+                       drop_rate=cfg.model.drop_rate, head_init=cfg.model.head_init)
+
+
+def _zero_output_layer(model: nn.Module) -> None:
+    """The new head's last linear layer at zero (Big Transfer's head init): every class
+    starts equally likely, so the first steps' gradients are the features' and not a random
+    layer's large logits (timm's init for efficientnet's classifier starts the digits near
+    a loss of 8, with a frozen backbone near 20)."""
+    layers = [m for m in model.get_classifier().modules() if isinstance(m, nn.Linear)]
+    if layers:
+        nn.init.zeros_(layers[-1].weight)
+        nn.init.zeros_(layers[-1].bias)
 
 
 def _check_options(num_classes: int, in_chans: int, head: str, drop_rate: float) -> None:

@@ -286,7 +286,7 @@ def sweep_plot(
     ax.set_xlabel("learning rate")
     ax.set_ylabel(metric)
     ax.set_title(f"sweep: {metric} by learning rate and freeze depth")
-    ax.grid(alpha=0.3, which="both")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
 
@@ -302,14 +302,18 @@ def lr_find_plot(curves: Sequence[Any]) -> Figure:
         line, = ax.plot(curve.lrs, curve.losses, label=f"freeze {curve.freeze}: "
                                                       f"{curve.suggestion:.2g}")
         ax.plot(curve.lrs, curve.raw, color=line.get_color(), alpha=0.2, linewidth=0.8)
-        ax.axvline(curve.suggestion, color=line.get_color(), linestyle="--", linewidth=1)
+        for lr, marker in ((curve.suggestion, "o"), (curve.steepest, "x")):
+            at = min(range(len(curve.lrs)), key=lambda i: abs(curve.lrs[i] - lr))
+            ax.plot(curve.lrs[at], curve.losses[at], marker=marker, color=line.get_color(),
+                    markersize=8, markeredgewidth=2)
     finite = [v for c in curves for v in c.losses if math.isfinite(v)]
-    if finite:
-        ax.set_ylim(min(finite) * 0.9, min(max(finite), 3 * min(finite)) * 1.1)
+    starts = [c.losses[0] for c in curves if c.losses and math.isfinite(c.losses[0])]
+    if finite and starts:  # every curve from its start; a loss that runs away is cut off
+        ax.set_ylim(min(finite) * 0.9, max(starts) * 1.1)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss (smoothed)")
-    ax.set_title("learning-rate range test: suggestions dashed")
-    ax.grid(alpha=0.3, which="both")
+    ax.set_title("learning-rate range test: suggestion o, fastest fall x")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig

@@ -52,7 +52,13 @@ class Curve:
         for i, loss in enumerate(raw, 1):
             average = SMOOTHING * average + (1 - SMOOTHING) * loss
             smoothed.append(average / (1 - SMOOTHING ** i))
-        return cls(freeze, lrs, smoothed, raw, valley(lrs, smoothed), steepest(lrs, smoothed))
+        # As fastai does, the suggestions leave out the first tenth (the average has seen
+        # few losses yet, and the slope there is noise) and the last five steps.
+        n = len(raw)
+        kept = slice(n // 10, n - 5 if n > 20 else n)
+        lrs_kept, kept_losses = lrs[kept], smoothed[kept]
+        return cls(freeze, lrs, smoothed, raw, valley(lrs_kept, kept_losses),
+                   steepest(lrs_kept, kept_losses))
 
 
 def valley(lrs: list[float], losses: list[float]) -> float:
