@@ -67,3 +67,10 @@ def test_cli_prints_resolved_config_and_rejects_typos(capsys):
     assert "lr: 0.02" in capsys.readouterr().out
     assert main(["train", "--optim.lr", "0.03", "--print-config"]) == 0  # or with a space
     assert "lr: 0.03" in capsys.readouterr().out
+
+
+def test_none_turns_off_an_optional_setting_a_preset_turned_on():
+    cfg = config.load(None, ["--train.ema=0.998", "--train.ema=none", "--optim.layer_decay=null"])
+    assert cfg.train.ema is None and cfg.optim.layer_decay is None
+    with pytest.raises(TlrayError, match="train.epochs"):
+        config.load(None, ["--train.epochs=none"])  # not optional: still an error

@@ -55,3 +55,16 @@ def test_the_sweep_estimates_each_trial_at_its_own_kinds_epoch_time():
     # c: 4 epochs at 40 s; d (depth 0, still to come): 5 at 40 s; two at a time.
     assert line.startswith("sweep: about 3m00s left (9 trial epochs to go; an epoch takes "
                            "~40 s at freeze 0, ~10 s at freeze 3;")
+
+
+def test_a_schedules_later_phases_are_estimated_at_their_own_depth():
+    # Head first for one epoch (fast), then everything (slow): the first epoch's time says
+    # nothing about the rest, so the clock waits for a phase-2 epoch before it speaks.
+    clock = SweepClock(trials=2, epochs=5, concurrency=2, kinds=["all:1,0", "all:1,0"])
+    assert clock.observe("a", "all:1,0", 1, 4.0, started=["a", "b"]) is None
+    assert clock.observe("b", "all:1,0", 1, 4.0, started=["a", "b"]) is None  # depth 0 untimed
+    line = clock.observe("a", "all:1,0", 2, 12.0, started=["a", "b"])
+    # a: 3 epochs at depth 0 (12 s); b: 4 at 12 s; two at a time: 84 / 2 = 42 s.
+    assert line == ("sweep: about 42s left (7 trial epochs to go; an epoch takes ~12 s at "
+                    "freeze 0, ~4 s at freeze all; 2 at a time; ASHA may stop some trials "
+                    "early)")

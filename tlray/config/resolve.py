@@ -212,6 +212,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return base(value)
         except ValueError:
             return value  # a word ("auto") or a range ("1-4"): validate() says if it is one
+    if optional and base is not str and isinstance(value, str) and value.lower() in (
+            "none", "null"):
+        value = None  # `--train.ema none` turns off what a preset turned on
     if value is None:
         if optional:
             return None

@@ -1,10 +1,12 @@
 """The sweep's remaining time, from what its epochs have cost so far, kind by kind.
 
 Trials of different freeze depths cost differently per epoch (deep freezing trains less, and
-a frozen front may be read from the feature cache), so each trial is estimated at its own
-kind's epoch time: the mean of the epochs seen at its depth, or of all epochs for a depth
-not seen yet. Said first once every trial that has started has an epoch (and as many have
-started as run at once), then again as trials end. An estimate, so "about": ASHA stops some
+a frozen front may be read from the feature cache), so each epoch to come is estimated at
+its own depth's epoch time (a freeze schedule's epochs at their phase's depth): the mean of
+the epochs seen at that depth, or of all epochs for a depth not seen yet. Said first once
+every trial that has started has an epoch (and as many have started as run at once) and
+the depths the running trials will train at have been timed (a head-first schedule's
+later phases cost several times its first), then again as trials end. An estimate, so "about": ASHA stops some
 trials early, and a machine that gets busier slows the rest.
 """
 
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from tlray.config.schedule import parse as parse_schedule
+from tlray.config.schedule import phase_at
 from tlray.train.progress import format_seconds
 from tlray.train.protocol import is_final
 
@@ -35,12 +39,25 @@ class SweepClock:
         """A trial's epoch report; returns the line to print the first time there is one."""
         self.done[trial] = max(self.done.get(trial, 0), epoch)
         self.kind_of[trial] = kind
-        self.seconds[kind].append(epoch_seconds)
+        self.seconds[self.depth(kind, epoch)].append(epoch_seconds)
         if self.said or len(started) < self.concurrency or any(
-                t not in self.done for t in started):
+                t not in self.done for t in started) or self._untimed(started):
             return None
         self.said = True
         return self.line(started)
+
+    def depth(self, kind: str | None, epoch: int) -> str | None:
+        """The frozen depth epoch `epoch` of a trial of `kind` trains at."""
+        if kind is None or kind == "None":
+            return kind
+        phases = parse_schedule(kind)
+        return phases[phase_at(phases, epoch)].depth
+
+    def _untimed(self, started: list[str]) -> bool:
+        """Whether a running trial has epochs to come at a depth not timed yet."""
+        return any(self.depth(self.kind_of[t], e) not in self.seconds
+                   for t in started if t not in self.ended
+                   for e in range(self.done[t] + 1, self.epochs + 1))
 
     def trial_ended(self, trial: str, started: list[str]) -> str | None:
         """A trial that completed or was stopped; returns the updated line, once said."""
@@ -57,13 +74,18 @@ class SweepClock:
             seen = self.seconds.get(kind)
             return sum(seen) / len(seen) if seen else overall
 
+        def trial_seconds(kind: str | None, first_epoch: int) -> float:
+            return sum(per_epoch(self.depth(kind, e))
+                       for e in range(first_epoch, self.epochs + 1))
+
         running = [t for t in started if t not in self.ended]
         left = {t: self.epochs - self.done.get(t, 0) for t in running}
-        work = sum(n * per_epoch(self.kind_of.get(t)) for t, n in left.items())
+        work = sum(trial_seconds(self.kind_of.get(t), self.done.get(t, 0) + 1)
+                   for t in running)
         to_come = self.trials - len(started)
         kinds = (self.kinds or [])[len(started):len(started) + to_come]
         kinds += [None] * (to_come - len(kinds))
-        work += sum(self.epochs * per_epoch(k) for k in kinds)
+        work += sum(trial_seconds(k, 1) for k in kinds)
         epochs_left = sum(left.values()) + self.epochs * to_come
         costs = ", ".join(f"~{sum(s) / len(s):.0f} s at freeze {k}"
                           for k, s in sorted(self.seconds.items()))
