@@ -198,6 +198,8 @@ class WorkerRun:
         report(self.ray, Report.partial(state, self.monitor, self.cfg.monitor_mode),
                self._write_checkpoint)
         self.mid_epoch.wrote(time.perf_counter() - started)
+        if self.mid_epoch.noticed is not None:  # a node is draining: this step was reached
+            self.logger.tag(LAST_STEP_TAG, str(global_step))
         state.position = None
         self.mid_epoch.restart_clock(global_step)
         self.say(f"checkpoint inside epoch {self.epoch}, after step {global_step} ({why})")
