@@ -15,7 +15,9 @@ candidates on the built-in digits with three `tune.seed` values each (December 2
   (`train.ema=0.998`): 98.6, 99.0 and 99.0% (seeds 42, 1, 7);
 - plus the new head's output layer at zero (`model.head_init=zero`; timm's init starts the
   digits at a loss near 8, the frozen-backbone phase near 20): 99.0, 98.8 and 99.2%, test
-  loss 0.028-0.050 where it was 0.053-0.057, the best of those tried;
+  loss 0.028-0.050 where it was 0.053-0.057;
+- then without the weight average, which the zero head no longer needs: 99.2, 98.8 and
+  99.4%, and 10% faster (the average is updated every step), the best of those tried;
 - what did not pay: 7 epochs (98.4-98.8%, ~105 s), 56 px inputs (97.8-98.4%, 1.8x the
   time), label smoothing 0.1 (98.2%).
 
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 MNIST_SWEEP = ["--data.image_size=48", "--data.batch_size=64", "--data.augment=digits",
                "--model.head_init=zero", "--train.epochs=5", "--train.monitor=val_loss",
-               "--train.ema=0.998",
                "--optim.name=adamw", "--tune.num_samples=2", "--tune.lr_min=4e-3",
                "--tune.lr_max=8e-3", "--tune.freeze=all:1,0@0.5", "--tune.grace_period=5",
                "--scaling.num_workers=1", "--scaling.cpus_per_worker=0.75"]
