@@ -50,8 +50,8 @@ class Curve:
     def from_losses(cls, freeze: str, lrs: list[float], raw: list[float]) -> Curve:
         smoothed, average = [], 0.0
         for i, loss in enumerate(raw, 1):
-            average = SMOOTHING * average + (1 - SMOOTHING) * loss
-            smoothed.append(average / (1 - SMOOTHING ** i))
+            average, debiased = smooth(average, loss, i)
+            smoothed.append(debiased)
         # As fastai does, the suggestions leave out the first tenth (the average has seen
         # few losses yet, and the slope there is noise) and the last five steps.
         n = len(raw)
@@ -59,6 +59,13 @@ class Curve:
         lrs_kept, kept_losses = lrs[kept], smoothed[kept]
         return cls(freeze, lrs, smoothed, raw, valley(lrs_kept, kept_losses),
                    steepest(lrs_kept, kept_losses))
+
+
+def smooth(average: float, loss: float, i: int) -> tuple[float, float]:
+    """One step of the exponential average of the loss: (the average, debiased for the
+    `i` losses seen so far)."""
+    average = SMOOTHING * average + (1 - SMOOTHING) * loss
+    return average, average / (1 - SMOOTHING ** i)
 
 
 def valley(lrs: list[float], losses: list[float]) -> float:
@@ -160,7 +167,7 @@ def _ramp(args: WorkerArgs, freeze: str, ray_, setup_model) -> Curve:
                                                           ray_.rank),
                              criterion=nn.CrossEntropyLoss(), amp=torch.autocast(
                                  "cuda", dtype=torch.bfloat16, enabled=False))
-    lrs, losses, best = [], [], math.inf
+    lrs, losses, best, average = [], [], math.inf, 0.0
     phase.trained.train()
     batches = feeds.batches(shards, "train", phase.on_cache, cfg, device,
                             seed_epoch(cfg.train.seed, 1, ray_.rank))
@@ -172,7 +179,7 @@ def _ramp(args: WorkerArgs, freeze: str, ray_, setup_model) -> Curve:
         loss = float(all_reduce(loss.detach().reshape(1), ray_.world)[0]) / ray_.world
         lrs.append(lr)
         losses.append(loss)
-        smoothed = Curve.from_losses(freeze, lrs, losses).losses[-1]
+        average, smoothed = smooth(average, loss, i + 1)
         best = min(best, smoothed)
         if i + 1 >= steps or (i > 10 and smoothed > DIVERGED * best):
             break
