@@ -38,33 +38,56 @@ def test_durations_read_as_a_person_reads_them():
         "0s", "1m00s", "1m01s", "59m59s", "1h00m", "2h02m", "?"]
 
 
+def _clock(**kwargs):
+    now = [0.0]
+    return SweepClock(clock=lambda: now[0], **kwargs), now
+
+
 def test_the_sweep_estimates_each_trial_at_its_own_kinds_epoch_time():
     # Two at a time; the design plans freeze 3, 3, 0, 0; depth 0 epochs cost more.
-    clock = SweepClock(trials=4, epochs=5, concurrency=2, kinds=["3", "3", "0", "0"])
+    clock, _ = _clock(trials=4, epochs=5, concurrency=2, kinds=["3", "3", "0", "0"])
     assert clock.observe("a", "3", 1, 10.0, started=["a"]) is None  # b has not started
     assert clock.observe("a", "3", 2, 10.0, started=["a", "b"]) is None  # b has no epoch
     line = clock.observe("b", "3", 1, 10.0, started=["a", "b"])
-    # (5 - 2) + (5 - 1) epochs at 10 s, then 2 x 5 of depth 0, not seen yet: the mean, 10 s.
-    assert line == ("sweep: about 1m25s left (17 trial epochs to go; an epoch takes ~10 s at "
+    # a has 3 epochs left at 10 s, b 4; c and d (depth 0, not seen yet: the mean, 10 s)
+    # take the slots a and b free, at 30 s and 40 s: the last ends at 40 + 50 s.
+    assert line == ("sweep: about 1m30s left (17 trial epochs to go; an epoch takes ~10 s at "
                     "freeze 3; 2 at a time; ASHA may stop some trials early)")
     assert clock.observe("a", "3", 3, 10.0, started=["a", "b"]) is None  # said once
     # a ends (ASHA stopped it); c starts, at depth 0, and shows what depth 0 costs.
     clock.trial_ended("a", started=["a", "b", "c"])
     clock.observe("c", "0", 1, 40.0, started=["a", "b", "c"])
     line = clock.trial_ended("b", started=["a", "b", "c"])
-    # c: 4 epochs at 40 s; d (depth 0, still to come): 5 at 40 s; two at a time.
-    assert line.startswith("sweep: about 3m00s left (9 trial epochs to go; an epoch takes "
+    # c: 4 epochs at 40 s in one slot; d (depth 0, still to come): 5 at 40 s in the other.
+    assert line.startswith("sweep: about 3m20s left (9 trial epochs to go; an epoch takes "
                            "~40 s at freeze 0, ~10 s at freeze 3;")
 
 
 def test_a_schedules_later_phases_are_estimated_at_their_own_depth():
     # Head first for one epoch (fast), then everything (slow): the first epoch's time says
     # nothing about the rest, so the clock waits for a phase-2 epoch before it speaks.
-    clock = SweepClock(trials=2, epochs=5, concurrency=2, kinds=["all:1,0", "all:1,0"])
+    clock, _ = _clock(trials=2, epochs=5, concurrency=2, kinds=["all:1,0", "all:1,0"])
     assert clock.observe("a", "all:1,0", 1, 4.0, started=["a", "b"]) is None
     assert clock.observe("b", "all:1,0", 1, 4.0, started=["a", "b"]) is None  # depth 0 untimed
     line = clock.observe("a", "all:1,0", 2, 12.0, started=["a", "b"])
-    # a: 3 epochs at depth 0 (12 s); b: 4 at 12 s; two at a time: 84 / 2 = 42 s.
-    assert line == ("sweep: about 42s left (7 trial epochs to go; an epoch takes ~12 s at "
+    # a: 3 epochs at depth 0 (12 s); b: 4 at 12 s, side by side: b ends last, after 48 s.
+    assert line == ("sweep: about 48s left (7 trial epochs to go; an epoch takes ~12 s at "
                     "freeze 0, ~4 s at freeze all; 2 at a time; ASHA may stop some trials "
                     "early)")
+
+
+def test_an_epoch_in_flight_counts_only_what_is_left_of_it():
+    # The 20k stand-in's sweep: two trials side by side, 55 s epochs. When b completes,
+    # a is 50 s into its last epoch; the time left is the rest of it, not half an epoch.
+    clock, now = _clock(trials=2, epochs=2, concurrency=2)
+    clock.observe("a", "0", 1, 55.0, started=["a", "b"])
+    now[0] = 3.0
+    assert clock.observe("b", "0", 1, 55.0, started=["a", "b"]).startswith(
+        "sweep: about 55s left (2 trial epochs to go;")  # b, 3 s behind a, ends last
+    now[0] = 50.0
+    clock.observe("b", "0", 2, 55.0, started=["a", "b"])
+    assert clock.trial_ended("b", started=["a", "b"]).startswith(
+        "sweep: about 5s left (1 trial epoch to go;")
+    now[0] = 70.0  # slower than the mean: nothing left to subtract, not a negative time
+    clock.trial_ended("a", started=["a", "b"])
+    assert clock._time_left(["a"], 0) == 0.0

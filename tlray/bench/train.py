@@ -64,7 +64,7 @@ import torch.nn as nn
 from tlray import config as config_mod
 from tlray.data.preprocess import to_model_input
 from tlray.model.build import build_model
-from tlray.train.steps import make_optimizer, train_step
+from tlray.train.steps import autocast, make_optimizer, train_step
 from tlray.train.threads import own_threads
 
 NUM_CLASSES = 10
@@ -182,7 +182,7 @@ def plain_loop(cfg: config_mod.Config, images: np.ndarray, labels: np.ndarray, *
             model = model.to(memory_format=torch.channels_last)
         forward = torch.compile(model) if cfg.train.compile else model
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-        amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.train.amp)
+        amp = autocast(cfg.train.amp, device)
         feed = functools.partial(to_model_input, mean=minfo.data_config["mean"],
                                  std=minfo.data_config["std"], size=(cfg.data.image_size,) * 2,
                                  channels_last=cfg.train.channels_last)

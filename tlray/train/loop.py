@@ -66,7 +66,7 @@ from tlray.train.protocol import (
     WorkerArgs,
     dataset_names,
 )
-from tlray.train.steps import evaluate, gather, reduce_totals, train_epoch
+from tlray.train.steps import autocast, evaluate, gather, reduce_totals, train_epoch
 from tlray.train.threads import borrowed_threads, own_threads
 
 
@@ -93,7 +93,7 @@ class WorkerRun:
         self.ray = ray_ = worker_session(args.in_trial_process)
         self.say = functools.partial(say_line, label=args.label) if ray_.rank == 0 else _silent
         self.device = setup_device(cfg, ray_.world)
-        self.amp = autocast(cfg, self.device)
+        self.amp = autocast(cfg.train.amp, self.device)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
 
         self.net = setup_model(args, self.device)
@@ -423,11 +423,6 @@ def note_resume(logger: EpochLogger, state: TrainingState, phases, say, written_
         say(f"the preemption cost {lost} step(s) since its checkpoint")
 
 
-def autocast(cfg, device):
-    return torch.autocast("cuda", dtype=torch.bfloat16,
-                          enabled=_on_gpu(device) and cfg.train.amp)
-
-
 # --------------------------------------------------------------------------- each epoch
 
 
@@ -479,7 +474,7 @@ def final_test(model: nn.Module, shards: dict, feeds: Feeds, args: WorkerArgs, d
         started = time.perf_counter()
         result = evaluate(model, feeds.batches(shards, "test", False, cfg, device,
                                                with_ids=keep),
-                          args.dataset.num_classes, feeds.images, autocast(cfg, device),
+                          args.dataset.num_classes, feeds.images, autocast(cfg.train.amp, device),
                           device, world, keep=keep, tta=tta)
         return result, 1000 * (time.perf_counter() - started) / max(result.rows, 1)
 

@@ -20,14 +20,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from tlray.config.schedule import Phase, first_depth
 from tlray.train.feeds import Feeds, seed_epoch
 from tlray.train.phases import enter_phase
 from tlray.train.protocol import WorkerArgs
-from tlray.train.steps import all_reduce
+from tlray.train.steps import all_reduce, autocast
 
 START, END, STEPS = 1e-6, 1.0, 100
 SMOOTHING = 0.98  # of the loss's moving average
@@ -165,8 +164,8 @@ def _ramp(args: WorkerArgs, freeze: str, ray_, setup_model) -> Curve:
     steps = max(2, min(STEPS, math.ceil(epoch_rows / cfg.data.batch_size)))
     step = functools.partial(phase.step, feed=feeds.train(phase.on_cache, cfg.train.seed, 1,
                                                           ray_.rank),
-                             criterion=nn.CrossEntropyLoss(), amp=torch.autocast(
-                                 "cuda", dtype=torch.bfloat16, enabled=False))
+                             criterion=nn.CrossEntropyLoss(),
+                             amp=autocast(cfg.train.amp, device))
     lrs, losses, best, average = [], [], math.inf, 0.0
     phase.trained.train()
     batches = feeds.batches(shards, "train", phase.on_cache, cfg, device,

@@ -40,6 +40,13 @@ class EpochTotals:
         return self.correct / max(self.seen, 1)
 
 
+def autocast(amp: bool, device) -> torch.autocast:
+    """bf16 autocast where `amp` is on and the device is a GPU; a no-op on a CPU. Training,
+    evaluation, the lr range test and the benchmark share it so they run at one precision."""
+    return torch.autocast("cuda", dtype=torch.bfloat16,
+                          enabled=amp and torch.device(device).type == "cuda")
+
+
 @dataclass
 class Evaluation:
     """Loss, accuracy and AUC over a whole split, identical on every rank; with `keep`,

@@ -6,12 +6,18 @@ its own depth's epoch time (a freeze schedule's epochs at their phase's depth): 
 the epochs seen at that depth, or of all epochs for a depth not seen yet. Said first once
 every trial that has started has an epoch (and as many have started as run at once) and
 the depths the running trials will train at have been timed (a head-first schedule's
-later phases cost several times its first), then again as trials end. An estimate, so "about": ASHA stops some
-trials early, and a machine that gets busier slows the rest.
+later phases cost several times its first), then again as trials end.
+
+The time left is when the last trial would end if the trials still to start took the first
+free slot (a running trial's in-flight epoch counts what is left of it), not the work
+divided by the slots: the last trial's tail runs alone. An estimate, so "about": ASHA stops
+some trials early, and a machine that gets busier slows the rest.
 """
 
 from __future__ import annotations
 
+import heapq
+import time
 from collections import defaultdict
 
 from tlray.config.schedule import parse as parse_schedule
@@ -25,13 +31,15 @@ class SweepClock:
     when the search knows them up front (a stratified design); None otherwise."""
 
     def __init__(self, trials: int, epochs: int, concurrency: int,
-                 kinds: list[str] | None = None):
+                 kinds: list[str] | None = None, clock=time.monotonic):
         self.trials, self.epochs, self.kinds = trials, epochs, kinds
         self.concurrency = max(1, min(concurrency, trials))
         self.done: dict[str, int] = {}  # trial -> epochs reported
         self.kind_of: dict[str, str] = {}
         self.ended: set[str] = set()
         self.seconds: dict[str, list[float]] = defaultdict(list)
+        self.reported_at: dict[str, float] = {}  # trial -> clock() at its last epoch
+        self.clock = clock
         self.said = False
 
     def observe(self, trial: str, kind: str, epoch: int, epoch_seconds: float,
@@ -39,6 +47,7 @@ class SweepClock:
         """A trial's epoch report; returns the line to print the first time there is one."""
         self.done[trial] = max(self.done.get(trial, 0), epoch)
         self.kind_of[trial] = kind
+        self.reported_at[trial] = self.clock()
         self.seconds[self.depth(kind, epoch)].append(epoch_seconds)
         if self.said or len(started) < self.concurrency or any(
                 t not in self.done for t in started) or self._untimed(started):
@@ -67,31 +76,41 @@ class SweepClock:
         return self.line(started)
 
     def line(self, started: list[str]) -> str:
-        every = [s for seconds in self.seconds.values() for s in seconds]
-        overall = sum(every) / len(every)
-
-        def per_epoch(kind: str | None) -> float:
-            seen = self.seconds.get(kind)
-            return sum(seen) / len(seen) if seen else overall
-
-        def trial_seconds(kind: str | None, first_epoch: int) -> float:
-            return sum(per_epoch(self.depth(kind, e))
-                       for e in range(first_epoch, self.epochs + 1))
-
         running = [t for t in started if t not in self.ended]
-        left = {t: self.epochs - self.done.get(t, 0) for t in running}
-        work = sum(trial_seconds(self.kind_of.get(t), self.done.get(t, 0) + 1)
-                   for t in running)
         to_come = self.trials - len(started)
-        kinds = (self.kinds or [])[len(started):len(started) + to_come]
-        kinds += [None] * (to_come - len(kinds))
-        work += sum(trial_seconds(k, 1) for k in kinds)
-        epochs_left = sum(left.values()) + self.epochs * to_come
+        epochs_left = sum(self.epochs - self.done.get(t, 0) for t in running)
+        epochs_left += self.epochs * to_come
         costs = ", ".join(f"~{sum(s) / len(s):.0f} s at freeze {k}"
                           for k, s in sorted(self.seconds.items()))
-        return (f"sweep: about {format_seconds(work / self.concurrency)} left ({epochs_left} "
-                f"trial epochs to go; an epoch takes {costs}; {self.concurrency} at a time; "
-                f"ASHA may stop some trials early)")
+        return (f"sweep: about {format_seconds(self._time_left(running, to_come))} left "
+                f"({epochs_left} trial epoch{'s' * (epochs_left != 1)} to go; an epoch takes "
+                f"{costs}; {self.concurrency} at a time; ASHA may stop some trials early)")
+
+    def _time_left(self, running: list[str], to_come: int) -> float:
+        """When the last trial ends: running trials hold their slots for what they have
+        left, and each trial to come takes the first slot that frees."""
+        now = self.clock()
+        slots = []
+        for t in running:
+            kind, next_epoch = self.kind_of.get(t), self.done.get(t, 0) + 1
+            in_flight = min(now - self.reported_at.get(t, now),
+                            self._per_epoch(self.depth(kind, next_epoch)))
+            slots.append(self._trial_seconds(kind, next_epoch) - in_flight)
+        slots += [0.0] * (self.concurrency - len(slots))
+        heapq.heapify(slots)
+        kinds = (self.kinds or [])[self.trials - to_come:self.trials]
+        for kind in kinds + [None] * (to_come - len(kinds)):
+            heapq.heappush(slots, heapq.heappop(slots) + self._trial_seconds(kind, 1))
+        return max(slots)
+
+    def _per_epoch(self, depth: str | None) -> float:
+        """Mean epoch time at `depth`, or over all epochs for a depth not timed yet."""
+        seen = self.seconds.get(depth) or [s for v in self.seconds.values() for s in v]
+        return sum(seen) / len(seen)
+
+    def _trial_seconds(self, kind: str | None, first_epoch: int) -> float:
+        return sum(self._per_epoch(self.depth(kind, e))
+                   for e in range(first_epoch, self.epochs + 1))
 
 
 def clock_callback(clock: SweepClock):
