@@ -179,13 +179,16 @@ class WorkerRun:
 
     def _maybe_checkpoint_inside_epoch(self, global_step: int, running) -> None:
         """A checkpoint with the position in the epoch (`tlray.train.position`) when one is
-        due; on a preemption notice, recorded in MLflow. Every rank calls it at each step."""
+        due. While a node drains, MLflow also holds the last step reached (checked), so the
+        resumed run can log what the preemption cost. Every rank calls it at each step."""
         why = self.mid_epoch.due(global_step)
-        if why is None:
-            if (self.mid_epoch.noticed is not None
-                    and global_step % self.mid_epoch.check_every == 0):
-                self.logger.tag(LAST_STEP_TAG, str(global_step))  # what a preemption costs
-            return
+        if why is not None:
+            self._checkpoint_inside_epoch(why, global_step, running)
+        if self.mid_epoch.noticed is not None and (
+                why is not None or global_step % self.mid_epoch.check_every == 0):
+            self.logger.tag(LAST_STEP_TAG, str(global_step))
+
+    def _checkpoint_inside_epoch(self, why: str, global_step: int, running) -> None:
         state, world = self.state, self.ray.world
         totals = reduce_totals(running.snapshot(), world, self.device)
         state.step, state.position = global_step, Position(
@@ -198,8 +201,6 @@ class WorkerRun:
         report(self.ray, Report.partial(state, self.monitor, self.cfg.monitor_mode),
                self._write_checkpoint)
         self.mid_epoch.wrote(time.perf_counter() - started)
-        if self.mid_epoch.noticed is not None:  # a node is draining: this step was reached
-            self.logger.tag(LAST_STEP_TAG, str(global_step))
         state.position = None
         self.mid_epoch.restart_clock(global_step)
         self.say(f"checkpoint inside epoch {self.epoch}, after step {global_step} ({why})")
@@ -400,7 +401,6 @@ def note_preemption(logger: EpochLogger, notice, state: TrainingState, say) -> N
               "ranks": getattr(notice, "preempted_ranks", []),
               "deadline_ms": getattr(notice, "deadline_ms", None)}
     logger.tag(f"preemption_{state.preemptions}", json.dumps(record))
-    logger.tag(LAST_STEP_TAG, str(state.step))
     logger.log({"preemptions": state.preemptions}, state.step)
     say(f"preemption notice for node(s) {', '.join(n[:8] for n in record['nodes'])}: "
         f"checkpoint now, training goes on until the node goes")
