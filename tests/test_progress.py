@@ -88,6 +88,8 @@ def test_an_epoch_in_flight_counts_only_what_is_left_of_it():
     clock.observe("b", "0", 2, 55.0, started=["a", "b"])
     assert clock.trial_ended("b", started=["a", "b"]).startswith(
         "sweep: about 5s left (1 trial epoch to go;")
+    assert clock._time_left(["a"], 0) == 5.0
     now[0] = 70.0  # slower than the mean: nothing left to subtract, not a negative time
-    clock.trial_ended("a", started=["a", "b"])
     assert clock._time_left(["a"], 0) == 0.0
+    clock.observe("a", "0", 2, 70.0, started=["a", "b"])
+    assert clock.trial_ended("a", started=["a", "b"]) is None  # nothing left to say

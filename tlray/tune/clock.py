@@ -69,17 +69,21 @@ class SweepClock:
                    for e in range(self.done[t] + 1, self.epochs + 1))
 
     def trial_ended(self, trial: str, started: list[str]) -> str | None:
-        """A trial that completed or was stopped; returns the updated line, once said."""
+        """A trial that completed or was stopped; returns the updated line, once said and
+        while an epoch is left to train (the last trials end a few seconds apart)."""
         self.ended.add(trial)
-        if not self.said or len(self.ended) >= self.trials:
+        if not self.said or self._epochs_left(started) == 0:
             return None
         return self.line(started)
+
+    def _epochs_left(self, started: list[str]) -> int:
+        return (sum(self.epochs - self.done.get(t, 0) for t in started if t not in self.ended)
+                + self.epochs * (self.trials - len(started)))
 
     def line(self, started: list[str]) -> str:
         running = [t for t in started if t not in self.ended]
         to_come = self.trials - len(started)
-        epochs_left = sum(self.epochs - self.done.get(t, 0) for t in running)
-        epochs_left += self.epochs * to_come
+        epochs_left = self._epochs_left(started)
         costs = ", ".join(f"~{sum(s) / len(s):.0f} s at freeze {k}"
                           for k, s in sorted(self.seconds.items()))
         return (f"sweep: about {format_seconds(self._time_left(running, to_come))} left "
