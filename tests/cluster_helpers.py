@@ -34,6 +34,14 @@ _GUARD = ("import os, signal, sys, time\n"
           "os.killpg(0, signal.SIGKILL)\n")
 
 
+def ctrl_c_as_in_a_terminal() -> None:
+    """`preexec_fn` for a driver a test will Ctrl-C: SIGINT at its default, as for a command
+    a terminal runs. A job a script starts in the background (`cmd &`) inherits SIGINT
+    ignored, and Python keeps ignoring it: without this, a test suite run that way would
+    wait for a driver that can never hear the Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def free_port() -> int:
     """A port nobody listens on, below the kernel's ephemeral range and above Ray's worker
     ports (10002-19999).

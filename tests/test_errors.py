@@ -11,6 +11,8 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from cluster_helpers import ctrl_c_as_in_a_terminal
+
 from tlray.data.prepare import prepare
 
 pytestmark = pytest.mark.ray
@@ -66,7 +68,7 @@ def test_ctrl_c_ends_a_training_run_with_one_line_and_status_130(ray_cluster, tl
     driver = subprocess.Popen([sys.executable, "-m", "tlray.cli", "train", "--data", info.uri,
                                *SMALL, "--epochs", "20"], env=environment,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
+                              start_new_session=True, preexec_fn=ctrl_c_as_in_a_terminal)
     client = MlflowClient(f"sqlite:///{tlray_home}/mlflow.db")
 
     def first_epoch_logged():

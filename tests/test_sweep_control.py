@@ -12,6 +12,8 @@ import time
 import pytest
 from mlflow import MlflowClient
 
+from cluster_helpers import ctrl_c_as_in_a_terminal
+
 from tlray import config
 from tlray.data.prepare import prepare
 from tlray.tune import sweep
@@ -61,7 +63,7 @@ def start_sweep(args, ray_cluster, home, log):
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.Popen([sys.executable, "-m", "tlray.cli", "tune", *args], env=env,
                             stdout=log, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=ctrl_c_as_in_a_terminal)
 
 
 def wait_for(condition, driver, what: str, timeout: float = 400):
