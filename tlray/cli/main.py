@@ -1,8 +1,9 @@
 """tlray: fine-tune pretrained timm backbones on your images, on Ray, tracked in MLflow.
 
 The commands, in the order of the flow: prepare | inspect | augment-preview | models |
-train | tune | lr-find | compare | predict | benchmark. Each command parses its options, calls the library and prints a short summary; how it fails
-is `tlray.cli.errors`' job (a user error is one line and exit status 2).
+train | tune | lr-find | compare | predict | benchmark. Each command parses its options,
+calls the library and prints a short summary; how it fails is `tlray.cli.errors`' job (a
+user error is one line and exit status 2).
 """
 
 from __future__ import annotations
