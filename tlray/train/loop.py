@@ -66,7 +66,8 @@ from tlray.train.protocol import (
     WorkerArgs,
     dataset_names,
 )
-from tlray.train.steps import autocast, evaluate, gather, reduce_totals, train_epoch
+from tlray.train.steps import (autocast, evaluate, gather, on_gpu, reduce_totals,
+                              train_epoch)
 from tlray.train.threads import borrowed_threads, own_threads
 
 
@@ -148,7 +149,7 @@ class WorkerRun:
         self.epoch, self.epoch_first_step, state.position = epoch, state.step - skip, None
         self.t0 = time.perf_counter() - (at.seconds if at else 0.0)
         generator = seed_epoch(cfg.train.seed, epoch, ray_.rank)
-        if not _on_gpu(self.device) and ray_.world == 1 and cfg.scaling.borrow_idle_cpus:
+        if not on_gpu(self.device) and ray_.world == 1 and cfg.scaling.borrow_idle_cpus:
             torch.set_num_threads(borrowed_threads(cfg.scaling.cpus_per_worker))
         ticker = EpochTicker(epoch, cfg.train.epochs, self.args.dataset.splits["train"].rows,
                              None if self.args.interactive or ray_.rank else self.say, self.t0)
@@ -321,7 +322,7 @@ def setup_device(cfg, world: int) -> torch.device:
     import ray.train.torch
 
     device = ray.train.torch.get_device()
-    if _on_gpu(device):
+    if on_gpu(device):
         torch.backends.cudnn.benchmark = True
     else:
         torch.set_num_threads(own_threads(cfg.scaling.cpus_per_worker))
@@ -488,10 +489,6 @@ def final_test(model: nn.Module, shards: dict, feeds: Feeds, args: WorkerArgs, d
 
 def _snapshot(model: nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def _on_gpu(device) -> bool:
-    return torch.device(device).type == "cuda"
 
 
 def _silent(line: str) -> None:

@@ -40,11 +40,14 @@ class EpochTotals:
         return self.correct / max(self.seen, 1)
 
 
+def on_gpu(device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
 def autocast(amp: bool, device) -> torch.autocast:
     """bf16 autocast where `amp` is on and the device is a GPU; a no-op on a CPU. Training,
     evaluation, the lr range test and the benchmark share it so they run at one precision."""
-    return torch.autocast("cuda", dtype=torch.bfloat16,
-                          enabled=amp and torch.device(device).type == "cuda")
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and on_gpu(device))
 
 
 @dataclass

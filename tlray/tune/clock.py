@@ -65,7 +65,7 @@ class SweepClock:
     def _untimed(self, started: list[str]) -> bool:
         """Whether a running trial has epochs to come at a depth not timed yet."""
         return any(self.depth(self.kind_of[t], e) not in self.seconds
-                   for t in started if t not in self.ended
+                   for t in self._running(started)
                    for e in range(self.done[t] + 1, self.epochs + 1))
 
     def trial_ended(self, trial: str, started: list[str]) -> str | None:
@@ -76,12 +76,15 @@ class SweepClock:
             return None
         return self.line(started)
 
+    def _running(self, started: list[str]) -> list[str]:
+        return [t for t in started if t not in self.ended]
+
     def _epochs_left(self, started: list[str]) -> int:
-        return (sum(self.epochs - self.done.get(t, 0) for t in started if t not in self.ended)
+        return (sum(self.epochs - self.done.get(t, 0) for t in self._running(started))
                 + self.epochs * (self.trials - len(started)))
 
     def line(self, started: list[str]) -> str:
-        running = [t for t in started if t not in self.ended]
+        running = self._running(started)
         to_come = self.trials - len(started)
         epochs_left = self._epochs_left(started)
         costs = ", ".join(f"~{sum(s) / len(s):.0f} s at freeze {k}"
