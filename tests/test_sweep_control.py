@@ -4,6 +4,7 @@ it, --more grows it, and its summary says which settings mattered."""
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -57,13 +58,19 @@ def history(run) -> dict[int, dict]:
     return out
 
 
-def start_sweep(args, ray_cluster, home, log):
+def driver_env(ray_cluster, home) -> dict[str, str]:
+    """A driver process's environment: the test's Ray cluster and tlray home."""
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
            "TLRAY_HOME": str(home)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen([sys.executable, "-m", "tlray.cli", "tune", *args], env=env,
-                            stdout=log, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=ctrl_c_as_in_a_terminal)
+    return env
+
+
+def start_sweep(args, ray_cluster, home, log):
+    return subprocess.Popen([sys.executable, "-m", "tlray.cli", "tune", *args],
+                            env=driver_env(ray_cluster, home), stdout=log,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=ctrl_c_as_in_a_terminal)
 
 
 def wait_for(condition, driver, what: str, timeout: float = 400):
@@ -105,10 +112,19 @@ def test_ctrl_c_pauses_a_sweep_and_resume_continues_it_exactly(ray_cluster, mnis
     assert parent.info.status == "KILLED"
     assert not MlflowClient().search_registered_models()  # half a sweep registers nothing
 
-    result = sweep.sweep(config.load(None, args), resume=True)
-    assert [t["status"] for t in result.trials] == ["COMPLETED", "COMPLETED"]
-    assert result.registered is not None and result.registered.version == 1
-    runs = children(result.parent_run_id)
+    # The command the line gives, run as a person would: in a new driver process.
+    command = shlex.split(last.split("continue with: ", 1)[1])
+    assert command[:3] == ["python", "-m", "tlray.cli"]
+    resumed_driver = subprocess.run([sys.executable, *command[1:]], capture_output=True,
+                                    text=True, env=driver_env(ray_cluster, tlray_home),
+                                    timeout=600)
+    assert resumed_driver.returncode == 0, resumed_driver.stderr[-3000:]
+    assert MlflowClient().get_run(parent.info.run_id).info.status == "FINISHED"
+    (version,) = MlflowClient().search_model_versions("name = 'digits'")
+    assert int(version.version) == 1
+    runs = children(parent.info.run_id)
+    assert [r.info.status for r in runs].count("FINISHED") == 2  # both trials, tested
+    assert all("test_acc" in r.data.metrics for r in runs if r.info.status == "FINISHED")
     assert {r.info.status for r in runs} == {"FINISHED", "KILLED"}
     killed, resumed = [r for r in runs
                        if r.data.tags["tune_trial_id"] == second.data.tags["tune_trial_id"]]
@@ -118,13 +134,12 @@ def test_ctrl_c_pauses_a_sweep_and_resume_continues_it_exactly(ray_cluster, mnis
     # The same trial, never interrupted, trains exactly the same epochs.
     cfg = config.load(None, [*SMALL, *exact, f"--data.dataset={mnist.uri}",
                              "--tune.name=whole", "--tune.registered_name=whole"])
-    (interrupted,) = [t for t in result.trials
-                      if t["trial_id"] == second.data.tags["tune_trial_id"]]
-    reference = sweep.sweep(cfg, points=[{k: interrupted[k]
-                                          for k in ("optim.lr", "model.freeze")}])
+    point = {"optim.lr": float(resumed.data.params["optim.lr"]),
+             "model.freeze": resumed.data.params["model.freeze"]}
+    reference = sweep.sweep(cfg, points=[point])
     (whole,) = children(reference.parent_run_id)
     assert {**history(killed), **history(resumed)} == history(whole)
-    assert interrupted["test_acc"] == reference.trials[0]["test_acc"]
+    assert resumed.data.metrics["test_acc"] == reference.trials[0]["test_acc"]
 
 
 def test_a_goal_stops_the_sweep_and_more_trials_grow_it(ray_cluster, mnist):
