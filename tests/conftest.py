@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import sys
@@ -22,6 +23,20 @@ def _sys_path_restored():
     saved = list(sys.path)
     yield
     sys.path[:] = saved
+
+
+@pytest.fixture(autouse=True)
+def _ray_handles_freed(request):
+    """Frees what a Ray test left in reference cycles before the next test starts.
+
+    A plain `TorchTrainer.fit()` leaves its controller actor's handle in a cycle, so the
+    actor lived on until the garbage collector ran, minutes and many tests later. Twice, its
+    death in the middle of a later sweep was followed by this process's Ray driver no longer
+    hearing that new actors had started (their trials waited forever): let such actors end
+    inside the test that made them."""
+    yield
+    if "ray_cluster" in request.fixturenames:
+        gc.collect()
 
 
 @pytest.fixture(scope="session")
