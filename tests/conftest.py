@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -26,17 +26,15 @@ def _sys_path_restored():
 
 
 @pytest.fixture(autouse=True)
-def _ray_handles_freed(request):
-    """Frees what a Ray test left in reference cycles before the next test starts.
-
-    A plain `TorchTrainer.fit()` leaves its controller actor's handle in a cycle, so the
-    actor lived on until the garbage collector ran, minutes and many tests later. Twice, its
-    death in the middle of a later sweep was followed by this process's Ray driver no longer
-    hearing that new actors had started (their trials waited forever): let such actors end
-    inside the test that made them."""
+def _sigint_handler_restored():
+    """Ray Train's `fit()`, run on the main thread, installs a SIGINT handler that holds its
+    controller actor and never puts the old one back: the actor then lives on until some later
+    test replaces the handler. Three times, a controller 12 minutes old died that way in the middle
+    of a later test's sweep, and this process's Ray driver no longer heard that new actors had
+    started (their trials waited forever). Restoring the handler ends it in its own test."""
+    saved = signal.getsignal(signal.SIGINT)
     yield
-    if "ray_cluster" in request.fixturenames:
-        gc.collect()
+    signal.signal(signal.SIGINT, saved)
 
 
 @pytest.fixture(scope="session")
