@@ -34,6 +34,15 @@ _GUARD = ("import os, signal, sys, time\n"
           "os.killpg(0, signal.SIGKILL)\n")
 
 
+def driver_env(ray_cluster, home, **extra: str) -> dict[str, str]:
+    """The environment of a `tlray` command a test runs as its own driver process: the
+    test's Ray cluster and tlray home, and no MLflow URI left over from the test process."""
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+           "TLRAY_HOME": str(home), **extra}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
 def ctrl_c_as_in_a_terminal() -> None:
     """`preexec_fn` for a driver a test will Ctrl-C: SIGINT at its default, as for a command
     a terminal runs. A job a script starts in the background (`cmd &`) inherits SIGINT

@@ -11,7 +11,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from cluster_helpers import ctrl_c_as_in_a_terminal
+from cluster_helpers import ctrl_c_as_in_a_terminal, driver_env
 
 from tlray.data.prepare import prepare
 
@@ -23,10 +23,8 @@ SMALL = ["--backbone", "test_efficientnet", "--weights", "none", "--image-size",
 
 
 def tlray(args, ray_cluster, home, **env):
-    environment = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
-                   "TLRAY_HOME": str(home), **env}
-    environment.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "tlray.cli", *args], env=environment,
+    return subprocess.run([sys.executable, "-m", "tlray.cli", *args],
+                          env=driver_env(ray_cluster, home, **env),
                           capture_output=True, text=True, timeout=600)
 
 
@@ -62,11 +60,8 @@ def test_ctrl_c_ends_a_training_run_with_one_line_and_status_130(ray_cluster, tl
     import time
 
     info = prepare("builtin:mnist", progress=False)
-    environment = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
-                   "TLRAY_HOME": str(tlray_home)}
-    environment.pop("MLFLOW_TRACKING_URI", None)
     driver = subprocess.Popen([sys.executable, "-m", "tlray.cli", "train", "--data", info.uri,
-                               *SMALL, "--epochs", "20"], env=environment,
+                               *SMALL, "--epochs", "20"], env=driver_env(ray_cluster, tlray_home),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               start_new_session=True, preexec_fn=ctrl_c_as_in_a_terminal)
     client = MlflowClient(f"sqlite:///{tlray_home}/mlflow.db")

@@ -13,7 +13,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from cluster_helpers import ctrl_c_as_in_a_terminal
+from cluster_helpers import ctrl_c_as_in_a_terminal, driver_env
 
 from tlray import config
 from tlray.data.prepare import prepare
@@ -56,14 +56,6 @@ def history(run) -> dict[int, dict]:
         for m in client.get_metric_history(run.info.run_id, key):
             out.setdefault(m.step, {})[key] = m.value
     return out
-
-
-def driver_env(ray_cluster, home) -> dict[str, str]:
-    """A driver process's environment: the test's Ray cluster and tlray home."""
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
-           "TLRAY_HOME": str(home)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
 
 
 def start_sweep(args, ray_cluster, home, log):
