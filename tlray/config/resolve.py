@@ -19,7 +19,7 @@ import yaml
 
 from tlray.config import schedule
 from tlray.config.augmentation import from_config as augmentation_from_config
-from tlray.config.interval import parse_every
+from tlray.config.interval import parse_budget, parse_every
 from tlray.config.settings import Config, all_settings, sections
 from tlray.errors import TlrayError
 
@@ -125,6 +125,7 @@ def validate(config: Config) -> Config:
     augmentation_from_config(d)  # the preset's overrides are in range
     schedule.parse(m.freeze, t.epochs)  # a depth, or phases that fit train.epochs
     parse_every(t.checkpoint_every)
+    parse_budget(u.budget)  # a bad budget fails here, before Ray starts
     if t.ema is not None and not 0 < t.ema < 1:
         raise TlrayError(f"--train.ema: expected a decay in (0, 1), e.g. 0.999, got {t.ema!r}")
     return config

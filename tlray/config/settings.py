@@ -173,6 +173,11 @@ class TuneConfig:
     """The sweep (`tlray tune`): what to search, how many trials, how to stop bad ones early."""
 
     num_samples: int = setting(4, "trials")
+    budget: str | None = setting(None, "end the sweep within this time (90s, 2m, 20m, 1h30m, "
+                                       "4h or seconds): trials, epochs, ASHA's rungs, trials "
+                                       "at once and the feature cache are planned to fit; an "
+                                       "explicit num_samples or train.epochs still wins "
+                                       "(empty: no budget)")
     lr_min: float | str = setting(1e-4, "learning rate range, log-uniform: low end (auto: "
                                         "from a learning-rate range test, `tlray lr-find`)")
     lr_max: float | str = setting(1e-2, "learning rate range: high end (auto: from lr-find)")
