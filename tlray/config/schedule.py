@@ -60,6 +60,12 @@ def phase_at(phases: list[Phase], epoch: int) -> int:
     return len(phases) - 1
 
 
+def depth_at(text: str, epoch: int) -> str:
+    """The frozen depth epoch `epoch` (1-based) of a schedule trains at."""
+    phases = parse(text)
+    return phases[phase_at(phases, epoch)].depth
+
+
 def phase_epochs(phases: list[Phase], index: int, total: int) -> tuple[int, int]:
     """(first epoch, number of epochs) of phase `index` in a run of `total` epochs."""
     start = 1 + sum(p.epochs or 0 for p in phases[:index])

@@ -20,8 +20,7 @@ import heapq
 import time
 from collections import defaultdict
 
-from tlray.config.schedule import parse as parse_schedule
-from tlray.config.schedule import phase_at
+from tlray.config.schedule import depth_at
 from tlray.train.progress import format_seconds
 from tlray.train.protocol import is_final
 
@@ -59,8 +58,7 @@ class SweepClock:
         """The frozen depth epoch `epoch` of a trial of `kind` trains at."""
         if kind is None or kind == "None":
             return kind
-        phases = parse_schedule(kind)
-        return phases[phase_at(phases, epoch)].depth
+        return depth_at(kind, epoch)
 
     def _untimed(self, started: list[str]) -> bool:
         """Whether a running trial has epochs to come at a depth not timed yet."""
