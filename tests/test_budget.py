@@ -6,6 +6,8 @@ Pure arithmetic on injected costs: no Ray, no training, no clock.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -13,8 +15,16 @@ from tlray import config
 from tlray.config.interval import Every, format_span, parse_budget, parse_every
 from tlray.errors import TlrayError
 from tlray.tune import asha
+from tlray.tune.budget import MARGIN, plan_lines, plan_sweep, planned_vs_actual
 from tlray.tune.clock import SweepClock
 from tlray.tune.makespan import Costs, Run, caches_that_pay, makespan
+from tlray.tune.replan import Running, can_start, trials_to_add
+
+# Three freeze choices as the main job searches them; a frozen epoch costs less.
+CHOICES = ["0", "3", "all:2,0@0.5"]
+COSTS = Costs(epoch_s={"0": 16.0, "3": 9.0, "all": 5.0}, trial_s=8.0, finish_s=6.0,
+              setup_s=6.0, wrapup_s=4.0)
+
 
 # --- parsing -------------------------------------------------------------------------------
 
@@ -126,6 +136,154 @@ def test_the_cache_is_used_where_its_build_pays_for_itself():
     assert caches_that_pay(runs, HAND) == ("all",)
     assert caches_that_pay([Run("all", 2, True)], HAND) == ()  # 3 s saved: no
     assert caches_that_pay([Run("all:1,0", 6, True)], HAND) == ()  # only its head epoch
+
+
+# --- the plan -------------------------------------------------------------------------------
+
+def predicted_again(plan) -> float:
+    runs = [Run(k, s, s == plan.epochs) for k, s in zip(plan.kinds, plan.stops)]
+    return (plan.costs.setup_s + makespan(runs, plan.slots, plan.costs, plan.cached)
+            + plan.costs.wrapup_s)
+
+
+def test_a_plan_fits_its_budget_and_grows_with_it():
+    plans = [plan_sweep(b, COSTS, CHOICES, 2, 6) for b in (90, 120, 180, 300, 600)]
+    for plan in plans:
+        assert plan.predicted_s <= plan.budget_s * (1 - MARGIN) and plan.fits
+        assert plan.predicted_s == pytest.approx(predicted_again(plan))
+        assert plan.epochs <= 6 and plan.concurrency == 2
+    trials = [p.trials for p in plans]
+    assert trials == sorted(trials) and trials[-1] > trials[0]
+    assert plans[-1].epochs == 6  # a long budget: the recipe's epochs for survivors
+
+
+def test_every_freeze_choice_is_tried_and_twice_when_affordable():
+    small, large = (plan_sweep(b, COSTS, CHOICES, 2, 6) for b in (90, 180))
+    assert set(small.kinds) == set(CHOICES)
+    assert all(large.kinds.count(c) >= 2 for c in CHOICES)
+    assert 2 * large.epochs >= 6  # survivors train at least half the recipe's epochs
+
+
+def test_a_second_pass_over_the_choices_comes_before_the_recipes_epochs():
+    """2m buys 5 trials of 4 epochs; the recipe's 6 epochs would leave fewer trials."""
+    plan = plan_sweep(120, COSTS, CHOICES, 2, 6)
+    at_six = plan_sweep(120, COSTS, CHOICES, 2, 6, epochs=6)
+    assert (plan.trials, plan.epochs) == (5, 4) and at_six.trials < plan.trials
+
+
+def test_but_not_below_half_the_recipes_epochs():
+    """10 s epochs, one slot, 63 s to spend: 4 trials fit at 2 epochs (2+2+1+1) but not at
+    3 (3+3+1+1); 2 trials of 3 epochs do, and 3 epochs is half the recipe's 6."""
+    costs = Costs(epoch_s={"0": 10.0, "3": 10.0})
+    plan = plan_sweep(70, costs, ["0", "3"], 1, 6)
+    assert (plan.trials, plan.epochs, plan.predicted_s) == (2, 3, 60)
+
+
+def test_a_long_budget_buys_gentler_stopping_not_none():
+    """At the cap of trials, with time to train every trial to the end, ASHA still stops
+    some, at the latest rung that does."""
+    plan = plan_sweep(3600, COSTS, CHOICES, 2, 6)
+    every_one = [Run(k, plan.epochs, True) for k in plan.kinds]
+    assert COSTS.setup_s + makespan(every_one, 2, COSTS) + COSTS.wrapup_s < 0.9 * 3600
+    assert plan.stopped_early > 0 and plan.rungs == (5,)
+
+
+def test_asha_stops_something_once_there_are_three_trials():
+    plan = plan_sweep(180, COSTS, CHOICES, 2, 6)
+    assert plan.trials >= 3 and plan.rungs and plan.stopped_early > 0
+    assert plan.stops == tuple(asha.stop_epochs(plan.trials, plan.epochs, list(plan.rungs),
+                                                plan.reduction_factor))
+
+
+def test_when_not_every_choice_fits_the_cheapest_are_tried():
+    plan = plan_sweep(60, COSTS, CHOICES, 2, 6)
+    assert plan.trials < len(CHOICES) and "0" not in plan.kinds  # freeze 0 costs most
+    assert "2 of 3 freeze choices (the cheapest" in plan_lines(plan)[0]
+
+
+def test_the_plan_line_says_what_and_why():
+    plan = plan_sweep(180, COSTS, CHOICES, 2, 6)
+    summary, why = plan_lines(plan)
+    assert re.fullmatch(r"plan: \d+ trials over 3 freeze choices, 6 epochs each, rungs at "
+                        r"[\d, and]+ epochs \(ASHA keeps 1/[23]\), 2 at a time, about "
+                        r"\dm\d\ds of a 3m budget", summary), summary
+    assert "an epoch ~16s at freeze 0" in why and "ASHA expected to stop" in why
+
+
+def test_an_explicit_num_samples_or_epochs_wins_and_the_plan_says_so():
+    own = plan_sweep(120, COSTS, CHOICES, 2, 6)
+    plan = plan_sweep(120, COSTS, CHOICES, 2, 6, num_samples=own.trials + 3)
+    assert plan.trials == own.trials + 3
+    assert (f"plan: tune.num_samples={own.trials + 3} (yours) wins over the plan's "
+            f"{own.trials} trials") in plan_lines(plan)
+    plan = plan_sweep(120, COSTS, CHOICES, 2, 6, epochs=3)
+    assert plan.epochs == 3 and any("train.epochs=3 (yours)" in x for x in plan_lines(plan))
+
+
+def test_explicit_settings_over_the_budget_are_kept_and_said():
+    plan = plan_sweep(120, COSTS, CHOICES, 2, 6, num_samples=12, epochs=6)
+    assert (plan.trials, plan.epochs) == (12, 6) and not plan.fits
+    assert "trials that cannot end in time will not start" in plan_lines(plan)[-1]
+
+
+def test_a_budget_too_small_says_the_smallest_that_fits():
+    """The cheapest trial: freeze 3, one epoch: 6 + 8 + 9 + 6 + 4 = 33 s; with the 10%
+    margin 36.7 s, rounded up to 40 s."""
+    with pytest.raises(TlrayError, match=r"--tune\.budget=36s is too small: one trial of 1 "
+                                         r"epoch at freeze 3.*33s.*--tune\.budget=40s$"):
+        plan_sweep(36, COSTS, ["0", "3"], 2, 6)
+    assert plan_sweep(40, COSTS, ["0", "3"], 2, 6).kinds == ("3",)
+
+
+def test_the_cache_is_chosen_only_when_its_build_pays_within_the_budget():
+    """Trained from the cache, an epoch at freeze 3 saves 5 s; its build costs 40 s. 150 s
+    buys 7 epochs at freeze 3 (35 s saved: no cache), 200 s buys 10 (50 s: the cache)."""
+    costs = Costs(epoch_s={"0": 10.0, "3": 6.0}, trial_s=2.0, finish_s=2.0,
+                  cache_build_s={"3": 40.0}, cached_epoch_s={"3": 1.0})
+    short, long = (plan_sweep(b, costs, ["0", "3"], 1, 6) for b in (150, 200))
+    assert short.cached == () and "would not pay for its ~40s build" in plan_lines(short)[1]
+    assert long.cached == ("3",) and "pays for its ~40s build" in plan_lines(long)[1]
+
+
+def test_planned_vs_actual():
+    plan = plan_sweep(120, COSTS, CHOICES, 2, 6)
+    line = planned_vs_actual(plan, plan.predicted_s * 1.1, plan.trials + 1)
+    assert re.fullmatch(rf"sweep: planned {plan.trials} trials in about \dm\d\ds; ran "
+                        rf"{plan.trials + 1} in \dm\d\ds \(\+10% against the plan\), "
+                        r"within the 2m budget", line), line
+
+
+# --- revising the plan as trials end ---------------------------------------------------------
+
+ONE = Costs(epoch_s={"0": 10.0})
+
+
+def two_trials():
+    """2 trials of 2 epochs at 20 s each, one at a time, a 100 s budget (90 s aimed at)."""
+    plan = plan_sweep(100, ONE, ["0"], 1, 2, num_samples=2, epochs=2)
+    assert (plan.kinds, plan.stops, plan.predicted_s) == (("0", "0"), (2, 2), 40)
+    return plan
+
+
+def test_ahead_of_plan_trials_are_added_that_still_end_in_time():
+    plan = two_trials()
+    # The first trial ended at 20 s; the second ends at 40, two more at 60 and 80.
+    assert trials_to_add(plan, ONE, 20, [], started=1) == 2
+    # Epochs measured at 4 s: the second ends at 28, then 7 more of 8 s before 90.
+    faster = ONE.with_measured({"0": 4.0})
+    assert trials_to_add(plan, faster, 20, [], started=1, new_kinds=["0"] * 10) == 7
+    assert trials_to_add(plan, faster, 20, [], started=1) == 6  # the cap: 8 per choice
+    # The first trial 4 s into its second epoch at 15 s: it ends at 21, the second at 41.
+    running = [Running("0", epochs_done=1, into_epoch_s=4)]
+    assert trials_to_add(plan, ONE, 15, running, started=1) == 2
+
+
+def test_behind_plan_no_trial_starts_that_cannot_end_in_time():
+    plan = two_trials()
+    assert trials_to_add(plan, ONE.with_measured({"0": 30.0}), 20, [], started=1) == 0
+    assert can_start(plan, ONE, 80, "0")  # ends at 100: the budget
+    assert not can_start(plan, ONE, 81, "0")
+    assert not can_start(plan, ONE.with_measured({"0": 15.0}), 71, "0")
 
 
 def test_sweep_clock_still_reads_a_schedules_depth_per_epoch():
