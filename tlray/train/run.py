@@ -42,7 +42,8 @@ class TrainResult:
 
 def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | None = None,
           callbacks: list | None = None, run_name: str | None = None,
-          in_trial_process: bool = False, images: dict | None = None) -> TrainResult:
+          in_trial_process: bool = False, images: dict | None = None,
+          goal: float | None = None) -> TrainResult:
     """Runs one planned configuration to completion and logs it to MLflow.
 
     Args:
@@ -54,6 +55,7 @@ def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | No
             worker's resources (Ray Train's local mode); the loop reports to Tune itself.
         images: the dataset's splits from `launch.read_splits`, when the caller (a sweep)
             read them once for all its runs; read here otherwise.
+        goal: stop training once `train.monitor` reaches it (a sweep's `tune.goal`).
     """
     cfg, info, minfo = plan.config, plan.dataset, plan.model
     if plan.cache is not None:
@@ -82,7 +84,8 @@ def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | No
                           interactive=sys.stdout.isatty(), in_trial_process=in_trial_process,
                           # Names a run across restarts: Train keeps the MLflow run when it
                           # restarts a worker; Tune retries a trial in a new one.
-                          restart_key=name if in_trial_process else run_id, fault=plan.fault)
+                          restart_key=name if in_trial_process else run_id, fault=plan.fault,
+                          goal=goal)
         found = fit(plan, args, name=f"{name}-{run_id[:8]}", callbacks=callbacks,
                     images=images)
         with found.as_directory() as d:

@@ -23,14 +23,15 @@ def run_trial(params: dict, *, plan: Plan, parent_run_id: str,
 
     overrides = [f"{k}={json.dumps(v)}" for k, v in params.items()]
     cfg = config_mod.load(None, overrides, base=plan.config)
-    here = trains_in_trial_process(cfg)
+    in_trial = trains_in_trial_process(cfg)
     trial_plan = dataclasses.replace(
-        preflight(cfg, dataset=plan.dataset, in_trial_process=here, progress=False),
+        preflight(cfg, dataset=plan.dataset, in_trial_process=in_trial, progress=False),
         fault=plan.fault)  # test-only, read by the sweep's driver
     trial_id = tune.get_context().get_trial_id()
     train(trial_plan, parent_run_id=parent_run_id,
-          callbacks=None if here else [TuneReportCallback()], in_trial_process=here,
-          extra_tags={"tune_trial_id": trial_id}, run_name=f"trial-{trial_id}", images=images)
+          callbacks=None if in_trial else [TuneReportCallback()], in_trial_process=in_trial,
+          extra_tags={"tune_trial_id": trial_id}, run_name=f"trial-{trial_id}", images=images,
+          goal=cfg.tune.goal)
 
 
 def trains_in_trial_process(cfg: Config) -> bool:
