@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -14,6 +15,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# The session's Ray cluster (`ray_cluster`) keeps token authentication on; Ray reads the mode
+# when it is imported, so this process (and every driver a test starts) knows it from here.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 @pytest.fixture(autouse=True)
@@ -39,18 +44,34 @@ def _sigint_handler_restored():
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One real local Ray cluster for the whole session.
+    """One real Ray cluster for the whole session: `ray start --head` in a process group of
+    its own (see cluster_helpers.RayCluster), joined by this process.
+
+    Every process of it, this one and every driver a test starts find it by RAY_ADDRESS, never
+    by looking for Ray clusters on the machine: other clusters may run beside it (a test's own
+    two-raylet cluster, another checkout's tests), and Ray Train's placement-group cleaner,
+    which asks the state API whether its controller lives, would otherwise ask another one
+    and remove a running run's placement group.
 
     4 logical CPUs on a 2-core machine: Train workers, Tune drivers and Ray Data tasks ask
     for fractions of them, and the over-subscription only costs a little speed.
     """
     import ray
 
+    from cluster_helpers import RayCluster
     from tlray.train.cluster import init_ray
 
-    init_ray(num_cpus=4, object_store_memory=1 << 30)
-    yield ray
-    ray.shutdown()
+    cluster = RayCluster(num_cpus_per_node=4, object_store_mb=1024,
+                         token=os.environ["RAY_AUTH_TOKEN"])
+    try:
+        cluster.start_head()
+        os.environ["RAY_ADDRESS"] = cluster.address
+        init_ray()
+        yield ray
+    finally:
+        ray.shutdown()
+        cluster.stop()
+        os.environ.pop("RAY_ADDRESS", None)
 
 
 @pytest.fixture(scope="session")

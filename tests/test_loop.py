@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 import types
 from pathlib import Path
 
@@ -221,3 +222,28 @@ def test_augmented_training_with_a_cache_for_validation_only_equals_no_cache(dig
         {k: without[k] for k in ("train_loss", "train_acc", "val_acc", "lr")}
     assert with_cache["val_loss"] == pytest.approx(without["val_loss"], abs=1e-5)
     assert final(cached).report.test == final(plain).report.test
+
+
+def test_past_a_preemption_deadline_checkpoints_keep_coming_until_the_node_goes(digits,
+                                                                                tmp_path):
+    # The notice's deadline has passed when it arrives (Ray restarts the run a little after
+    # it): besides the checkpoint at the notice, more follow, each once the last is older
+    # than a checkpoint takes to write, so a restart loses only the last few steps.
+    checks = []
+
+    def preemption_notice():
+        checks.append(None)
+        return types.SimpleNamespace(preempted_node_ids=["node-b"], preempted_ranks=[0],
+                                     deadline_ms=int(time.time() * 1000)) \
+            if len(checks) >= 2 else None
+
+    args = args_for(digits, "--scaling.notice_check_every=1", "--train.epochs=2")
+    session = run(args, tmp_path, preemption_notice=preemption_notice)
+    why = []
+    for metrics, found in session.reports:
+        if metrics.get("partial"):
+            with found.as_directory() as d:
+                why.append(json.loads((Path(d) / "state.json").read_text())["position"]["why"])
+    assert why[0] == "preemption" and "preemption deadline" in why[1:], why
+    assert set(why) == {"preemption", "preemption deadline"}
+    assert len(checks) == 2  # Ray is asked until it tells of the drain, then not again

@@ -37,7 +37,8 @@ def data_stats_actor(ray):
     from ray.util.state import get_actor
 
     actor_id = ray.get_actor(STATS_ACTOR_NAME, namespace=STATS_ACTOR_NAMESPACE)._actor_id.hex()
-    return actor_id, get_actor(actor_id).state
+    # This cluster's address: other Ray clusters may run on the machine.
+    return actor_id, get_actor(actor_id, address=ray.get_runtime_context().gcs_address).state
 
 
 def test_a_sweep_retries_a_dead_trial_and_registers_its_champion(ray_cluster, mnist,
