@@ -138,9 +138,10 @@ def test_small_inputs_share_a_gpu_between_trials():
     assert share("--data.image_size=224") == 1.0
     assert share("--data.image_size=48", "--tune.trials_per_gpu=3") == pytest.approx(1 / 3)
     assert share("--data.image_size=48", "--scaling.gpus_per_worker=0.5") == 0.5  # user's
+    assert share("--data.image_size=48", "--scaling.gpus_per_worker=1") == 1.0  # a whole one
     assert share("--data.image_size=48", "--scaling.num_workers=2") == 1.0  # DDP: whole GPUs
     cpu = config_mod.load(None, ["--data.image_size=48"])
-    assert share_gpus(cpu).scaling.gpus_per_worker == 1.0  # no GPU: nothing to share
+    assert share_gpus(cpu).scaling.gpus_per_worker is None  # no GPU: nothing to share
 
 
 def test_stratified_trials_cover_learning_rate_and_freeze_depth():

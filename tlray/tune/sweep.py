@@ -219,13 +219,8 @@ def _search_alg(cfg: Config, metric: str, mode: str, max_concurrent: int,
         # Tune runs the given points first, each one trial, drawing any field they leave out.
         return BasicVariantGenerator(points_to_evaluate=points, random_state=cfg.tune.seed,
                                      max_concurrent=max_concurrent)
-    try:
-        import optuna  # noqa: F401  (OptunaSearch imports it lazily)
-        from ray.tune.search.optuna import OptunaSearch
-    except ImportError:
-        raise TlrayError("--tune.search=optuna needs the optuna package "
-                         "(pip install optuna), or use --tune.search=random") from None
     from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
 
     return ConcurrencyLimiter(OptunaSearch(metric=metric, mode=mode, seed=cfg.tune.seed),
                               max_concurrent=max_concurrent)

@@ -61,8 +61,9 @@ def trials_per_gpu(cfg: Config) -> int:
 
 
 def share_gpus(cfg: Config) -> Config:
-    """The sweep's config with `scaling.gpus_per_worker` set to one trial's share of a GPU."""
-    if not cfg.scaling.use_gpu or cfg.scaling.gpus_per_worker != 1.0:
+    """The sweep's config with `scaling.gpus_per_worker` set to one trial's share of a GPU,
+    unless the user set it (a whole GPU, `1`, included)."""
+    if not cfg.scaling.use_gpu or cfg.scaling.gpus_per_worker is not None:
         return cfg  # no GPUs, or the user chose the share
     share = 1.0 / trials_per_gpu(cfg)
     return config_mod.load(None, [f"scaling.gpus_per_worker={share}"], base=cfg)
@@ -82,7 +83,7 @@ def concurrency(cfg: Config) -> int:
     s = cfg.scaling
     by_cpu = (total.get("CPU", 0) - DATA_CPU_RESERVE) // (s.max_workers * s.cpus_per_worker)
     if s.use_gpu:
-        by_gpu = total.get("GPU", 0) // (s.max_workers * s.gpus_per_worker)
+        by_gpu = total.get("GPU", 0) // (s.max_workers * s.gpus)
         return max(1, int(min(by_gpu, by_cpu)))
     return max(1, int(by_cpu))
 
