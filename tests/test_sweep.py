@@ -79,6 +79,8 @@ def test_a_sweep_retries_a_dead_trial_and_registers_its_champion(ray_cluster, mn
     assert {t["status"] for t in first.trials} == {"COMPLETED"}
     artifacts = {a.path for a in MlflowClient().list_artifacts(first.parent_run_id)}
     assert {"sweep_results.csv", "search_space.json", "config.yaml", "plots"} <= artifacts
+    plots = {a.path for a in MlflowClient().list_artifacts(first.parent_run_id, "plots")}
+    assert "plots/samples.png" in plots  # one training image per class
     assert first.registered is not None and first.registered.moved
     champion = MlflowClient().get_model_version_by_alias("digits", "champion")
     assert int(champion.version) == first.registered.version

@@ -75,8 +75,8 @@ def test_a_two_worker_run_survives_a_killed_worker_and_logs_everything(ray_clust
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "dataset.json", "test_metrics.json", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(result.run_id, "plots")}
-    assert plots == {"plots/learning_curves.png", "plots/confusion_matrix.png",
-                     "plots/test_predictions.png"}
+    assert plots == {"plots/samples.png", "plots/learning_curves.png",
+                     "plots/confusion_matrix.png", "plots/test_predictions.png"}
     test_json = json.loads(mlflow.artifacts.load_text(f"runs:/{result.run_id}/test_metrics.json"))
     assert np.array(test_json["confusion_matrix"]).sum() == mnist.splits["test"].rows
 

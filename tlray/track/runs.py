@@ -460,3 +460,13 @@ def log_datasets(info: Any, splits: tuple[str, ...] = tuple(SPLIT_CONTEXTS)) -> 
                       contexts=[SPLIT_CONTEXTS[s] for s in splits],
                       tags_list=[{"rows": str(info.splits[s].rows)} for s in splits])
     return datasets
+
+
+def log_samples(info: Any) -> None:
+    """One training image of every class, as `plots/samples.png`: what the run learns from,
+    at a glance (both original experiments open with such a grid)."""
+    from tlray.data.dataset import sample_per_class
+    from tlray.track.plots import sample_grid
+
+    images, labels = sample_per_class(info, "train")
+    log_figure(sample_grid(images, labels, info.classes), "plots/samples.png")

@@ -77,6 +77,8 @@ def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | No
         run_id = run.info.run_id
         _log_plan(plan)
         data = tracking.log_datasets(info)
+        if parent_run_id is None:  # a sweep's or a comparison's parent run shows them once
+            tracking.log_samples(info)
         args = WorkerArgs(config=cfg, dataset=info, cache=plan.cache, run_id=run_id,
                           tracking_uri=plan.tracking_uri,
                           # A sweep's trials print side by side: their lines carry its name.

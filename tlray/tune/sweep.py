@@ -78,6 +78,7 @@ def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
             # The splits, recorded here first: trials that start together would each
             # insert the same dataset rows, and MLflow's store refuses the second.
             tracking.log_datasets(info)
+            tracking.log_samples(info)
         if curves:
             log_curves(curves)
         state.parent_run_id, state.finished = parent.info.run_id, False
