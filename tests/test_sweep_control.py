@@ -164,3 +164,22 @@ def test_a_goal_stops_the_sweep_and_more_trials_grow_it(ray_cluster, mnist):
     assert "importance.csv" in artifacts
     plots = {a.path for a in MlflowClient().list_artifacts(grown.parent_run_id, "plots")}
     assert {"plots/importance.png", "plots/parallel_coordinates.png"} <= plots
+
+
+def test_a_second_ctrl_c_stops_at_once_and_still_says_how_to_continue(monkeypatch):
+    from tlray.errors import Paused
+    from tlray.tune.pause import PauseOnCtrlC
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/tlray", "tune", "--tune.name=digits"])
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)
+    asked = []  # while Tune's loop runs, SIGUSR1 asks it to stop
+    with pytest.raises(Paused, match=r"^stopped at once; every trial kept its last "
+                                     r"checkpoint; continue with: tlray tune "
+                                     r"--tune.name=digits --resume$"):
+        with PauseOnCtrlC() as pause:
+            signal.signal(signal.SIGUSR1, lambda *_: asked.append(True))
+            os.kill(os.getpid(), signal.SIGINT)  # the first: Tune is asked to pause
+            assert pause.paused and asked == [True]
+            os.kill(os.getpid(), signal.SIGINT)  # the second: at once
+            raise AssertionError("the second Ctrl-C did not stop the sweep")
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)) == before
