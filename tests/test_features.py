@@ -242,10 +242,8 @@ def test_sweep_benchmark_times_both_sides_of_the_same_sweep(ray_cluster, tlray_h
     assert list(result.sides) == ["auto", "never"]
     assert result.setting == "train.feature_cache" and result.baseline.value == "never"
     for side in result.sides.values():
-        assert side.trials == 2 and side.wall_s > 0 and side.best_metric is not None
+        assert side.trials == 2 and side.best_metric is not None
         assert set(side.seconds_by_freeze) == set(side.epoch_seconds_by_freeze) == {"all"}
-    assert result.ratio == pytest.approx(result.sides["never"].wall_s /
-                                         result.sides["auto"].wall_s)
     # Only the cached side wrote a cache, inside its own storage.
     assert list((tmp_path / "auto" / "feature_cache").iterdir())
     assert not (tmp_path / "never" / "feature_cache").exists()
@@ -259,7 +257,9 @@ def test_sweep_benchmark_times_both_sides_of_the_same_sweep(ray_cluster, tlray_h
     assert lrs[True] == lrs[False] and len(lrs[True]) == 2
     text = bench_sweep.format_sweep(result)
     assert "whole sweep" in text and "all:" in text
-    assert json.loads(bench_sweep.sweep_json(result))["ratio"] == pytest.approx(result.ratio)
+    for side in result.sides.values():  # both sides' figures are in the report
+        assert f"{side.wall_s:.1f}" in text
+    assert set(json.loads(bench_sweep.sweep_json(result))["sides"]) == {"auto", "never"}
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -129,6 +130,17 @@ def test_a_paused_sweep_and_a_killed_driver_both_resume_and_train_nothing_twice(
     # The paused trial's epochs: each trained once, before the pause or after it.
     paused = [r for r in runs if r.data.tags["tune_trial_id"] == trial_2]
     assert sorted(e for r in paused for e in epochs_logged(r)) == [1, 2]
+
+    # A trial's page says what ran it and what it was, not Ray's worker process.
+    for run in finished:
+        tags = run.data.tags
+        assert tags["mlflow.source.name"].startswith("python -m tlray.cli tune ")
+        assert "--tune.name=paused" in tags["mlflow.source.name"]
+        assert tags["freeze"] == "2" == run.data.params["model.freeze"]
+        assert re.fullmatch(r"freeze `2`, lr [0-9.e-]+: trained all 2 epochs, best val_acc "
+                            r"[0-9.]+, test accuracy [0-9.]+(; the sweep's pick)?",
+                            tags["mlflow.note.content"]), tags["mlflow.note.content"]
+    assert sum("the sweep's pick" in r.data.tags["mlflow.note.content"] for r in finished) == 1
 
 
 def test_a_goal_stops_the_sweep_and_more_trials_grow_it(ray_cluster, mnist):

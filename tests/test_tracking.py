@@ -218,5 +218,5 @@ def test_log_figure_writes_png_artifact(tlray_home: Path) -> None:
 def test_tags_and_git_commit(tmp_path: Path) -> None:
     assert tracking.git_commit(tmp_path) is None  # not a checkout: None, no exception
     tags = tracking.standard_tags("resnet18", "imagenet", 2, "abc123")
-    assert tags["backbone"] == "resnet18" and tags["freeze_depth"] == "2"
+    assert tags["backbone"] == "resnet18" and tags["freeze"] == "2"
     assert tags["dataset_hash"] == "abc123" and tags["weights"] == "imagenet"

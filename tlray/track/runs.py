@@ -407,13 +407,14 @@ def git_commit(path: str | os.PathLike[str] | None = None) -> str | None:
 
 
 def standard_tags(
-    backbone: str, weights: str, freeze_depth: int | str, dataset_hash: str
+    backbone: str, weights: str, freeze: int | str, dataset_hash: str
 ) -> dict[str, str]:
-    """Run tags every training run carries, so runs can be filtered by what they trained."""
+    """Run tags every training run carries, so runs can be filtered by what they trained;
+    `freeze` as the user wrote it (a depth, or a schedule such as all:2,0@0.5)."""
     tags = {
         "backbone": backbone,
         "weights": weights,
-        "freeze_depth": str(freeze_depth),
+        "freeze": str(freeze),
         "dataset_hash": dataset_hash,
     }
     commit = git_commit()

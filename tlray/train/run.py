@@ -62,7 +62,7 @@ def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | No
         role = "training" if plan.cache.trains_on_cache else "validating"
         print(f"feature cache: {role} what follows {plan.cache.cut} from {plan.cache.uri}",
               flush=True)
-    tags = {**tracking.standard_tags(cfg.model.backbone, cfg.model.weights, minfo.freeze_depth,
+    tags = {**tracking.standard_tags(cfg.model.backbone, cfg.model.weights, cfg.model.freeze,
                                      info.fingerprint),
             "dataset": info.name, **(extra_tags or {})}
     name = run_name or cfg.tracking.run_name or re.sub(

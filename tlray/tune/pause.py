@@ -68,8 +68,9 @@ class _RestoreHintFilter(logging.Filter):
         return not any(text in message for text in self.HIDDEN)
 
 
-def resume_command(argv: list[str] | None = None) -> str:
-    """The command the user ran, with `--resume`: how to continue a paused sweep."""
+def command_line(argv: list[str] | None = None) -> list[str]:
+    """The command the user ran, as they would type it again (not the interpreter's view of
+    it: `python -m tlray.cli ...` rather than the path of `tlray/cli/__main__.py`)."""
     argv = list(sys.argv if argv is None else argv)
     program = os.path.basename(argv[0])
     if program == "tlray":
@@ -78,4 +79,9 @@ def resume_command(argv: list[str] | None = None) -> str:
         head = ["python", "-m", "tlray.cli"]
     else:
         head = ["python", argv[0]]
-    return shlex.join([*head, *(a for a in argv[1:] if a != "--resume"), "--resume"])
+    return [*head, *argv[1:]]
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command the user ran, with `--resume`: how to continue a paused sweep."""
+    return shlex.join([*(a for a in command_line(argv) if a != "--resume"), "--resume"])

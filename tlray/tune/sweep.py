@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 from dataclasses import dataclass
 
 from tlray import config as config_mod
@@ -32,8 +33,8 @@ from tlray.train.protocol import is_final, is_partial
 from tlray.tune.clock import SweepClock, clock_callback
 from tlray.tune.goal import Goal
 from tlray.tune.importance import distributions, importance
-from tlray.tune.pause import PauseOnCtrlC, resume_command
-from tlray.tune.pick import SweepResult, log_sweep, pick_and_register
+from tlray.tune.pause import PauseOnCtrlC, command_line, resume_command
+from tlray.tune.pick import SweepResult, describe_trials, log_sweep, pick_and_register
 from tlray.tune.space import freeze_choices, more_trials, search_space, spread_trials
 from tlray.tune.state import SweepState, locate
 from tlray.tune.trial import concurrency, run_trial, share_gpus, trial_resources
@@ -86,7 +87,8 @@ def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
         # Every trial trains on the same splits: read once, here (see launch.read_splits).
         part = _Part(plan, state, goal, choices, space, tune.with_resources(
             tune.with_parameters(run_trial, plan=plan, parent_run_id=state.parent_run_id,
-                                 images=read_splits(cfg, info)),
+                                 images=read_splits(cfg, info),
+                                 command=shlex.join(command_line())),
             trial_resources(cfg)))
         results = [r for name in list(state.parts) for r in part.run(name, points)]
         if more:
@@ -98,6 +100,7 @@ def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
         ranked, study, note = importance(outcome["trials"], distributions(cfg, choices),
                                          cfg.train.monitor, cfg.monitor_mode)
         log_sweep(outcome["trials"], cfg.train.monitor, ranked, study)
+        describe_trials(outcome["trials"], cfg.train.monitor, outcome["best_run_id"])
         state.finished = True
         state.write(plan.storage)
     return SweepResult(name=state.name, path=f"{plan.storage.rstrip('/')}/{state.name}",

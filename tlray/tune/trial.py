@@ -14,10 +14,11 @@ from tlray.train.run import train
 
 
 def run_trial(params: dict, *, plan: Plan, parent_run_id: str,
-              images: dict | None = None) -> None:
+              images: dict | None = None, command: str | None = None) -> None:
     """One trial, inside Tune: the sweep's plan with this trial's values, planned again (its
     freeze depth decides its feature cache) and trained by Ray Train (in this very process
-    when `trains_in_trial_process`), on the sweep's `images`."""
+    when `trains_in_trial_process`), on the sweep's `images`. Its MLflow run's source is
+    the sweep's `command` (this process is Ray's worker, not what the user ran)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -30,7 +31,10 @@ def run_trial(params: dict, *, plan: Plan, parent_run_id: str,
     trial_id = tune.get_context().get_trial_id()
     train(trial_plan, parent_run_id=parent_run_id,
           callbacks=None if in_trial else [TuneReportCallback()], in_trial_process=in_trial,
-          extra_tags={"tune_trial_id": trial_id}, run_name=f"trial-{trial_id}", images=images,
+          extra_tags={"tune_trial_id": trial_id,
+                      **({"mlflow.source.name": command, "mlflow.source.type": "LOCAL"}
+                         if command else {})},
+          run_name=f"trial-{trial_id}", images=images,
           goal=cfg.tune.goal)
 
 
