@@ -171,12 +171,13 @@ def kill_groups(procs: list[subprocess.Popen], grace_s: float) -> None:
 class RayCluster:
     """`ray start --head --block` plus `ray start --address=... --block` for each node."""
 
-    def __init__(self, num_cpus_per_node: int = 2, object_store_mb: int = 300):
+    def __init__(self, num_cpus_per_node: int = 2, object_store_mb: int = 300,
+                 token: str | None = None):
         # Short paths: unix sockets under them must stay below ~107 characters. One temp
         # dir per node: nodes sharing one share `runtime_resources/`, and one node's
         # runtime-env agent then deletes the job's working_dir (the driver's cwd).
         self.temp_dirs = [tempfile.mkdtemp(prefix="/tmp/tlr")]
-        self.token = secrets.token_hex(32)
+        self.token = token or secrets.token_hex(32)
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.num_cpus = num_cpus_per_node
         self.object_store_bytes = object_store_mb * 1024 * 1024

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -14,6 +15,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# The session's Ray cluster (`ray_cluster`) keeps token authentication on; Ray reads the mode
+# when it is imported, so this process (and every driver a test starts) knows it from here.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 @pytest.fixture(autouse=True)
@@ -39,38 +44,40 @@ def _sigint_handler_restored():
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One real local Ray cluster for the whole session.
+    """One real Ray cluster for the whole session: `ray start --head` in a process group of
+    its own (see cluster_helpers.RayCluster), joined by this process.
+
+    Every process of it, this one and every driver a test starts find it by RAY_ADDRESS, never
+    by looking for Ray clusters on the machine: other clusters may run beside it (a test's own
+    two-raylet cluster, another checkout's tests), and Ray Train's placement-group cleaner,
+    which asks the state API whether its controller lives, would otherwise ask another one
+    and remove a running run's placement group.
 
     4 logical CPUs on a 2-core machine: Train workers, Tune drivers and Ray Data tasks ask
     for fractions of them, and the over-subscription only costs a little speed.
     """
     import ray
 
+    from cluster_helpers import RayCluster
     from tlray.train.cluster import init_ray
 
-    init_ray(num_cpus=4, object_store_memory=1 << 30)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture
-def tlray_home(tmp_path, monkeypatch):
-    """A private TLRAY_HOME (datasets, MLflow store, caches) for one test."""
-    from tlray.track import runs as tracking
-
-    home = tmp_path / "tlray-home"
-    monkeypatch.setenv("TLRAY_HOME", str(home))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    # MLflow keeps the last tracking URI in a global (and exports it to the environment):
-    # point both at this test's store, so clients created before any tlray call agree.
-    tracking.configure()
-    yield home
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cluster = RayCluster(num_cpus_per_node=4, object_store_mb=1024,
+                         token=os.environ["RAY_AUTH_TOKEN"])
+    try:
+        cluster.start_head()
+        os.environ["RAY_ADDRESS"] = cluster.address
+        init_ray()
+        yield ray
+    finally:
+        ray.shutdown()
+        cluster.stop()
+        os.environ.pop("RAY_ADDRESS", None)
 
 
 @pytest.fixture(scope="session")
 def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty, fully migrated MLflow database: creating one costs seconds, copying it ms."""
+    """An empty, fully migrated MLflow database: creating one costs seconds (68 migrations),
+    copying it milliseconds."""
     from mlflow import MlflowClient
 
     path = tmp_path_factory.mktemp("template") / "mlflow.db"
@@ -78,21 +85,46 @@ def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def prepared_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in digits, prepared once per test session (as `tlray prepare builtin:mnist`
+    would, into a home's datasets/); every `tlray_home` starts with a copy."""
+    from tlray.data.prepare import prepare
+
+    home = tmp_path_factory.mktemp("digits-home")
+    return Path(prepare("builtin:mnist", home / "datasets" / "mnist-builtin",
+                        progress=False).uri)
+
+
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_db: Path) -> Path:
-    """A fresh TLRAY_HOME with its own store; MLFLOW_TRACKING_URI unset (restored afterwards)."""
-    home = tmp_path / "home"
-    home.mkdir()
-    shutil.copy(migrated_db, home / "mlflow.db")
-    monkeypatch.setenv("TLRAY_HOME", str(home))
-    # setenv first so monkeypatch restores the variable that mlflow.set_tracking_uri exports.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset-by-test")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+def tlray_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_db: Path,
+               prepared_digits: Path) -> Path:
+    """A private TLRAY_HOME for one test: its own MLflow store (a copy of a migrated one), the
+    built-in digits already prepared (`prepare("builtin:mnist")` finds them up to date), and
+    MLFLOW_TRACKING_URI unset (restored afterwards)."""
     import mlflow
 
     from tlray.track import runs as tracking
 
-    tracking.configure()  # so a test's own MlflowClient() sees this store, not the last one
+    home = tmp_path / "tlray-home"
+    (home / "datasets").mkdir(parents=True)
+    shutil.copy(migrated_db, home / "mlflow.db")
+    shutil.copytree(prepared_digits, home / "datasets" / prepared_digits.name)
+    monkeypatch.setenv("TLRAY_HOME", str(home))
+    # setenv first so monkeypatch restores the variable that mlflow.set_tracking_uri exports.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset-by-test")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    # MLflow keeps the last tracking URI in a global: point it at this test's store, so
+    # clients created before any tlray call agree.
+    tracking.configure()
     yield home
     while mlflow.active_run() is not None:  # a failed test must not leak its run
         mlflow.end_run()
+
+
+@pytest.fixture
+def mnist(tlray_home: Path):
+    """The built-in digits in this test's home (prepared once per session)."""
+    from tlray.data.dataset import load_info
+
+    return load_info(tlray_home / "datasets" / "mnist-builtin")

@@ -7,7 +7,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from mlflow import MlflowClient
 
+from tlray import config
 from tlray.bench import train as bench_train
 
 pytestmark = pytest.mark.ray
@@ -23,27 +26,50 @@ def test_synthetic_split_puts_whole_batches_into_train():
     assert round(fractions["val"] * per_class[0]) >= 1
 
 
-def test_tiny_benchmark_reports_both_sides(ray_cluster, tlray_home, tmp_path):
+def test_tiny_benchmark_times_both_sides_on_the_same_work(ray_cluster, tlray_home, tmp_path):
     result = bench_train.train_benchmark(
         backbone="test_efficientnet", weights="none", image_size=16, batch_size=8, steps=3,
         epochs=2, warmup=1, device="cpu", workdir=str(tmp_path))
 
-    assert result.plain_img_s > 0 and result.tlray_img_s > 0
-    assert result.ratio == pytest.approx(result.tlray_img_s / result.plain_img_s)
-    assert len(result.tlray_epochs_img_s) == 2 and len(result.plain_passes_img_s) == 1
-    assert result.tlray_img_s == result.tlray_epochs_img_s[1]  # the epoch after warm-up
-    # The data path alone, timed on the same split: first pass and the best of the rest.
-    assert len(result.ingest_passes_img_s) == 2 and result.ingest_img_s > 0
-    assert result.ingest_img_s == result.ingest_passes_img_s[1]
-    assert result.ingest_headroom == pytest.approx(result.ingest_img_s / result.tlray_img_s)
-    assert result.threads >= 1 and result.workers == 1 and result.steps == 3
-    assert (result.backbone, result.image_size, result.batch_size) == ("test_efficientnet",
-                                                                       16, 8)
+    # Both sides ran: the plain loop one timed pass of 3 steps, tlray 2 epochs of 3 steps (its
+    # train split holds exactly steps x batch rows), the ingest pass twice over that split.
+    assert len(result.plain_passes_img_s) == 1 and len(result.tlray_epochs_img_s) == 2
+    assert len(result.ingest_passes_img_s) == 2
+    assert (result.steps, result.batch_size, result.workers) == (3, 8, 1)
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
+        [MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name(
+            "tlray-bench-train").experiment_id])[0]
+    assert run.data.params["model.backbone"] == "test_efficientnet"
+    assert int(float(run.data.metrics["img_per_s"])) > 0
+    # The report shows both figures and what each is.
     table = bench_train.format_train(result)
-    assert "plain img/s" in table and "test_efficientnet" in table and "ingest:" in table
-    as_json = json.loads(bench_train.train_json(result))
-    assert as_json["ratio"] == pytest.approx(result.ratio)
-    assert as_json["ingest_headroom"] == pytest.approx(result.ingest_headroom)
+    assert f"{result.plain_img_s:,.0f}" in table and f"{result.tlray_img_s:,.0f}" in table
+    assert "plain: best of 1 passes of 3 steps" in table and "ingest:" in table
+    assert json.loads(bench_train.train_json(result))["plain_passes_img_s"] == \
+        result.plain_passes_img_s
+
+
+def test_both_sides_build_the_runs_model_for_a_schedule_and_a_zero_head(mnist):
+    from tlray.train.protocol import WorkerArgs
+    from tlray.train.worker_setup import setup_model
+
+    cfg = config.load(None, ["--model.backbone=test_efficientnet", "--model.weights=none",
+                             "--data.image_size=16", "--model.freeze=all:1,0@0.5",
+                             "--model.head_init=zero", f"--data.dataset={mnist.uri}"])
+    net, phase = bench_train.plain_model(cfg, mnist, "cpu")
+    run = setup_model(WorkerArgs(config=cfg, dataset=mnist, cache=None, run_id=None,
+                                 tracking_uri=None), "cpu")
+    mine, theirs = net.model.state_dict(), run.model.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    trainable = {n for n, p in net.model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in run.model.named_parameters() if p.requires_grad}
+    # The schedule's first phase trains the head alone, and the head starts at zero.
+    assert trainable == {"classifier.weight", "classifier.bias"}
+    head = net.model.get_classifier()
+    assert not head.weight.any() and not head.bias.any()
+    assert {id(p) for g in phase.optimizer.param_groups for p in g["params"]} == \
+        {id(p) for n, p in net.model.named_parameters() if n in trainable}
 
 
 def test_cli_arguments_set_the_runner():

@@ -2,8 +2,8 @@
 
 A Ray head plus a second raylet (two nodes; token authentication on, with a token made for
 this test: ~/.ray/auth_token is neither read nor written), a real `mlflow server` (SQLite
-store, artifacts uploaded through the server), and `jobs/tune_mnist.py --smoke` submitted as
-a job with the checkout as its working dir. The MLflow server is killed once the first
+store, artifacts uploaded through the server), and `jobs/tune_mnist.py --smoke` (one trial of
+two workers, one per node) submitted as a job with the checkout as its working dir. The MLflow server is killed once the first
 trial's first epoch is in the store, and stays down until a later epoch's metrics have been
 sent to it and refused (seen on its port, see `cluster_helpers.Outage`); then it starts
 again on the same port and store while training goes on.
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 SWEEP = EXPERIMENT = REGISTERED = "tlray-e2e"
 EPOCHS = 2  # the outage starts after epoch 1 and lasts until a later epoch is written into it
-TRIALS = 2  # --smoke
+TRIALS = 1
 
 
 def _say(msg: str) -> None:
@@ -78,7 +78,7 @@ def sweep(stack, tmp_path_factory):
            # One trial at a time: a trial is ~8 processes of ~0.7 GB (driver, Train
            # controller, 2 workers, Ray Data coordinators); two at once beside other tests
            # got workers OOM-killed by Ray's memory monitor on a 24 GB machine.
-           "--tune.max_concurrent=1", f"--tune.name={SWEEP}",
+           "--tune.max_concurrent=1", f"--tune.num_samples={TRIALS}", f"--tune.name={SWEEP}",
            f"--tracking.experiment={EXPERIMENT}", f"--tune.registered_name={REGISTERED}"]
     t0 = time.monotonic()
     # The client sends the cluster's token: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN in env.

@@ -79,7 +79,7 @@ def test_compare_logs_two_nested_runs_and_a_table(ray_cluster, tlray_home):
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"comparison.csv", "comparison.md", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}
-    assert plots == {"plots/comparison.png"}
+    assert plots == {"plots/comparison.png", "plots/samples.png"}
     png = mlflow.artifacts.download_artifacts(f"runs:/{result.parent_run_id}/plots/comparison.png")
     assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

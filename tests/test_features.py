@@ -208,48 +208,26 @@ def test_linear_probe_trains_from_the_cache_and_the_model_works_on_images(ray_cl
     assert again.metrics["val_acc"] > 0.6
 
 
-def test_feature_cache_never_trains_on_images(ray_cluster, tlray_home):
-    info = prepare("builtin:mnist", progress=False)
-    cfg = config.load(None, SMALL + [f"--data.dataset={info.uri}", "--model.freeze=all",
-                                     "--train.feature_cache=never", "--train.epochs=1",
-                                     "--tracking.log_model=false"])
-    result = train_config(cfg)
-    tag = MlflowClient().get_run(result.run_id).data.tags["feature_cache"]
-    assert tag.startswith("not used")
-    assert not (Path(tlray_home) / "ray_results" / "feature_cache").exists()
-
-
-def test_augmented_training_runs_on_images_and_only_validation_reads_the_cache(ray_cluster,
-                                                                               tlray_home):
-    info = prepare("builtin:mnist", progress=False)
-    common = SMALL + [f"--data.dataset={info.uri}", "--model.freeze=all", "--train.epochs=1",
-                      "--tracking.log_model=false", "--data.augment=digits"]
-    tags = lambda r: MlflowClient().get_run(r.run_id).data.tags  # noqa: E731
+def test_the_plan_decides_whether_a_run_reads_the_cache_and_says_why(ray_cluster, tlray_home,
+                                                                     mnist):
+    base = SMALL + [f"--data.dataset={mnist.uri}", "--model.freeze=all", "--train.epochs=1",
+                    "--tracking.log_model=false"]
+    plan = lambda *more: preflight(config.load(None, [*base, *more]))  # noqa: E731
     caches = Path(tlray_home) / "ray_results" / "feature_cache"
 
-    # auto: no cache exists, and one only for validation does not pay for its building.
-    auto = train_config(config.load(None, common + ["--train.feature_cache=auto"]))
-    assert tags(auto)["feature_cache"].startswith("not used: training images are augmented")
+    never = plan("--train.feature_cache=never")
+    assert never.cache is None and never.cache_note == "not used (train.feature_cache=never)"
+    # Augmented training images change every epoch: only validation could read a cache,
+    # and auto does not build one for that alone...
+    auto = plan("--data.augment=digits", "--train.feature_cache=auto")
+    assert auto.cache is None
+    assert auto.cache_note.startswith("not used: training images are augmented")
     assert not caches.exists()
-    # always: the cache is built, and validation reads it; training still runs on images.
-    cached = train_config(config.load(None, common + ["--train.feature_cache=always"]))
-    assert tags(cached)["feature_cache"].startswith(str(caches))
-    assert tags(cached)["feature_cache_reason"].startswith("validation only")
-    plain = train_config(config.load(None, common + ["--train.feature_cache=never"]))
-
-    # Augmented training went through the whole model on images every time: the same seed
-    # gives the same epoch, loss for loss, with the cache or without.
-    learned = ("train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr")
-    assert [{k: r[k] for k in learned} for r in auto.history] == [
-        {k: r[k] for k in learned} for r in plain.history]
-    assert cached.history[0]["train_loss"] == plain.history[0]["train_loss"]
-    assert cached.history[0]["train_acc"] == plain.history[0]["train_acc"]
-    # Validation from the cached front equals validation of the whole model on the images
-    # (which are never augmented).
-    assert cached.history[0]["val_acc"] == plain.history[0]["val_acc"]
-    assert cached.history[0]["val_loss"] == pytest.approx(plain.history[0]["val_loss"],
-                                                          abs=1e-5)
-    assert cached.metrics["test_acc"] == plain.metrics["test_acc"]
+    # ...always does (in a Ray task with a worker's resources), for validation only.
+    always = plan("--data.augment=digits", "--train.feature_cache=always")
+    assert always.cache.splits == ("val",) and not always.cache.trains_on_cache
+    assert always.cache_note.startswith("validation only")
+    assert always.cache.uri.startswith(str(caches))
 
 
 def test_sweep_benchmark_times_both_sides_of_the_same_sweep(ray_cluster, tlray_home, tmp_path):
@@ -264,10 +242,8 @@ def test_sweep_benchmark_times_both_sides_of_the_same_sweep(ray_cluster, tlray_h
     assert list(result.sides) == ["auto", "never"]
     assert result.setting == "train.feature_cache" and result.baseline.value == "never"
     for side in result.sides.values():
-        assert side.trials == 2 and side.wall_s > 0 and side.best_metric is not None
+        assert side.trials == 2 and side.best_metric is not None
         assert set(side.seconds_by_freeze) == set(side.epoch_seconds_by_freeze) == {"all"}
-    assert result.ratio == pytest.approx(result.sides["never"].wall_s /
-                                         result.sides["auto"].wall_s)
     # Only the cached side wrote a cache, inside its own storage.
     assert list((tmp_path / "auto" / "feature_cache").iterdir())
     assert not (tmp_path / "never" / "feature_cache").exists()
@@ -281,7 +257,9 @@ def test_sweep_benchmark_times_both_sides_of_the_same_sweep(ray_cluster, tlray_h
     assert lrs[True] == lrs[False] and len(lrs[True]) == 2
     text = bench_sweep.format_sweep(result)
     assert "whole sweep" in text and "all:" in text
-    assert json.loads(bench_sweep.sweep_json(result))["ratio"] == pytest.approx(result.ratio)
+    for side in result.sides.values():  # both sides' figures are in the report
+        assert f"{side.wall_s:.1f}" in text
+    assert set(json.loads(bench_sweep.sweep_json(result))["sides"]) == {"auto", "never"}
 
 
 @pytest.mark.parametrize("spec, message", [

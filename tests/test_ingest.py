@@ -192,3 +192,27 @@ def test_a_small_cached_split_needs_no_free_cpu(ray_cluster, tmp_path):
         assert ray.get(task.remote(info, 8), timeout=120) == info.splits["train"].rows
     finally:
         remove_placement_group(group)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_training_blocks_come_in_shard_order_unless_shuffled(ray_cluster, tmp_path, shuffle):
+    import types
+
+    from tlray import config
+    from tlray.train.launch import run_datasets
+
+    rng = np.random.default_rng(3)
+    info = prepare(from_arrays(rng.integers(0, 256, (120, 4, 4, 1), dtype=np.uint8),
+                               np.arange(120) % 3), tmp_path / "ds", rows_per_shard=10,
+                   fractions={"train": 0.8, "val": 0.1, "test": 0.1}, progress=False)
+    cfg = config.load(None, [f"--data.dataset={info.uri}", f"--data.shuffle={shuffle}"])
+    plan = types.SimpleNamespace(config=cfg, cache=None, dataset=info)
+    datasets, _ = run_datasets(plan)
+    shard_order = [i for uri in info.shard_uris("train")
+                   for i in read_shard(uri).column("id").to_pylist()]
+    epochs = [[i for block in datasets["train"].iter_batches(batch_size=None,
+                                                               batch_format="pyarrow")
+               for i in block.column("id").to_pylist()] for _ in range(2)]
+    assert epochs[0] == epochs[1]  # the same order every epoch
+    assert sorted(epochs[0]) == sorted(shard_order)
+    assert (epochs[0] == shard_order) == (not shuffle)

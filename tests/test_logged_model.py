@@ -62,7 +62,7 @@ def _png(image: np.ndarray) -> bytes:
 
 
 @pytest.fixture
-def logged(home: Path):
+def logged(tlray_home: Path):
     """(eager model, logged model info): a tiny RGB classifier logged as tlray logs one."""
     model = _tiny_model(0)
     model.train()
@@ -150,7 +150,7 @@ def test_bad_images_are_request_errors_that_name_the_problem(logged) -> None:
     assert len(served.predict(_pixels((1, 8, 8, 1)))) == 1  # and it goes on predicting
 
 
-def test_log_model_checks_its_inputs(home: Path) -> None:
+def test_log_model_checks_its_inputs(tlray_home: Path) -> None:
     with tracking.start_run("models"):
         with pytest.raises(TlrayError, match="class names"):
             logged_model.log_model(_tiny_model(0), _pixels((2, 8, 8, 3)), ["only", "two"], PRE)
@@ -166,7 +166,7 @@ def test_default_registered_name_is_valid() -> None:
         registry.default_registered_name("mnist", " ")
 
 
-def test_champion_moves_only_on_better_metric(home: Path) -> None:
+def test_champion_moves_only_on_better_metric(tlray_home: Path) -> None:
     name = registry.default_registered_name("digits", "tiny")
     models = [_tiny_model(seed).eval() for seed in range(3)]
     uris = []
@@ -203,7 +203,8 @@ def test_champion_moves_only_on_better_metric(home: Path) -> None:
     assert "no test_loss tag" in registry.alias_note(loss, "test_loss", 0.2)
 
 
-def test_runs_record_their_splits_and_the_models_metrics(home: Path, tmp_path: Path) -> None:
+def test_runs_record_their_splits_and_the_models_metrics(tlray_home: Path,
+                                                       tmp_path: Path) -> None:
     from tlray.data.arrays import from_arrays
     from tlray.data.prepare import prepare
 

@@ -18,13 +18,14 @@ from mlflow import MlflowClient
 from tlray import config
 from tlray.config.schedule import Phase
 from tlray.data.dataset import sample_per_class
-from tlray.data.prepare import prepare
 from tlray.data.preprocess import to_model_input, tta_probabilities
 from tlray.model import feature_cache
 from tlray.model.build import build_model, model_groups
 from tlray.train.feeds import TrainFeed
 from tlray.train.lr_find import START, find_and_log
 from tlray.train.phases import enter_phase
+from tlray.train.steps import train_step
+from tlray.train.worker_setup import RunModel
 from tlray.train.plan import preflight
 from tlray.train.run import train
 
@@ -86,7 +87,7 @@ def test_a_phase_boundary_unfreezes_the_next_groups_and_leaves_the_rest_frozen()
     torch.manual_seed(0)
     model, minfo = build_model("test_efficientnet", 3, in_chans=1, img_size=16, weights="none")
     groups = [names for _, names in model_groups(model)]
-    net = type("Net", (), {"model": model, "info": minfo, "split": None, "groups": groups})()
+    net = RunModel(model, minfo, None, groups)
     cfg = config.load(None, ["--model.freeze=all:1,2@0.5", "--train.epochs=3",
                              "--train.channels_last=false"])
     args = type("Args", (), {"config": cfg, "cache": None})()
@@ -109,9 +110,11 @@ def test_a_phase_boundary_unfreezes_the_next_groups_and_leaves_the_rest_frozen()
                      rank=0)
     model.train()
     for step in (3, 4):
-        second.step(x, torch.arange(8) % 3, step, feed=feed,
-                    criterion=torch.nn.CrossEntropyLoss(), amp=torch.autocast("cuda",
-                                                                              enabled=False))
+        feed.seed_step(step)
+        train_step(x, torch.arange(8) % 3, step - second.first_step, forward=second.forward,
+                   criterion=torch.nn.CrossEntropyLoss(), optimizer=second.optimizer,
+                   scheduler=second.scheduler, amp=torch.autocast("cuda", enabled=False),
+                   feed=feed)
     after = dict(model.named_buffers())
     for name, before in frozen_bn.items():
         group = next(i for i, g in enumerate(groups) if any(n.startswith(
@@ -119,10 +122,6 @@ def test_a_phase_boundary_unfreezes_the_next_groups_and_leaves_the_rest_frozen()
         moved = not torch.equal(after[name], before)
         assert moved == (group >= 2), name  # live BatchNorm learns, frozen stays
 
-
-@pytest.fixture
-def mnist(tlray_home):
-    return prepare("builtin:mnist", progress=False)
 
 
 def run(mnist, *extra):
@@ -140,22 +139,18 @@ def checkpoints(result) -> dict[int, Path]:
     return out
 
 
-def test_a_schedule_from_the_cache_averaged_tested_with_tta_and_resumed_in_phase_2(
-        ray_cluster, mnist, monkeypatch):
-    recipe = ["--model.freeze=all:1,2@0.5", "--train.epochs=2", "--train.ema=0.9",
-              "--model.tta=flip", "--train.keep_checkpoints=3", "--optim.lr=0.01"]
-    cached = run(mnist, *recipe, "--train.feature_cache=always")
-    plain = run(mnist, *recipe, "--train.feature_cache=never", "--tracking.log_model=false")
+def test_a_schedule_from_the_cache_averaged_and_tested_with_tta_is_what_is_logged(
+        ray_cluster, mnist):
+    # Through Ray: the first phase reads the feature cache, the second the images; the
+    # weight average is what is kept, tested and logged; test-time augmentation is measured
+    # and served. (That the cache trains as the images would, and that such a run resumes
+    # exactly in phase 2, are the loop's properties: test_loop.py.)
+    cached = run(mnist, "--model.freeze=all:1,2@0.5", "--train.epochs=2", "--train.ema=0.9",
+                 "--model.tta=flip", "--train.keep_checkpoints=3", "--optim.lr=0.01",
+                 "--train.feature_cache=always")
     client = MlflowClient()
     tags = client.get_run(cached.run_id).data.tags
     assert tags["feature_cache"].startswith(str(mnist.uri).split("/datasets/")[0])
-    # Phase 1 from cached features gives the same numbers as from images; phase 2 trains
-    # on images in both, from head weights equal but for float rounding (the cache was
-    # computed in batches of another size).
-    measured = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
-    first, second = ({k: r[k] for k in measured} for r in cached.history)
-    assert first == {k: plain.history[0][k] for k in measured}
-    assert second == pytest.approx({k: plain.history[1][k] for k in measured}, rel=1e-3)
     phases = {m.step: m.value for m in client.get_metric_history(cached.run_id, "phase")}
     assert phases == {1: 0, 2: 1}
 
@@ -185,16 +180,6 @@ def test_a_schedule_from_the_cache_averaged_tested_with_tta_and_resumed_in_phase
         expected = (torch.softmax(network(x), 1) + torch.softmax(network(x.flip(-1)), 1)) / 2
     got = served.predict(images[..., 0]).filter(like="prob_").to_numpy()
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-5)
-
-    # Killed in phase 2, resumed in phase 2: the same run to the last digit.
-    steps_per_epoch = -(-mnist.splits["train"].rows // 64)
-    monkeypatch.setenv("TLRAY_TEST_FAULT", f"kill:rank=0:step={steps_per_epoch + 4}")
-    resumed = run(mnist, *recipe, "--train.feature_cache=always", "--scaling.max_failures=1",
-                  "--tracking.log_model=false")
-    state = json.loads((Path(resumed.checkpoint_path) / "state.json").read_text())
-    assert state["resumed"] == 1
-    assert [{k: r[k] for k in measured} for r in resumed.history] == \
-        [{k: r[k] for k in measured} for r in cached.history]
 
 
 # --------------------------------------------------------------------------- lr-find

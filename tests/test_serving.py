@@ -176,7 +176,7 @@ def test_the_registered_version_explains_itself(champion):
         assert needed in text, (needed, text)
     assert float(version.tags["test_acc"]) == pytest.approx(test_acc)
     assert "test_test_acc" not in version.tags
-    assert version.tags["freeze_depth"] == str(result.best_config["model.freeze"])
+    assert version.tags["freeze"] == str(result.best_config["model.freeze"])
 
     run = client.get_run(result.best_run_id)
     model = mlflow.get_logged_model(run.data.tags["model_uri"].removeprefix("models:/"))

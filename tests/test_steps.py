@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tlray.config import OptimConfig
 from tlray.data.preprocess import to_model_input
 from tlray.model.build import build_model
-from tlray.train.steps import evaluate, make_optimizer, train_epoch, train_step
+from tlray.train.steps import evaluate, make_optimizer, train_step
 
 NO_AMP = torch.autocast("cuda", enabled=False)
 
@@ -46,18 +46,6 @@ def test_train_steps_fit_a_batch_and_follow_the_schedule(tiny):
         rates.append(optimizer.param_groups[0]["lr"])
     assert losses[-1] < losses[0] * 0.7  # it learns the batch
     assert rates[0] > rates[5] > rates[-1]  # cosine: the rate falls with the step count
-
-
-def test_an_epoch_counts_every_row_and_reports_every_step(tiny):
-    model, feed, images, labels = tiny
-    step, _ = step_fn(model, feed)
-    batches = [(images[i:i + 10], labels[i:i + 10]) for i in range(0, 24, 10)]  # 10, 10, 4
-    seen = []
-    totals, last = train_epoch(batches, step, first_step=5, device="cpu",
-                               on_batch=lambda s, totals: seen.append((s, totals.seen)))
-    assert seen == [(6, 10), (7, 20), (8, 24)]
-    assert last == 8 and totals.seen == 24
-    assert 0 <= totals.acc <= 1 and totals.loss > 0
 
 
 def test_evaluate_equals_the_whole_split_computed_at_once(tiny):

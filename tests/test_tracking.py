@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import socket
-import time
 from pathlib import Path
 
 import mlflow
@@ -27,30 +26,30 @@ def _status(run_id: str) -> str:
 # --------------------------------------------------------------------------- store, server
 
 
-def test_default_store_is_absolute_sqlite_under_home(home: Path) -> None:
+def test_default_store_is_absolute_sqlite_under_home(tlray_home: Path) -> None:
     uri = tracking.configure()
-    assert uri == f"sqlite:///{home}/mlflow.db"
+    assert uri == f"sqlite:///{tlray_home}/mlflow.db"
     assert Path(uri.removeprefix("sqlite:///")).is_absolute()
     assert mlflow.get_tracking_uri() == uri
     assert tracking.ui_command() == f"mlflow ui --backend-store-uri {uri}"
 
 
-def test_experiment_gets_absolute_artifact_location_under_home(home: Path) -> None:
+def test_experiment_gets_absolute_artifact_location_under_home(tlray_home: Path) -> None:
     experiment_id = tracking.get_or_create_experiment("tlray/mnist")
     assert tracking.get_or_create_experiment("tlray/mnist") == experiment_id
     location = MlflowClient().get_experiment(experiment_id).artifact_location
     assert Path(location).is_absolute()
-    assert Path(location).is_relative_to(home / "mlartifacts")
+    assert Path(location).is_relative_to(tlray_home / "mlartifacts")
 
 
-def test_deleted_experiment_is_a_clear_error(home: Path) -> None:
+def test_deleted_experiment_is_a_clear_error(tlray_home: Path) -> None:
     experiment_id = tracking.get_or_create_experiment("gone")
     MlflowClient().delete_experiment(experiment_id)
     with pytest.raises(TlrayError, match="gone.*deleted"):
         tracking.get_or_create_experiment("gone")
 
 
-def test_explicit_tracking_uri_wins(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_explicit_tracking_uri_wins(tlray_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     assert tracking.tracking_uri() == "http://mlflow.example:5000"
     assert tracking.default_artifact_location("x") is None  # the server decides
@@ -62,20 +61,14 @@ def test_unreachable_server_fails_fast() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     uri = f"http://127.0.0.1:{port}"
-    start = time.monotonic()
-    with pytest.raises(TlrayError, match=f"127.0.0.1:{port}"):
+    with pytest.raises(TlrayError, match=f"127.0.0.1:{port}.*unreachable"):
         tracking.check_tracking_server(uri)
-    assert time.monotonic() - start < 5
-
-
-def test_local_store_needs_no_server_check(home: Path) -> None:
-    tracking.check_tracking_server()  # sqlite: returns at once
 
 
 # --------------------------------------------------------------------------- run status
 
 
-def test_successful_block_ends_finished(home: Path) -> None:
+def test_successful_block_ends_finished(tlray_home: Path) -> None:
     with tracking.start_run("status", run_name="ok", tags={"k": 1}) as run:
         assert _status(run.info.run_id) == "RUNNING"
     assert _status(run.info.run_id) == "FINISHED"
@@ -83,7 +76,7 @@ def test_successful_block_ends_finished(home: Path) -> None:
     assert mlflow.active_run() is None
 
 
-def test_exception_ends_failed_and_propagates(home: Path) -> None:
+def test_exception_ends_failed_and_propagates(tlray_home: Path) -> None:
     with pytest.raises(RuntimeError, match="boom"):
         with tracking.start_run("status") as run:
             raise RuntimeError("boom")
@@ -91,14 +84,14 @@ def test_exception_ends_failed_and_propagates(home: Path) -> None:
     assert mlflow.active_run() is None
 
 
-def test_keyboard_interrupt_ends_killed(home: Path) -> None:
+def test_keyboard_interrupt_ends_killed(tlray_home: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         with tracking.start_run("status") as run:
             raise KeyboardInterrupt
     assert _status(run.info.run_id) == "KILLED"
 
 
-def test_nested_run_left_open_is_ended_too(home: Path) -> None:
+def test_nested_run_left_open_is_ended_too(tlray_home: Path) -> None:
     with tracking.start_run("status") as run:
         leaked = mlflow.start_run(nested=True)
     assert _status(leaked.info.run_id) == "FINISHED"
@@ -106,7 +99,7 @@ def test_nested_run_left_open_is_ended_too(home: Path) -> None:
     assert mlflow.active_run() is None
 
 
-def test_child_runs_carry_parent_tag(home: Path) -> None:
+def test_child_runs_carry_parent_tag(tlray_home: Path) -> None:
     with tracking.start_run("sweep", run_name="sweep") as parent:
         with tracking.start_run("sweep", run_name="in-process trial") as child:
             pass
@@ -120,7 +113,7 @@ def test_child_runs_carry_parent_tag(home: Path) -> None:
     assert _status(remote.info.run_id) == "FINISHED"
 
 
-def test_close_dangling_runs_ends_running_descendants(home: Path) -> None:
+def test_close_dangling_runs_ends_running_descendants(tlray_home: Path) -> None:
     client = MlflowClient()
     experiment_id = tracking.get_or_create_experiment("dangling")
     with tracking.start_run("dangling") as parent:
@@ -146,7 +139,7 @@ def test_close_dangling_runs_ends_running_descendants(home: Path) -> None:
     assert _status(unrelated) == "FAILED"
 
 
-def test_end_run_with_status(home: Path) -> None:
+def test_end_run_with_status(tlray_home: Path) -> None:
     experiment_id = tracking.get_or_create_experiment("manual")
     run_id = MlflowClient().create_run(experiment_id).info.run_id
     tracking.end_run_with_status(run_id, "killed")
@@ -160,7 +153,7 @@ def test_end_run_with_status(home: Path) -> None:
 # --------------------------------------------------------------------------- params, metrics
 
 
-def test_log_config_flattens_params_in_batches_and_saves_yaml(home: Path) -> None:
+def test_log_config_flattens_params_in_batches_and_saves_yaml(tlray_home: Path) -> None:
     config = {
         "model": {"backbone": "resnet18", "freeze_depth": 2, "head": {"dropout": 0.1}},
         "train": {"lr": 1e-3, "epochs": 5, "path": Path("/data/x")},
@@ -189,7 +182,7 @@ def test_log_config_flattens_params_in_batches_and_saves_yaml(home: Path) -> Non
 
 
 def test_epoch_metrics_logged_per_step_and_non_finite_skipped(
-    home: Path, caplog: pytest.LogCaptureFixture
+    tlray_home: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     rows = [
         {"train_loss": 1.0, "val_acc": 0.5},
@@ -212,7 +205,7 @@ def test_epoch_metrics_logged_per_step_and_non_finite_skipped(
     assert _status(run.info.run_id) == "FINISHED"
 
 
-def test_log_figure_writes_png_artifact(home: Path) -> None:
+def test_log_figure_writes_png_artifact(tlray_home: Path) -> None:
     from tlray.track import plots
 
     fig = plots.learning_curves([{"epoch": 1, "train_loss": 1.0}, {"epoch": 2, "train_loss": 0.5}])
@@ -225,5 +218,5 @@ def test_log_figure_writes_png_artifact(home: Path) -> None:
 def test_tags_and_git_commit(tmp_path: Path) -> None:
     assert tracking.git_commit(tmp_path) is None  # not a checkout: None, no exception
     tags = tracking.standard_tags("resnet18", "imagenet", 2, "abc123")
-    assert tags["backbone"] == "resnet18" and tags["freeze_depth"] == "2"
+    assert tags["backbone"] == "resnet18" and tags["freeze"] == "2"
     assert tags["dataset_hash"] == "abc123" and tags["weights"] == "imagenet"

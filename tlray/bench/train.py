@@ -1,9 +1,9 @@
 """Training-loop benchmark: tlray's Ray Train loop against a plain PyTorch loop, side by side.
 
-Both sides train the same model (`tlray.model.build.build_model`, same weights and freeze depth)
-with the same optimizer and schedule (`tlray.train.steps.make_optimizer`), batch, input size and
-synthetic uint8 images, on whatever device is present, and the ratio of their train
-images/s says what tlray's machinery costs:
+Both sides train the same model with the same optimizer and schedule, built by the run's own
+set-up (`plain_model`: head and its init, weights, the first phase's frozen groups), on the
+same batch, input size and synthetic uint8 images, on whatever device is present, and the
+ratio of their train images/s says what tlray's machinery costs:
 
 - plain: one process, the images held in host memory as one uint8 array (pinned on CUDA),
   each batch a zero-copy slice that is moved to the device and normalised/resized there by
@@ -63,8 +63,7 @@ import torch.nn as nn
 
 from tlray import config as config_mod
 from tlray.data.preprocess import to_model_input
-from tlray.model.build import build_model
-from tlray.train.steps import autocast, make_optimizer, train_step
+from tlray.train.steps import autocast, train_step
 from tlray.train.threads import own_threads
 
 NUM_CLASSES = 10
@@ -150,13 +149,31 @@ def synthetic_images(train_rows: int, side: int, seed: int = 0
 # The plain loop
 
 
-def plain_loop(cfg: config_mod.Config, images: np.ndarray, labels: np.ndarray, *,
+def plain_model(cfg: config_mod.Config, info, device: torch.device | str):
+    """The model, optimizer and schedule a run's first phase trains with, built by the run's
+    own set-up (`tlray.train.worker_setup.setup_model`, `tlray.train.phases.enter_phase`):
+    the same head and its init, frozen groups, optimizer and schedule as the tlray side, so
+    that the ratio compares loops and not models."""
+    from tlray.config.schedule import parse as parse_schedule
+    from tlray.train.phases import enter_phase
+    from tlray.train.protocol import WorkerArgs
+    from tlray.train.worker_setup import setup_model
+
+    args = WorkerArgs(config=cfg, dataset=info, cache=None, run_id=None, tracking_uri=None)
+    net = setup_model(args, device)
+    steps = max(1, math.ceil(info.splits["train"].rows / cfg.data.batch_size))
+    return net, enter_phase(0, parse_schedule(cfg.model.freeze, cfg.train.epochs), net, args,
+                            lambda module: module.to(device), steps_per_epoch=steps,
+                            first_step=0, world=1)
+
+
+def plain_loop(cfg: config_mod.Config, info, images: np.ndarray, labels: np.ndarray, *,
                steps: int, passes: int, warmup: int, device: torch.device | str,
                threads: int | None = None) -> list[float]:
     """A plain single-process loop on in-memory uint8 images; train images/s of each pass.
 
     Same model, optimizer/schedule, batch, input size and device-side preprocessing as
-    `tlray.train.loop.train_loop_per_worker`; batches are consecutive slices of `images`
+    `tlray.train.loop` (`plain_model`); batches are consecutive slices of `images`
     (N, H, W, C), wrapping around. `warmup` untimed steps come first, then `passes` timed
     passes of `steps` steps each.
     """
@@ -169,22 +186,14 @@ def plain_loop(cfg: config_mod.Config, images: np.ndarray, labels: np.ndarray, *
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        torch.manual_seed(cfg.train.seed)
         if cuda:
             torch.backends.cudnn.benchmark = True
-        model, minfo = build_model(
-            cfg.model.backbone, NUM_CLASSES, in_chans=images.shape[-1],
-            img_size=cfg.data.image_size, weights=cfg.model.weights, head=cfg.model.head,
-            freeze=cfg.model.freeze, drop_rate=cfg.model.drop_rate)
-        optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.train.epochs, steps)
-        model = model.to(device)
-        if cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        forward = torch.compile(model) if cfg.train.compile else model
+        net, phase = plain_model(cfg, info, device)
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         amp = autocast(cfg.train.amp, device)
-        feed = functools.partial(to_model_input, mean=minfo.data_config["mean"],
-                                 std=minfo.data_config["std"], size=(cfg.data.image_size,) * 2,
+        feed = functools.partial(to_model_input, mean=net.info.data_config["mean"],
+                                 std=net.info.data_config["std"],
+                                 size=(cfg.data.image_size,) * 2,
                                  channels_last=cfg.train.channels_last)
         host_images = torch.from_numpy(images)
         host_labels = torch.from_numpy(labels.astype(np.int64))
@@ -198,11 +207,12 @@ def plain_loop(cfg: config_mod.Config, images: np.ndarray, labels: np.ndarray, *
             start = (step % n_batches) * batch
             step += 1
             train_step(host_images[start:start + batch].to(device, non_blocking=True),
-                            host_labels[start:start + batch].to(device, non_blocking=True),
-                            step, forward=forward, criterion=criterion, optimizer=optimizer,
-                            scheduler=scheduler, amp=amp, feed=feed)
+                       host_labels[start:start + batch].to(device, non_blocking=True),
+                       step, forward=phase.forward, criterion=criterion,
+                       optimizer=phase.optimizer, scheduler=phase.scheduler, amp=amp,
+                       feed=feed)
 
-        model.train()
+        phase.trained.train()
         for _ in range(warmup):
             one_step()
         rates = []
@@ -223,20 +233,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _plain_child(cfg_dict: dict, train_rows: int, data_size: int, seed: int, steps: int,
-                 passes: int, warmup: int, device: str, threads: int, nice: int
+def _plain_child(cfg_dict: dict, info, train_rows: int, data_size: int, seed: int,
+                 steps: int, passes: int, warmup: int, device: str, threads: int, nice: int
                  ) -> tuple[list[float], int]:
     """The plain loop in a fresh process at the Ray workers' niceness (and thread count)."""
     current = os.nice(0)
     if nice > current:
         current = os.nice(nice - current)
     images, labels, _ = synthetic_images(train_rows, data_size, seed)
-    rates = plain_loop(config_mod.from_plain(cfg_dict), images, labels, steps=steps,
+    rates = plain_loop(config_mod.from_plain(cfg_dict), info, images, labels, steps=steps,
                        passes=passes, warmup=warmup, device=device, threads=threads)
     return rates, current
 
 
-def plain_process(cfg: config_mod.Config, *, train_rows: int, data_size: int, seed: int,
+def plain_process(cfg: config_mod.Config, info, *, train_rows: int, data_size: int, seed: int,
                   steps: int, passes: int, warmup: int, device: str, threads: int,
                   nice: int) -> tuple[list[float], int]:
     """Runs `plain_loop` in a spawned child process; returns its rates and niceness.
@@ -251,8 +261,8 @@ def plain_process(cfg: config_mod.Config, *, train_rows: int, data_size: int, se
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_plain_child, cfg.to_dict(), train_rows, data_size, seed, steps,
-                           passes, warmup, device, threads, nice).result()
+        return pool.submit(_plain_child, cfg.to_dict(), info, train_rows, data_size, seed,
+                           steps, passes, warmup, device, threads, nice).result()
 
 
 # ---------------------------------------------------------------------------------------
@@ -429,14 +439,14 @@ def train_benchmark(*, backbone: str | None = None, weights: str | None = None,
         plain_args = dict(train_rows=train_rows, data_size=data_size, seed=seed, steps=steps,
                           warmup=warmup, device="cuda" if cuda else "cpu", threads=n_threads,
                           nice=worker_nice)
-        plain, plain_nice = plain_process(cfg, passes=(passes + 1) // 2, **plain_args)
+        plain, plain_nice = plain_process(cfg, info, passes=(passes + 1) // 2, **plain_args)
 
         t0 = time.perf_counter()
         result = tlray_run(cfg, workdir)
         wall = time.perf_counter() - t0
         ingest = ingest_rates(cfg, max(2, epochs), cuda)
         if passes // 2:
-            plain += plain_process(cfg, passes=passes // 2, **plain_args)[0]
+            plain += plain_process(cfg, info, passes=passes // 2, **plain_args)[0]
         history = result.history
         rates = [row["img_per_s"] for row in history]
         notice = 0.0

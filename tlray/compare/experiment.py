@@ -122,6 +122,7 @@ def compare(cfg: Config, *, scratch_overrides: list[str] | None = None,
                            "train.epochs": cfg.train.epochs, "train.seed": cfg.train.seed})
         for role, plan in plans.items():
             mlflow.log_dict(plan.config.to_dict(), f"configs/{role}.yaml")
+        tracking.log_samples(info)
 
         runs: dict[str, TrainResult] = {}
         for i, (role, plan) in enumerate(plans.items(), 1):

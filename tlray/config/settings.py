@@ -123,7 +123,10 @@ class ScalingConfig:
                                         "join, goes on with fewer when one is lost")
     use_gpu: bool = setting(False, "one GPU (or gpus_per_worker) per worker")
     cpus_per_worker: float = setting(1.0, "CPUs each worker reserves; fractions work (0.5)")
-    gpus_per_worker: float = setting(1.0, "GPUs each worker reserves; fractions share one")
+    gpus_per_worker: float | None = setting(None, "GPUs each worker reserves; fractions share "
+                                                  "one (empty: a whole GPU, or a sweep's "
+                                                  "one-worker trials' share, "
+                                                  "tune.trials_per_gpu)")
     max_failures: int = setting(1, "worker failures a run survives by resuming from its "
                                    "checkpoint (-1: no limit)")
     max_preemptions: int = setting(-1, "node preemptions (a drain notice, e.g. a spot "
@@ -140,6 +143,11 @@ class ScalingConfig:
                                                "STRICT_SPREAD"))
     borrow_idle_cpus: bool = setting(True, "a one-worker CPU run also computes on CPUs "
                                            "nobody holds (re-counted every epoch)")
+
+    @property
+    def gpus(self) -> float:
+        """What each worker reserves of a GPU (with `use_gpu`)."""
+        return 1.0 if self.gpus_per_worker is None else self.gpus_per_worker
 
     @property
     def min_workers(self) -> int:

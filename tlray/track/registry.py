@@ -2,7 +2,7 @@
 
 A sweep registers its tested winner as a new version of `<dataset>-<backbone>`; the alias
 `champion` moves to it only if its test metric beats the current champion's. Every version
-carries plain tags (`test_acc`, `val_acc`, `backbone`, `freeze_depth`, `lr`, ...) that the
+carries plain tags (`test_acc`, `val_acc`, `backbone`, `freeze`, `lr`, ...) that the
 MLflow UI lists and filters, and a description (Markdown, rendered in the UI) that says what
 was trained on what, how it scored, why the alias moved or stayed, and how to load and serve
 it.

@@ -407,13 +407,14 @@ def git_commit(path: str | os.PathLike[str] | None = None) -> str | None:
 
 
 def standard_tags(
-    backbone: str, weights: str, freeze_depth: int | str, dataset_hash: str
+    backbone: str, weights: str, freeze: int | str, dataset_hash: str
 ) -> dict[str, str]:
-    """Run tags every training run carries, so runs can be filtered by what they trained."""
+    """Run tags every training run carries, so runs can be filtered by what they trained;
+    `freeze` as the user wrote it (a depth, or a schedule such as all:2,0@0.5)."""
     tags = {
         "backbone": backbone,
         "weights": weights,
-        "freeze_depth": str(freeze_depth),
+        "freeze": str(freeze),
         "dataset_hash": dataset_hash,
     }
     commit = git_commit()
@@ -460,3 +461,13 @@ def log_datasets(info: Any, splits: tuple[str, ...] = tuple(SPLIT_CONTEXTS)) -> 
                       contexts=[SPLIT_CONTEXTS[s] for s in splits],
                       tags_list=[{"rows": str(info.splits[s].rows)} for s in splits])
     return datasets
+
+
+def log_samples(info: Any) -> None:
+    """One training image of every class, as `plots/samples.png`: what the run learns from,
+    at a glance (both original experiments open with such a grid)."""
+    from tlray.data.dataset import sample_per_class
+    from tlray.track.plots import sample_grid
+
+    images, labels = sample_per_class(info, "train")
+    log_figure(sample_grid(images, labels, info.classes), "plots/samples.png")

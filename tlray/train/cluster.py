@@ -120,7 +120,7 @@ def worker_resources(scaling) -> dict:
         scaling: the config's `scaling` section.
     """
     return {"CPU": scaling.cpus_per_worker,
-            **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
+            **({"GPU": scaling.gpus} if scaling.use_gpu else {})}
 
 
 def train_workers(scaling) -> int | tuple[int, int]:
@@ -134,14 +134,14 @@ def check_resources(scaling) -> None:
 
     total = ray.cluster_resources()
     s = scaling
-    if s.use_gpu and total.get("GPU", 0) < s.gpus_per_worker:
+    if s.use_gpu and total.get("GPU", 0) < s.gpus:
         raise TlrayError(f"--scaling.use_gpu=true but the Ray cluster has "
                          f"{total.get('GPU', 0):g} GPUs; run on a GPU cluster or set "
                          f"--scaling.use_gpu=false")
     n = s.min_workers  # an elastic run starts once its fewest workers fit
-    if s.use_gpu and total.get("GPU", 0) < n * s.gpus_per_worker:
-        raise TlrayError(f"{n} workers x {s.gpus_per_worker:g} GPU need "
-                         f"{n * s.gpus_per_worker:g} GPUs; the cluster has "
+    if s.use_gpu and total.get("GPU", 0) < n * s.gpus:
+        raise TlrayError(f"{n} workers x {s.gpus:g} GPU need "
+                         f"{n * s.gpus:g} GPUs; the cluster has "
                          f"{total.get('GPU', 0):g}")
     need_cpu = n * s.cpus_per_worker + DATA_CPU_RESERVE
     if total.get("CPU", 0) < need_cpu:

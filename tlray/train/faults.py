@@ -1,10 +1,13 @@
 """Test-only faults in the training loop, switched on by an environment variable and never by
-a user setting: `TLRAY_TEST_FAULT=ACTION:rank=R:step=S`.
+a user setting: `TLRAY_TEST_FAULT=ACTION:rank=R:step=S[:run=SUFFIX]`.
 
   kill   the worker of rank R SIGKILLs itself at global step S, once per run (a marker file
          keeps the restarted workers alive): proves that a run resumes from its checkpoint;
   raise  it raises a KeyError there, an internal error: proves that a bug keeps its
          traceback (exit status 1, the innermost frame on stderr, a FAILED MLflow run).
+
+With `run=SUFFIX` only runs whose restart key ends so are hit: in a sweep, one trial
+(`run=_00002`, the third) and not the others.
 
 The driver reads the variable once, in its preflight, and hands it to the workers in their
 `WorkerArgs`: a variable set after the Ray cluster started would not reach them otherwise.
@@ -26,14 +29,16 @@ class Fault:
     action: str  # "kill" | "raise"
     rank: int
     step: int
+    run: str = ""  # a suffix of the restart keys it hits ("": every run)
 
     @classmethod
     def parse(cls, spec: str) -> Fault:
         action, *fields = spec.split(":")
         values = dict(f.split("=", 1) for f in fields)
-        if action not in ("kill", "raise") or set(values) != {"rank", "step"}:
-            raise ValueError(f"{ENV}={spec!r}: expected kill|raise:rank=R:step=S")
-        return cls(action, int(values["rank"]), int(values["step"]))
+        if action not in ("kill", "raise") or not {"rank", "step"} <= set(values) <= {
+                "rank", "step", "run"}:
+            raise ValueError(f"{ENV}={spec!r}: expected kill|raise:rank=R:step=S[:run=SUFFIX]")
+        return cls(action, int(values["rank"]), int(values["step"]), values.get("run", ""))
 
 
 def from_env() -> str | None:
@@ -49,7 +54,7 @@ def maybe_fail(spec: str | None, rank: int, step: int, restart_key: str) -> None
     if spec is None:
         return
     fault = Fault.parse(spec)
-    if fault.rank != rank or fault.step != step:
+    if fault.rank != rank or fault.step != step or not restart_key.endswith(fault.run):
         return
     if fault.action == "raise":
         raise KeyError(f"test fault at step {step}")

@@ -52,20 +52,7 @@ def fit(plan: Plan, args: WorkerArgs, *, name: str, callbacks: list | None = Non
     from tlray.train.loop import train_loop_per_worker
 
     cfg, s = plan.config, plan.config.scaling
-    names = dataset_names(plan.cache, len(schedule.parse(cfg.model.freeze)))
-    cached = [n for n in SPLITS if cache_dataset(n) in names]
-    cache_info = load_info(plan.cache.uri) if cached else None
-    datasets = ({cache_dataset(n): ds for n, ds in read_splits(
-        cfg, cache_info, cached).items()} if cached else {})
-    held = {n for n in SPLITS if n in names and in_memory(cfg, plan.dataset, n)} | {
-        cache_dataset(n) for n in cached if in_memory(cfg, cache_info, n)}
-    wanted = [n for n in SPLITS if n in names]
-    images = images or read_splits(cfg, plan.dataset, wanted)
-    datasets.update({n: images[n] for n in wanted})
-    # The training blocks' order, seeded: the same run sees the same batches.
-    for split in ("train", cache_dataset("train")):
-        if split in datasets:
-            datasets[split] = datasets[split].randomize_block_order(seed=cfg.train.seed)
+    datasets, held = run_datasets(plan, images)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config={"args": args},
         scaling_config=ray.train.ScalingConfig(num_workers=0, use_gpu=s.use_gpu)
@@ -98,6 +85,31 @@ def fit(plan: Plan, args: WorkerArgs, *, name: str, callbacks: list | None = Non
     if checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     return checkpoint
+
+
+def run_datasets(plan: Plan, images: dict | None = None) -> tuple[dict, set[str]]:
+    """The Ray Datasets a run's workers read, by name (its image splits, and the feature
+    cache's where the plan says so), and the names of those held in Ray's object store.
+
+    With `data.shuffle` the training blocks come in an order seeded by `train.seed` (the
+    same run sees the same batches); without it, in the order of the shards.
+    """
+    cfg = plan.config
+    names = dataset_names(plan.cache, len(schedule.parse(cfg.model.freeze)))
+    cached = [n for n in SPLITS if cache_dataset(n) in names]
+    cache_info = load_info(plan.cache.uri) if cached else None
+    datasets = ({cache_dataset(n): ds for n, ds in read_splits(
+        cfg, cache_info, cached).items()} if cached else {})
+    held = {n for n in SPLITS if n in names and in_memory(cfg, plan.dataset, n)} | {
+        cache_dataset(n) for n in cached if in_memory(cfg, cache_info, n)}
+    wanted = [n for n in SPLITS if n in names]
+    images = images or read_splits(cfg, plan.dataset, wanted)
+    datasets.update({n: images[n] for n in wanted})
+    if cfg.data.shuffle:
+        for split in ("train", cache_dataset("train")):
+            if split in datasets:
+                datasets[split] = datasets[split].randomize_block_order(seed=cfg.train.seed)
+    return datasets, held
 
 
 def fit_interruptibly(trainer):

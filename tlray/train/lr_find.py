@@ -13,7 +13,6 @@ deep freezing wants other rates than full fine-tuning. The sweep's `tune.lr_min=
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import tempfile
@@ -26,7 +25,7 @@ from tlray.config.schedule import Phase, first_depth
 from tlray.train.feeds import Feeds, seed_epoch
 from tlray.train.phases import enter_phase
 from tlray.train.protocol import WorkerArgs
-from tlray.train.steps import all_reduce, autocast
+from tlray.train.steps import all_reduce, autocast, train_step
 
 START, END, STEPS = 1e-6, 1.0, 100
 SMOOTHING = 0.98  # of the loss's moving average
@@ -132,50 +131,52 @@ def lr_find(plan, freezes: list[str]) -> list[Curve]:
 
 def lr_find_per_worker(loop_config: dict) -> None:
     """The range test on one worker, for every depth in `loop_config["freezes"]` in turn."""
-    from tlray.train.loop import setup_model, worker_session
+    from tlray.train.session import ray_session
 
     args: WorkerArgs = loop_config["args"]
-    ray_ = worker_session(args.in_trial_process)
+    session = ray_session(args.in_trial_process)
     curves = []
     for freeze in loop_config["freezes"]:
         cfg = dataclasses.replace(args.config, model=dataclasses.replace(
             args.config.model, freeze=freeze), optim=dataclasses.replace(
             args.config.optim, lr=START, schedule="constant", warmup_epochs=0))
-        curves.append(_ramp(dataclasses.replace(args, config=cfg), freeze, ray_, setup_model))
+        curves.append(_ramp(dataclasses.replace(args, config=cfg), freeze, session))
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
-        if ray_.rank == 0:
+        if session.rank == 0:
             (Path(tmp) / CURVES).write_text(json.dumps([dataclasses.asdict(c) for c in curves]))
-            checkpoint = ray_.checkpoint_class.from_directory(tmp)
-        ray_.report({"depths": len(curves)}, checkpoint=checkpoint)
+            checkpoint = session.checkpoint_class.from_directory(tmp)
+        session.report({"depths": len(curves)}, checkpoint=checkpoint)
 
 
-def _ramp(args: WorkerArgs, freeze: str, ray_, setup_model) -> Curve:
-    import ray.train.torch
+def _ramp(args: WorkerArgs, freeze: str, session) -> Curve:
+    """One depth's ramp: the training step at a rising learning rate, every loss kept."""
+    from tlray.train.worker_setup import setup_model
 
-    cfg = args.config
-    device = ray.train.torch.get_device()
+    cfg, device = args.config, session.device
     net = setup_model(args, device)
     feeds = Feeds.for_run(args, net.info)
-    phase = enter_phase(0, [Phase(first_depth(freeze), None)], net, args, ray_.prepare_model,
-                        steps_per_epoch=1, first_step=0, world=ray_.world)
-    shards = {"train": ray_.dataset_shard("train")}
-    epoch_rows = args.dataset.splits["train"].rows / ray_.world
+    phase = enter_phase(0, [Phase(first_depth(freeze), None)], net, args,
+                        session.prepare_model, steps_per_epoch=1, first_step=0,
+                        world=session.world)
+    shards = {"train": session.dataset_shard("train")}
+    epoch_rows = args.dataset.splits["train"].rows / session.world
     steps = max(2, min(STEPS, math.ceil(epoch_rows / cfg.data.batch_size)))
-    step = functools.partial(phase.step, feed=feeds.train(phase.on_cache, cfg.train.seed, 1,
-                                                          ray_.rank),
-                             criterion=nn.CrossEntropyLoss(),
-                             amp=autocast(cfg.train.amp, device))
+    feed = feeds.train(phase.on_cache, cfg.train.seed, 1, session.rank)
+    criterion, amp = nn.CrossEntropyLoss(), autocast(cfg.train.amp, device)
     lrs, losses, best, average = [], [], math.inf, 0.0
     phase.trained.train()
     batches = feeds.batches(shards, "train", phase.on_cache, cfg, device,
-                            seed_epoch(cfg.train.seed, 1, ray_.rank))
+                            seed_epoch(cfg.train.seed, 1, session.rank))
     for i, (images, labels) in enumerate(batches):
         lr = START * (END / START) ** (i / (steps - 1))
         for group in phase.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        _, loss = step(images, labels, i + 1)
-        loss = float(all_reduce(loss.detach().reshape(1), ray_.world)[0]) / ray_.world
+        feed.seed_step(i + 1)
+        _, loss = train_step(images, labels, i + 1, forward=phase.forward, criterion=criterion,
+                             optimizer=phase.optimizer, scheduler=phase.scheduler, amp=amp,
+                             feed=feed)
+        loss = float(all_reduce(loss.detach().reshape(1), session.world)[0]) / session.world
         lrs.append(lr)
         losses.append(loss)
         average, smoothed = smooth(average, loss, i + 1)

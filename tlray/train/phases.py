@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from tlray.config.schedule import Phase, phase_epochs
 from tlray.model.build import resolve_freeze, set_frozen_depth
-from tlray.train.steps import make_optimizer, train_step
+from tlray.train.steps import make_optimizer
 
 
 @dataclass
@@ -33,20 +33,13 @@ class PhaseRun:
     scheduler: object
     first_step: int  # the global step this phase started after: its schedule counts from it
 
-    def step(self, batch, labels, global_step: int, *, feed, criterion, amp):
-        """One optimizer step, its random draws fixed by `feed` (a `TrainFeed`) first."""
-        feed.seed_step(global_step)
-        return train_step(batch, labels, global_step - self.first_step, forward=self.forward,
-                          criterion=criterion, optimizer=self.optimizer,
-                          scheduler=self.scheduler, amp=amp, feed=feed)
-
 
 def enter_phase(index: int, phases: list[Phase], net, args, prepare_model, *,
                 steps_per_epoch: int, first_step: int, world: int, ema=None) -> PhaseRun:
     """Freezes the model to phase `index`'s depth and sets up what trains in it.
 
     Args:
-        net: the worker's `tlray.train.loop.RunModel`.
+        net: the worker's `tlray.train.worker_setup.RunModel`.
         prepare_model: Ray's (to the device; DDP with several workers).
         ema: the weight average, whose copy follows the model's frozen structure.
     """
@@ -57,7 +50,7 @@ def enter_phase(index: int, phases: list[Phase], net, args, prepare_model, *,
         set_frozen_depth(ema.module, net.groups, depth)
     cached = args.cache.splits if args.cache is not None and index == 0 else ()
     on_cache, val_on_cache = "train" in cached, "val" in cached
-    module = net.split.rest if on_cache else net.model
+    module = net.cut.rest if on_cache else net.model
     _, epochs = phase_epochs(phases, index, cfg.train.epochs)
     # optim.lr is the rate of the whole group (scaling.num_workers' most); fewer workers make
     # a smaller global batch, and train at as much less (the linear scaling rule).
@@ -70,6 +63,6 @@ def enter_phase(index: int, phases: list[Phase], net, args, prepare_model, *,
     if cfg.train.compile:
         forward = torch.compile(forward)
     return PhaseRun(index=index, on_cache=on_cache, val_on_cache=val_on_cache,
-                    trained=trained, validated=net.split.rest if val_on_cache else net.model,
+                    trained=trained, validated=net.cut.rest if val_on_cache else net.model,
                     forward=forward, optimizer=optimizer, scheduler=scheduler,
                     first_step=first_step)

@@ -76,7 +76,7 @@ def preflight(cfg: Config, *, dataset: DatasetInfo | None = None, plan_cache: bo
     cfg = config_mod.with_overrides(cfg, **{
         "data.dataset": info.uri, "tracking.tracking_uri": uri,
         "storage_path": cfg.storage_path or paths.ray_results_dir()})
-    cache, note = (plan_feature_cache(cfg, info, model, minfo, here=in_trial_process)
+    cache, note = (plan_feature_cache(cfg, info, model, minfo, in_this_process=in_trial_process)
                    if plan_cache else (None, "decided by each trial"))
     return Plan(config=cfg, dataset=info, model=minfo, cache=cache, cache_note=note,
                 tracking_uri=uri, fault=faults.from_env())
@@ -122,7 +122,7 @@ def connect(cfg: Config) -> str:
 
 
 def plan_feature_cache(cfg: Config, info: DatasetInfo, model: torch.nn.Module,
-                       minfo: ModelInfo, *, here: bool = False) -> tuple[CachePlan | None, str]:
+                       minfo: ModelInfo, *, in_this_process: bool = False) -> tuple[CachePlan | None, str]:
     """Whether this run reads a frozen-front feature cache, which splits, and why.
 
     The one place that decides it. Augmented training images change every epoch, so the
@@ -153,15 +153,16 @@ def plan_feature_cache(cfg: Config, info: DatasetInfo, model: torch.nn.Module,
             if feature_cache.existing(uri) is None:  # (the other run's build is done now)
                 print(f"feature cache: computing the {why} (freeze {cfg.model.freeze})",
                       flush=True)
-                build_cache(cfg, info, uri, key, here=here)
+                build_cache(cfg, info, uri, key, in_this_process=in_this_process)
     return CachePlan(uri=uri, cut=split.cut, shape=tuple(split.shape), splits=splits,
                      reason=why), why
 
 
-def build_cache(cfg: Config, info: DatasetInfo, uri: str, key: str, *, here: bool) -> None:
+def build_cache(cfg: Config, info: DatasetInfo, uri: str, key: str, *,
+                in_this_process: bool) -> None:
     """Builds a feature cache by a Ray task with one Train worker's resources (its GPU too),
-    or in this process when it holds those resources itself (`here`)."""
-    if here:
+    or in this process when it holds those resources itself (`in_this_process`)."""
+    if in_this_process:
         _build_feature_cache(cfg, info, uri, key)
         return
     import ray

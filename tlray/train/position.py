@@ -23,6 +23,7 @@ be ones the first part already trained on and as many others are left out of tha
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from tlray.config.interval import Every
 from tlray.train.steps import EpochTotals, all_reduce
 
 PERIODIC, PREEMPTION, DEADLINE = "periodic", "preemption", "preemption deadline"
+LAST_STEP_TAG = "preemption_last_step"  # the last step seen while a node was draining
 
 
 @dataclass(frozen=True)
@@ -149,3 +151,17 @@ def rescale_steps(state, world: int) -> bool:
     state.step = round(state.step * old / world)
     state.phase_start_step = round(state.phase_start_step * old / world)
     return True
+
+
+def note_preemption(logger, notice, state, say) -> None:
+    """A preemption notice, in MLflow (rank 0's `EpochLogger`): when, which nodes and ranks,
+    the deadline, the step of its just-in-time checkpoint, and the count so far."""
+    record = {"noticed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": state.step,
+              "epoch": state.position["epoch"],
+              "nodes": getattr(notice, "preempted_node_ids", []),
+              "ranks": getattr(notice, "preempted_ranks", []),
+              "deadline_ms": getattr(notice, "deadline_ms", None)}
+    logger.tag(f"preemption_{state.preemptions}", json.dumps(record))
+    logger.log({"preemptions": state.preemptions}, state.step)
+    say(f"preemption notice for node(s) {', '.join(n[:8] for n in record['nodes'])}: "
+        f"checkpoint now, training goes on until the node goes")

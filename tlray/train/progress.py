@@ -68,22 +68,9 @@ def progress_line(row: EpochMetrics, epochs: int) -> str:
             f"{row.img_per_s:,.0f} img/s  {row.epoch_seconds:.1f}s")
 
 
-class _NullBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
 def progress_bar(show: bool, total: int, epoch: int, epochs: int):
-    """A tqdm bar over an epoch's batches when `show`, else a bar that does nothing."""
-    if not show:
-        return _NullBar()
+    """A tqdm bar over an epoch's batches when `show`, else one that shows nothing."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
-                mininterval=1.0, file=sys.stdout)
+                mininterval=1.0, file=sys.stdout, disable=not show)

@@ -59,6 +59,7 @@ class WorkerArgs:
     interactive: bool = False  # stdout is a terminal: rank 0 shows a progress bar
     in_trial_process: bool = False  # the loop runs inside a Tune trial and reports to Tune
     restart_key: str = ""  # names the run across worker restarts (for test-only faults)
+    goal: float | None = None  # a sweep trial stops once train.monitor reaches it (tune.goal)
     fault: str | None = None  # test-only: see tlray.train.faults
 
 

@@ -42,7 +42,8 @@ class TrainResult:
 
 def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | None = None,
           callbacks: list | None = None, run_name: str | None = None,
-          in_trial_process: bool = False, images: dict | None = None) -> TrainResult:
+          in_trial_process: bool = False, images: dict | None = None,
+          goal: float | None = None) -> TrainResult:
     """Runs one planned configuration to completion and logs it to MLflow.
 
     Args:
@@ -54,13 +55,14 @@ def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | No
             worker's resources (Ray Train's local mode); the loop reports to Tune itself.
         images: the dataset's splits from `launch.read_splits`, when the caller (a sweep)
             read them once for all its runs; read here otherwise.
+        goal: stop training once `train.monitor` reaches it (a sweep's `tune.goal`).
     """
     cfg, info, minfo = plan.config, plan.dataset, plan.model
     if plan.cache is not None:
         role = "training" if plan.cache.trains_on_cache else "validating"
         print(f"feature cache: {role} what follows {plan.cache.cut} from {plan.cache.uri}",
               flush=True)
-    tags = {**tracking.standard_tags(cfg.model.backbone, cfg.model.weights, minfo.freeze_depth,
+    tags = {**tracking.standard_tags(cfg.model.backbone, cfg.model.weights, cfg.model.freeze,
                                      info.fingerprint),
             "dataset": info.name, **(extra_tags or {})}
     name = run_name or cfg.tracking.run_name or re.sub(
@@ -75,6 +77,8 @@ def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | No
         run_id = run.info.run_id
         _log_plan(plan)
         data = tracking.log_datasets(info)
+        if parent_run_id is None:  # a sweep's or a comparison's parent run shows them once
+            tracking.log_samples(info)
         args = WorkerArgs(config=cfg, dataset=info, cache=plan.cache, run_id=run_id,
                           tracking_uri=plan.tracking_uri,
                           # A sweep's trials print side by side: their lines carry its name.
@@ -82,7 +86,8 @@ def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | No
                           interactive=sys.stdout.isatty(), in_trial_process=in_trial_process,
                           # Names a run across restarts: Train keeps the MLflow run when it
                           # restarts a worker; Tune retries a trial in a new one.
-                          restart_key=name if in_trial_process else run_id, fault=plan.fault)
+                          restart_key=name if in_trial_process else run_id, fault=plan.fault,
+                          goal=goal)
         found = fit(plan, args, name=f"{name}-{run_id[:8]}", callbacks=callbacks,
                     images=images)
         with found.as_directory() as d:

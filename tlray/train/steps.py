@@ -1,4 +1,5 @@
-"""The arithmetic of training, free of Ray: one optimizer step, one epoch, one evaluation.
+"""The arithmetic of training, free of Ray: one optimizer step, the running totals of an epoch,
+one evaluation.
 
 The per-worker loop (`tlray.train.loop`) and the training benchmark's plain baseline both
 call these, and the tests run them on a tiny timm model with tensors in a list. Batches are
@@ -8,7 +9,7 @@ feature cache's activations) into what the model takes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,24 +97,6 @@ class RunningTotals:
     def snapshot(self) -> EpochTotals:
         loss_sum, correct = self.sums.tolist()
         return EpochTotals(loss_sum, correct, self.seen)
-
-
-def train_epoch(batches: Iterable, step: Callable, first_step: int, device,
-                on_batch: Callable[[int, RunningTotals], None] | None = None,
-                start: EpochTotals | None = None) -> tuple[EpochTotals, int]:
-    """Runs `step` (a bound `train_step`) over one epoch's batches.
-
-    Returns this worker's totals (added to `start`, what a resumed epoch had done) and the
-    global step count after the epoch. `on_batch(step, totals so far)` follows every step.
-    """
-    running, global_step = RunningTotals(device, start), first_step
-    for images, labels in batches:
-        global_step += 1
-        logits, loss = step(images, labels, global_step)
-        running.add(loss, logits, labels)
-        if on_batch is not None:
-            on_batch(global_step, running)
-    return running.snapshot(), global_step
 
 
 def reduce_totals(totals: EpochTotals, world: int, device) -> EpochTotals:

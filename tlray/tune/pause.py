@@ -2,7 +2,8 @@
 
 The first Ctrl-C asks Tune to end its loop the way Tune itself would (trials stopped, their
 last checkpoints and the experiment state saved); the sweep then registers nothing, ends its
-MLflow runs KILLED and says how to continue (`interrupted`). A second Ctrl-C stops at once.
+MLflow runs KILLED and says how to continue (`interrupted`). A second Ctrl-C stops at once,
+and says how to continue too: every trial resumes from the last checkpoint it reported.
 Ray's own hint (`Tuner.restore(...)`, code a tlray user never writes) stays out of the
 console.
 """
@@ -14,6 +15,8 @@ import os
 import shlex
 import signal
 import sys
+
+from tlray.errors import Paused
 
 
 class PauseOnCtrlC:
@@ -33,7 +36,7 @@ class PauseOnCtrlC:
         logging.getLogger("ray.tune.tune").addFilter(self._quiet)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         signal.signal(signal.SIGINT, self._sigint)
         signal.signal(signal.SIGUSR1, self._sigusr1)
         logging.getLogger("ray.tune.tune").removeFilter(self._quiet)
@@ -41,6 +44,9 @@ class PauseOnCtrlC:
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self._env
+        if self.paused and exc_type is KeyboardInterrupt:
+            raise Paused(f"stopped at once; every trial kept its last checkpoint; continue "
+                         f"with: {resume_command()}") from None
 
     def _on_ctrl_c(self, signum, frame) -> None:
         if self.paused:
@@ -62,8 +68,9 @@ class _RestoreHintFilter(logging.Filter):
         return not any(text in message for text in self.HIDDEN)
 
 
-def resume_command(argv: list[str] | None = None) -> str:
-    """The command the user ran, with `--resume`: how to continue a paused sweep."""
+def command_line(argv: list[str] | None = None) -> list[str]:
+    """The command the user ran, as they would type it again (not the interpreter's view of
+    it: `python -m tlray.cli ...` rather than the path of `tlray/cli/__main__.py`)."""
     argv = list(sys.argv if argv is None else argv)
     program = os.path.basename(argv[0])
     if program == "tlray":
@@ -72,4 +79,9 @@ def resume_command(argv: list[str] | None = None) -> str:
         head = ["python", "-m", "tlray.cli"]
     else:
         head = ["python", argv[0]]
-    return shlex.join([*head, *(a for a in argv[1:] if a != "--resume"), "--resume"])
+    return [*head, *argv[1:]]
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command the user ran, with `--resume`: how to continue a paused sweep."""
+    return shlex.join([*(a for a in command_line(argv) if a != "--resume"), "--resume"])

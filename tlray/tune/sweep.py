@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 from dataclasses import dataclass
 
 from tlray import config as config_mod
@@ -32,8 +33,8 @@ from tlray.train.protocol import is_final, is_partial
 from tlray.tune.clock import SweepClock, clock_callback
 from tlray.tune.goal import Goal
 from tlray.tune.importance import distributions, importance
-from tlray.tune.pause import PauseOnCtrlC, resume_command
-from tlray.tune.pick import SweepResult, log_sweep, pick_and_register
+from tlray.tune.pause import PauseOnCtrlC, command_line, resume_command
+from tlray.tune.pick import SweepResult, describe_trials, log_sweep, pick_and_register
 from tlray.tune.space import freeze_choices, more_trials, search_space, spread_trials
 from tlray.tune.state import SweepState, locate
 from tlray.tune.trial import concurrency, run_trial, share_gpus, trial_resources
@@ -78,6 +79,7 @@ def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
             # The splits, recorded here first: trials that start together would each
             # insert the same dataset rows, and MLflow's store refuses the second.
             tracking.log_datasets(info)
+            tracking.log_samples(info)
         if curves:
             log_curves(curves)
         state.parent_run_id, state.finished = parent.info.run_id, False
@@ -85,7 +87,8 @@ def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
         # Every trial trains on the same splits: read once, here (see launch.read_splits).
         part = _Part(plan, state, goal, choices, space, tune.with_resources(
             tune.with_parameters(run_trial, plan=plan, parent_run_id=state.parent_run_id,
-                                 images=read_splits(cfg, info)),
+                                 images=read_splits(cfg, info),
+                                 command=shlex.join(command_line())),
             trial_resources(cfg)))
         results = [r for name in list(state.parts) for r in part.run(name, points)]
         if more:
@@ -97,6 +100,7 @@ def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
         ranked, study, note = importance(outcome["trials"], distributions(cfg, choices),
                                          cfg.train.monitor, cfg.monitor_mode)
         log_sweep(outcome["trials"], cfg.train.monitor, ranked, study)
+        describe_trials(outcome["trials"], cfg.train.monitor, outcome["best_run_id"])
         state.finished = True
         state.write(plan.storage)
     return SweepResult(name=state.name, path=f"{plan.storage.rstrip('/')}/{state.name}",
@@ -219,13 +223,8 @@ def _search_alg(cfg: Config, metric: str, mode: str, max_concurrent: int,
         # Tune runs the given points first, each one trial, drawing any field they leave out.
         return BasicVariantGenerator(points_to_evaluate=points, random_state=cfg.tune.seed,
                                      max_concurrent=max_concurrent)
-    try:
-        import optuna  # noqa: F401  (OptunaSearch imports it lazily)
-        from ray.tune.search.optuna import OptunaSearch
-    except ImportError:
-        raise TlrayError("--tune.search=optuna needs the optuna package "
-                         "(pip install optuna), or use --tune.search=random") from None
     from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
 
     return ConcurrencyLimiter(OptunaSearch(metric=metric, mode=mode, seed=cfg.tune.seed),
                               max_concurrent=max_concurrent)

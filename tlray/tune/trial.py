@@ -14,23 +14,28 @@ from tlray.train.run import train
 
 
 def run_trial(params: dict, *, plan: Plan, parent_run_id: str,
-              images: dict | None = None) -> None:
+              images: dict | None = None, command: str | None = None) -> None:
     """One trial, inside Tune: the sweep's plan with this trial's values, planned again (its
     freeze depth decides its feature cache) and trained by Ray Train (in this very process
-    when `trains_in_trial_process`), on the sweep's `images`."""
+    when `trains_in_trial_process`), on the sweep's `images`. Its MLflow run's source is
+    the sweep's `command` (this process is Ray's worker, not what the user ran)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     overrides = [f"{k}={json.dumps(v)}" for k, v in params.items()]
     cfg = config_mod.load(None, overrides, base=plan.config)
-    here = trains_in_trial_process(cfg)
+    in_trial = trains_in_trial_process(cfg)
     trial_plan = dataclasses.replace(
-        preflight(cfg, dataset=plan.dataset, in_trial_process=here, progress=False),
+        preflight(cfg, dataset=plan.dataset, in_trial_process=in_trial, progress=False),
         fault=plan.fault)  # test-only, read by the sweep's driver
     trial_id = tune.get_context().get_trial_id()
     train(trial_plan, parent_run_id=parent_run_id,
-          callbacks=None if here else [TuneReportCallback()], in_trial_process=here,
-          extra_tags={"tune_trial_id": trial_id}, run_name=f"trial-{trial_id}", images=images)
+          callbacks=None if in_trial else [TuneReportCallback()], in_trial_process=in_trial,
+          extra_tags={"tune_trial_id": trial_id,
+                      **({"mlflow.source.name": command, "mlflow.source.type": "LOCAL"}
+                         if command else {})},
+          run_name=f"trial-{trial_id}", images=images,
+          goal=cfg.tune.goal)
 
 
 def trains_in_trial_process(cfg: Config) -> bool:
@@ -60,8 +65,9 @@ def trials_per_gpu(cfg: Config) -> int:
 
 
 def share_gpus(cfg: Config) -> Config:
-    """The sweep's config with `scaling.gpus_per_worker` set to one trial's share of a GPU."""
-    if not cfg.scaling.use_gpu or cfg.scaling.gpus_per_worker != 1.0:
+    """The sweep's config with `scaling.gpus_per_worker` set to one trial's share of a GPU,
+    unless the user set it (a whole GPU, `1`, included)."""
+    if not cfg.scaling.use_gpu or cfg.scaling.gpus_per_worker is not None:
         return cfg  # no GPUs, or the user chose the share
     share = 1.0 / trials_per_gpu(cfg)
     return config_mod.load(None, [f"scaling.gpus_per_worker={share}"], base=cfg)
@@ -81,7 +87,7 @@ def concurrency(cfg: Config) -> int:
     s = cfg.scaling
     by_cpu = (total.get("CPU", 0) - DATA_CPU_RESERVE) // (s.max_workers * s.cpus_per_worker)
     if s.use_gpu:
-        by_gpu = total.get("GPU", 0) // (s.max_workers * s.gpus_per_worker)
+        by_gpu = total.get("GPU", 0) // (s.max_workers * s.gpus)
         return max(1, int(min(by_gpu, by_cpu)))
     return max(1, int(by_cpu))
 
