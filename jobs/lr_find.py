@@ -14,12 +14,11 @@ import sys
 from pathlib import Path
 
 from tlray.cli.jobs import run_job
-from tlray.config.presets import MNIST_SWEEP
 
 
 def main(argv: list[str] | None = None) -> int:
     return run_job("lr-find", argv, doc=__doc__, prog=Path(__file__).name,
-                   defaults=MNIST_SWEEP)
+                   recipe="mnist")
 
 
 if __name__ == "__main__":

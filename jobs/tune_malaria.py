@@ -10,7 +10,8 @@ published by the U.S. National Library of Medicine (lhncbc.nlm.nih.gov, "Malaria
 and as TensorFlow Datasets' `malaria`. As in the original: resized to 128x128, split
 60/20/20, batch 30, ImageNet ResNet50 with a dense 256 / dropout 0.4 / dense 128 head,
 NAdam, accuracy and AUC, early stopping with patience 5 on val_loss; training images get
-the `microscopy` augmentation (`--data.augment none` turns it off).
+the `microscopy` augmentation (`--data.augment none` turns it off). Its settings are the
+recipe `tlray/config/recipes/malaria.yaml` (`tlray recipes show malaria`), each commented.
 
 Beyond the original: the sweep compares fine-tuning recipes as well as depths. `all:2,0@0.3`
 trains the new head alone for two epochs (the frozen backbone runs forward only, no
@@ -32,17 +33,6 @@ from pathlib import Path
 from tlray.cli.jobs import run_job
 from tlray.errors import TlrayError
 
-DEFAULTS = ["model.backbone=resnet50", "model.weights=timm", "model.head=mlp",
-            "data.image_size=128", "data.batch_size=30", "optim.name=nadam",
-            "optim.weight_decay=0", "train.epochs=20", "train.patience=5",
-            "train.monitor=val_loss", "tune.num_samples=8", "tune.lr_min=1e-5",
-            "tune.lr_max=1e-3", "tune.champion_metric=test_auc",
-            # Cells have no up or left: the 8 flips / quarter turns, and a mild zoom, in
-            # training and at test time.
-            "data.augment=microscopy", "model.tta=dihedral", "train.ema=0.999",
-            # Head first (2 epochs, backbone frozen), then everything at 0.3x; against
-            # a fixed mid depth and full fine-tuning from the start.
-            "tune.freeze=all:2,0@0.3;3;0"]
 DATA = "setting:data.dataset"  # where --data lands
 
 
@@ -64,7 +54,7 @@ def prepare_cells(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job("tune", argv, doc=__doc__, prog=Path(__file__).name, defaults=DEFAULTS,
+    return run_job("tune", argv, doc=__doc__, prog=Path(__file__).name, recipe="malaria",
                    before=prepare_cells)
 
 

@@ -7,9 +7,11 @@
         --weights timm --image-size 224 --epochs 5 --gpu          # the original, on a GPU
     ray job submit --working-dir . -- python jobs/tune_mnist.py --data s3://bucket/mnist
 
-Prints Tune's trial table while it runs, then the best config, its validation and test
-metrics and the registered model. Every setting is an option (--section.key VALUE): see
---help. Its defaults are tlray.config.presets.MNIST_SWEEP.
+Prints its plan (how many trials of how many epochs fit its time budget, `--budget`), Tune's
+trial table while it runs, then the best config, its validation and test metrics and the
+registered model. Every setting is an option (--section.key VALUE): see --help. Its settings
+are the recipe `tlray/config/recipes/mnist.yaml` (`tlray recipes show mnist`), each commented
+with what it bought.
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ import sys
 from pathlib import Path
 
 from tlray.cli.jobs import run_job
-from tlray.config.presets import MNIST_SWEEP
 
 SMOKE = ["data.image_size=32", "train.epochs=1", "tune.num_samples=2", "tune.grace_period=1",
-         "tune.freeze=0,all", "scaling.cpus_per_worker=0.5"]  # a 2-phase schedule needs 2 epochs
+         "tune.freeze=0,all", "scaling.cpus_per_worker=0.5",  # a schedule needs 2 epochs
+         "tune.budget=none"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job("tune", argv, doc=__doc__, prog=Path(__file__).name, defaults=MNIST_SWEEP,
+    return run_job("tune", argv, doc=__doc__, prog=Path(__file__).name, recipe="mnist",
                    smoke=SMOKE)
 
 

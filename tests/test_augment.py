@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,7 +113,7 @@ def test_preset_fields_override_and_bad_values_are_refused():
     aug = augmentation_from_config(cfg.data)
     assert (aug.rotate, aug.shift, aug.hflip) == (25, 0.1, True)
     assert augmentation_from_config(config.load(None, []).data) == Augmentation()
-    for bad, expected in (("--data.augment=cats", "expected one of none, digits, natural"),
+    for bad, expected in (("--data.augment=cats", "expected one of auto, none, digits, natural"),
                           ("--data.augment_shift=0.6", "augment_shift: expected a fraction"),
                           ("--data.augment_crop=1.5", "augment_crop: expected an area"),
                           ("--data.augment_rotate=-3", "augment_rotate: expected degrees")):
@@ -127,3 +128,23 @@ def test_augmented_batches_run_on_whatever_device_they_are_on():
     assert x.shape == (8, 3, 24, 24) and torch.isfinite(x).all()
     # Normalised pixels of 0-255: in [(0 - 0.5) / 0.25, (1 - 0.5) / 0.25].
     assert float(x.min()) >= -2 - 1e-5 and float(x.max()) <= 2 + 1e-5
+
+
+def test_auto_picks_the_preset_that_suits_the_data_and_says_why(tmp_path):
+    from tlray.bench.standins import cells, photos
+    from tlray.data.arrays import builtin_mnist_arrays, from_arrays
+    from tlray.data.augment_choice import choose_augmentation
+    from tlray.data.prepare import prepare
+
+    def chosen(images, name):
+        labels = np.arange(len(images)) % 2
+        return choose_augmentation(prepare(from_arrays(images, labels), tmp_path / name,
+                                           progress=False))
+
+    digits, _ = builtin_mnist_arrays()
+    preset, why = chosen(np.ascontiguousarray(digits[:60]), "digits")
+    assert preset == "digits" and "never mirrored" in why and "28x28" in why
+    preset, why = chosen(cells(60, 48)[0], "cells")
+    assert preset == "microscopy" and "plain background" in why
+    preset, why = chosen(photos(60, 48), "photos")
+    assert preset == "natural" and "mirrored left-right" in why

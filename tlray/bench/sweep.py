@@ -33,7 +33,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 from tlray import config as config_mod
-from tlray.config.presets import MNIST_SWEEP
+from tlray.config import recipes
 from tlray.errors import TlrayError
 from tlray.track.metrics import best_of
 
@@ -111,14 +111,15 @@ def parse_compare(spec: str) -> tuple[str, list[str]]:
 def sweep_benchmark(overrides: list[str] | None = None, config_path: str | None = None,
                     workdir: str | None = None, compare: str = DEFAULT_COMPARE
                     ) -> SweepBenchResult:
-    """Runs the sweep (default: `tlray.config.presets.MNIST_SWEEP` on the built-in digits) twice,
+    """Runs the sweep (default: the `mnist` recipe on the built-in digits) twice,
     once per value of `compare` (`section.key=CANDIDATE,BASELINE`)."""
     from tlray.train.plan import resolve_dataset
     from tlray.tune import sweep
 
     key, values = parse_compare(compare)
-    base = config_mod.load(config_path, [*MNIST_SWEEP, *(overrides or [])]
-                           if config_path is None else list(overrides or []))
+    # The sides run the trials they are given: no budget plan, which would size each anew.
+    base = config_mod.load(config_path or recipes.path("mnist"),
+                           ["tune.budget=none", *(overrides or [])])
     _check_the_sides_differ(base, key, values)
     if not any("tune.grace_period" in o for o in overrides or []):
         base = config_mod.load(None, [f"tune.grace_period={base.train.epochs + 2}"], base=base)
@@ -155,10 +156,10 @@ def _check_the_sides_differ(base, key: str, values: list[str]) -> None:
     """Refuses the cache comparison where both sides would train the same way: with
     augmented training images `auto` builds no cache (one for validation alone does not
     pay), so auto and never would time one thing twice."""
-    from tlray.config.augmentation import from_config
+    from tlray.config.augmentation import AUTO, from_config
 
     if (key == "train.feature_cache" and sorted(values) == ["auto", "never"]
-            and from_config(base.data).enabled):
+            and (base.data.augment == AUTO or from_config(base.data).enabled)):
         raise TlrayError(f"--compare {key}=auto,never times nothing: training images are "
                          f"augmented (data.augment={base.data.augment}), which a cache "
                          f"never serves; add --set data.augment=none, or compare "
@@ -218,8 +219,9 @@ def regret_benchmark(overrides: list[str] | None = None, config_path: str | None
     from tlray.train.plan import resolve_dataset
     from tlray.tune import sweep
 
-    base = config_mod.load(config_path, [*MNIST_SWEEP, *(overrides or [])]
-                           if config_path is None else list(overrides or []))
+    # The sides run the trials they are given: no budget plan, which would size each anew.
+    base = config_mod.load(config_path or recipes.path("mnist"),
+                           ["tune.budget=none", *(overrides or [])])
     resolve_dataset(base.data.dataset)
     workdir = workdir or tempfile.mkdtemp(prefix="tlray-bench-regret-")
     common = ["tracking.experiment=tlray-benchmark-regret", f"storage_path={workdir}"]

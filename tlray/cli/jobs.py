@@ -22,13 +22,15 @@ from tlray.cli.run_commands import (
     tune_command,
 )
 from tlray.cli.settings import add_settings
+from tlray.config import recipes
 
 COMMANDS = {"train": train_command, "tune": tune_command, "compare": compare_command,
             "lr-find": lr_find_command}
 
 
 def run_job(command: str, argv: Sequence[str] | None, *, doc: str, prog: str | None = None,
-            defaults: Sequence[str] = (), smoke: Sequence[str] = (),
+            recipe: str | None = None, defaults: Sequence[str] = (),
+            smoke: Sequence[str] = (),
             before: Callable[[argparse.Namespace], list[str]] | None = None) -> int:
     """Parses a job's options and runs it; returns the exit status.
 
@@ -36,7 +38,9 @@ def run_job(command: str, argv: Sequence[str] | None, *, doc: str, prog: str | N
         command: train, tune, compare or lr-find.
         doc: the job's docstring: its first line describes it in `--help`, the rest follows.
         prog: the job's name in messages (default: the script that runs).
-        defaults: the job's own settings, under everything the user gives.
+        recipe: the job's recipe (`tlray.config.recipes`): its settings, under everything
+            the user gives.
+        defaults: more of the job's own settings, on top of its recipe.
         smoke: what `--smoke` stands for (compare has its own).
         before: runs first with the parsed options and returns more settings (e.g. the
             dataset it prepared); it may raise `TlrayError`.
@@ -57,6 +61,7 @@ def run_job(command: str, argv: Sequence[str] | None, *, doc: str, prog: str | N
         chosen = list(smoke) if command != "compare" and getattr(args, "smoke", False) else []
         if before is not None and not args.print_config:
             chosen += before(args)
-        return COMMANDS[command](args, list(defaults), chosen)
+        return COMMANDS[command](args, list(defaults), chosen,
+                                 recipes.path(recipe) if recipe else None)
 
     return run_guarded(go, prog)

@@ -1,7 +1,7 @@
 """tlray: fine-tune pretrained timm backbones on your images, on Ray, tracked in MLflow.
 
 The commands, in the order of the flow: prepare | inspect | augment-preview | models |
-train | tune | lr-find | compare | predict | benchmark. Each command parses its options,
+recipes | train | tune | lr-find | compare | predict | benchmark. Each command parses its options,
 calls the library and prints a short summary; how it fails is `tlray.cli.errors`' job (a
 user error is one line and exit status 2).
 """
@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tlray.cli import bench_commands, data_commands, predict_command, run_commands
+from tlray.cli import (bench_commands, data_commands, predict_command, recipe_command,
+                       run_commands)
 from tlray.cli.errors import USER_ERROR, run_guarded
 
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      allow_abbrev=False)
     sub = parser.add_subparsers(title="commands", parser_class=_NoAbbrevParser)
     data_commands.register(sub)
+    recipe_command.register(sub)
     run_commands.register(sub)
     predict_command.register(sub)
     bench_commands.register(sub)

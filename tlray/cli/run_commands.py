@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from tlray.cli.settings import add_settings, config_from_args
+from tlray.cli.settings import add_settings, config_from_args, given_settings
 from tlray.config import Config, dump_yaml
 
 COMPARE_SMOKE = ("train.epochs=1", "data.image_size=32", "scaling.num_workers=2",
@@ -54,9 +54,9 @@ def add_compare_options(p: argparse.ArgumentParser) -> None:
 
 
 def resolved(args: argparse.Namespace, defaults: list[str] | None = None,
-             chosen: list[str] | None = None) -> Config | None:
+             chosen: list[str] | None = None, recipe=None) -> Config | None:
     """The command's config; None (after printing it) with --print-config."""
-    cfg = config_from_args(args, defaults, chosen)
+    cfg = config_from_args(args, defaults, chosen, recipe)
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return None
@@ -64,8 +64,8 @@ def resolved(args: argparse.Namespace, defaults: list[str] | None = None,
 
 
 def train_command(args: argparse.Namespace, defaults: list[str] | None = None,
-                  chosen: list[str] | None = None) -> int:
-    cfg = resolved(args, defaults, chosen)
+                  chosen: list[str] | None = None, recipe=None) -> int:
+    cfg = resolved(args, defaults, chosen, recipe)
     if cfg is not None:
         from tlray.train.plan import preflight
         from tlray.train.run import summary, train
@@ -75,20 +75,23 @@ def train_command(args: argparse.Namespace, defaults: list[str] | None = None,
 
 
 def tune_command(args: argparse.Namespace, defaults: list[str] | None = None,
-                 chosen: list[str] | None = None) -> int:
-    cfg = resolved(args, defaults, chosen)
+                 chosen: list[str] | None = None, recipe=None) -> int:
+    cfg = resolved(args, defaults, chosen, recipe)
     if cfg is not None:
         from tlray.tune.pick import format_summary
         from tlray.tune.sweep import sweep
 
-        print(format_summary(sweep(cfg, resume=args.resume, more=args.more),
-                             cfg.train.monitor))
+        from tlray.cli import STARTED_AT
+
+        result = sweep(cfg, resume=args.resume, more=args.more,
+                       fixed=given_settings(args, chosen), started_at=STARTED_AT)
+        print(format_summary(result, cfg.train.monitor))
     return 0
 
 
 def lr_find_command(args: argparse.Namespace, defaults: list[str] | None = None,
-                    chosen: list[str] | None = None) -> int:
-    cfg = resolved(args, defaults, chosen)
+                    chosen: list[str] | None = None, recipe=None) -> int:
+    cfg = resolved(args, defaults, chosen, recipe)
     if cfg is not None:
         from tlray.train.lr_find import find_and_log
 
@@ -97,8 +100,9 @@ def lr_find_command(args: argparse.Namespace, defaults: list[str] | None = None,
 
 
 def compare_command(args: argparse.Namespace, defaults: list[str] | None = None,
-                    chosen: list[str] | None = None) -> int:
-    cfg = resolved(args, defaults, [*(chosen or []), *(COMPARE_SMOKE if args.smoke else ())])
+                    chosen: list[str] | None = None, recipe=None) -> int:
+    cfg = resolved(args, defaults, [*(chosen or []), *(COMPARE_SMOKE if args.smoke else ())],
+                   recipe)
     if cfg is not None:
         from tlray.compare.experiment import compare
         from tlray.compare.report import format_comparison

@@ -29,6 +29,8 @@ SHORT_FLAGS = {
     "--epochs": ("train.epochs", int, "epochs to train"),
     "--lr": ("optim.lr", float, "peak learning rate"),
     "--num-samples": ("tune.num_samples", int, "sweep trials"),
+    "--budget": ("tune.budget", str, "a sweep's time budget (90s, 2m, 20m, 1h30m): it plans "
+                                     "its trials, epochs and early stopping to end within it"),
 }
 GPU_SETTINGS = ("scaling.use_gpu=true", "scaling.cpus_per_worker=4")
 
@@ -93,12 +95,20 @@ def _add_every_setting(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, defaults: list[str] | None = None,
-                     chosen: list[str] | None = None) -> Config:
-    """The config the options name: `defaults` (a job's own), then --config FILE, then
-    `chosen` (what a flag such as --smoke stands for), then the options as given."""
-    base = load(None, list(defaults or []))
+                     chosen: list[str] | None = None, recipe=None) -> Config:
+    """The config the options name: a job's recipe (a YAML file) and `defaults`, then
+    --config FILE, then `chosen` (what a flag such as --smoke stands for), then the options
+    as given."""
+    base = load(recipe, list(defaults or []))
     return load(getattr(args, "config", None), [*(chosen or []), *overrides_from_args(args)],
                 base=base)
+
+
+def given_settings(args: argparse.Namespace, chosen: list[str] | None = None) -> frozenset[str]:
+    """The settings the user gave on the command line (or a flag such as --smoke stands
+    for): what a sweep's budget plan must keep as it is."""
+    return frozenset(o.partition("=")[0] for o in [*(chosen or []),
+                                                   *overrides_from_args(args)])
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:

@@ -1,6 +1,7 @@
 """The settings of a run: dataclasses per concern (settings.py), resolved from defaults, a
-YAML file and `--section.key=value` overrides (resolve.py), named augmentation presets and job
-defaults. Torch-free, so that `--help` and `--print-config` answer at once."""
+YAML file and `--section.key=value` overrides (resolve.py), named augmentation presets, and
+the jobs' recipes (recipes/, YAML). Torch-free, so that `--help` and `--print-config`
+answer at once."""
 
 from tlray.config.resolve import (
                                   copy,

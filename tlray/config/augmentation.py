@@ -10,6 +10,7 @@ import dataclasses
 
 from tlray.errors import TlrayError
 
+AUTO = "auto"  # a preset chosen from the dataset when a run starts (tlray.data.augment_choice)
 PRESETS: dict[str, dict[str, float | bool]] = {
     "none": {},
     "digits": {"rotate": 10.0, "shift": 0.1, "scale": 0.1},
@@ -46,12 +47,17 @@ class Augmentation:
         return ", ".join(parts) or "none"
 
 
-def from_config(data) -> Augmentation:
-    """The preset in `data.augment` with the `data.augment_*` fields that are set on top."""
-    if data.augment not in PRESETS:
-        raise TlrayError(f"--data.augment: expected one of {', '.join(PRESETS)}, got "
-                         f"{data.augment!r}")
-    values = dict(PRESETS[data.augment])
+def from_config(data, preset: str | None = None) -> Augmentation:
+    """The preset in `data.augment` (or `preset`) with the `data.augment_*` fields that are
+    set on top. `auto` must have been decided from the dataset first (the preflight does)."""
+    preset = preset or data.augment
+    if preset == AUTO:
+        raise TlrayError("--data.augment=auto is decided from the dataset when a run starts; "
+                         f"name a preset here ({', '.join(PRESETS)})")
+    if preset not in PRESETS:
+        raise TlrayError(f"--data.augment: expected {AUTO} or one of {', '.join(PRESETS)}, "
+                         f"got {preset!r}")
+    values = dict(PRESETS[preset])
     for field in dataclasses.fields(Augmentation):
         override = getattr(data, f"augment_{field.name}")
         if override is not None:

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from tlray.config import schedule
+from tlray.config.augmentation import AUTO
 from tlray.config.augmentation import from_config as augmentation_from_config
 from tlray.config.interval import parse_budget, parse_every
 from tlray.config.settings import Config, all_settings, sections
@@ -123,7 +124,7 @@ def validate(config: Config) -> Config:
     for ok, key, expected, got in checks:
         if not ok:
             raise TlrayError(f"--{key}: expected {expected}, got {got!r}")
-    augmentation_from_config(d)  # the preset's overrides are in range
+    augmentation_from_config(d, "none" if d.augment == AUTO else None)  # overrides in range
     schedule.parse(m.freeze, t.epochs)  # a depth, or phases that fit train.epochs
     parse_every(t.checkpoint_every)
     parse_budget(u.budget)  # a bad budget fails here, before Ray starts

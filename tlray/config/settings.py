@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from tlray.config.augmentation import PRESETS
+from tlray.config.augmentation import AUTO, PRESETS
 from tlray.config.workers import worker_range
 
 # Metrics every epoch reports; the value is the direction in which they improve.
@@ -39,8 +39,9 @@ class DataConfig:
                                   "shards")
     cache_gb: float = setting(2.0, "splits up to this size are read once into Ray's object "
                                    "store")
-    augment: str = setting("none", "training-time augmentation preset",
-                           choices=tuple(PRESETS))
+    augment: str = setting("none", "training-time augmentation preset (auto: chosen from "
+                                   "the data when the run starts, and said why)",
+                           choices=(AUTO, *PRESETS))
     augment_rotate: float | None = setting(None, "rotation in degrees, +- (empty: the "
                                                  "preset's)")
     augment_shift: float | None = setting(None, "shift as a fraction of the side, +-")

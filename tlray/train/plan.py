@@ -20,7 +20,9 @@ import torch
 from tlray import config as config_mod
 from tlray import paths
 from tlray.config import Config
+from tlray.config.augmentation import AUTO
 from tlray.config.augmentation import from_config as augmentation_from_config
+from tlray.data.augment_choice import choose_augmentation
 from tlray.data.dataset import DatasetInfo, load_info
 from tlray.data.prepare import prepare
 from tlray.errors import TlrayError
@@ -46,6 +48,7 @@ class Plan:
     cache: CachePlan | None  # None: every split is read as images
     cache_note: str  # why this run does (not) read a feature cache
     tracking_uri: str
+    augment_note: str = ""  # the augmentation and, when data.augment=auto chose it, why
     fault: str | None = field(default=None, repr=False)  # test-only, see tlray.train.faults
 
     @property
@@ -71,6 +74,7 @@ def preflight(cfg: Config, *, dataset: DatasetInfo | None = None, plan_cache: bo
     """
     info = dataset or resolve_dataset(cfg.data.dataset, progress=progress)
     require_splits(info)
+    cfg, augment_note = resolve_augmentation(cfg, info, say=progress)
     model, minfo = check_model(cfg, info)
     uri = connect(cfg)
     cfg = config_mod.with_overrides(cfg, **{
@@ -79,7 +83,7 @@ def preflight(cfg: Config, *, dataset: DatasetInfo | None = None, plan_cache: bo
     cache, note = (plan_feature_cache(cfg, info, model, minfo, in_this_process=in_trial_process)
                    if plan_cache else (None, "decided by each trial"))
     return Plan(config=cfg, dataset=info, model=minfo, cache=cache, cache_note=note,
-                tracking_uri=uri, fault=faults.from_env())
+                tracking_uri=uri, augment_note=augment_note, fault=faults.from_env())
 
 
 def resolve_dataset(spec: str, *, progress: bool = True) -> DatasetInfo:
@@ -92,6 +96,19 @@ def resolve_dataset(spec: str, *, progress: bool = True) -> DatasetInfo:
                              f"of images; train on that dataset (its cache is found by itself)")
         return info
     return prepare(spec, progress=progress)
+
+
+def resolve_augmentation(cfg: Config, info: DatasetInfo, *, say: bool = True
+                         ) -> tuple[Config, str]:
+    """`data.augment=auto` decided from the data, and why (said on the console, tagged on
+    the run); a preset the user named is kept as it is."""
+    if cfg.data.augment != AUTO:
+        return cfg, cfg.data.augment
+    preset, why = choose_augmentation(info)
+    if say:
+        print(f"augmentation: {preset} (data.augment=auto: {why})", flush=True)
+    return (config_mod.with_overrides(cfg, **{"data.augment": preset}),
+            f"{preset} (data.augment=auto: {why})")
 
 
 def require_splits(info: DatasetInfo) -> None:

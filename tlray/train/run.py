@@ -109,7 +109,8 @@ def _log_plan(plan: Plan) -> None:
     mlflow.log_dict(plan.dataset.to_json(), "dataset.json")
     # Which cache the run used (or "not used: why"), and why it chose what it chose.
     mlflow.set_tags({"feature_cache": plan.cache.uri if plan.cache else plan.cache_note,
-                     "feature_cache_reason": plan.cache_note})
+                     "feature_cache_reason": plan.cache_note,
+                     "augmentation": plan.augment_note})
 
 
 def summary(result: TrainResult) -> str:

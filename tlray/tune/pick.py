@@ -38,8 +38,9 @@ class SweepResult:
 
 
 # A trial's status in the results table.
-COMPLETED, STOPPED, GOAL_STOPPED, NOT_STARTED, ERROR = (
-    "COMPLETED", "STOPPED", "STOPPED (goal)", "NOT STARTED (goal)", "ERROR")
+COMPLETED, STOPPED, GOAL_STOPPED, NOT_STARTED, NO_TIME, ERROR = (
+    "COMPLETED", "STOPPED", "STOPPED (goal)", "NOT STARTED (goal)", "NOT STARTED (budget)",
+    "ERROR")
 
 
 def pick_and_register(cfg, info, results, parent_id: str, registered_name: str,
@@ -91,8 +92,8 @@ def _trial_row(result, children: dict, metric: str, goal: Goal) -> dict:
         status = ERROR
     elif is_final(m):
         status = COMPLETED
-    elif not m:
-        status = NOT_STARTED
+    elif not m:  # the goal was reached, or (without a goal) the budget left it no time
+        status = NOT_STARTED if goal.reached else NO_TIME
     else:
         status = GOAL_STOPPED if trial_id in goal.stopped else STOPPED
     return {"trial_id": trial_id, **(result.config or {}), "status": status,
@@ -211,7 +212,7 @@ def format_summary(result: SweepResult, monitor: str) -> str:
     counts = Counter(t["status"] for t in result.trials)
     said = {COMPLETED: "completed", STOPPED: "stopped early by ASHA",
             GOAL_STOPPED: "stopped by the goal", NOT_STARTED: "not started: the goal was "
-            "reached", ERROR: "failed"}
+            "reached", NO_TIME: "not started: no time left in the budget", ERROR: "failed"}
     lines = [f"sweep {result.name}: {len(result.trials)} trials ("
              + ", ".join(f"{counts[s]} {said[s]}" for s in said if counts[s]) + ")"]
     if result.goal_trial:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
+import time
 from dataclasses import dataclass
 
 from tlray import config as config_mod
@@ -30,6 +31,8 @@ from tlray.train.launch import read_splits
 from tlray.train.lr_find import log_curves, lr_find, range_from
 from tlray.train.plan import Plan, preflight
 from tlray.train.protocol import is_final, is_partial
+from tlray.tune.budget_guard import BudgetGuard
+from tlray.tune.budgeted import last_line, plan_to_budget, trials_in_time_left
 from tlray.tune.clock import SweepClock, clock_callback
 from tlray.tune.goal import Goal
 from tlray.tune.importance import distributions, importance
@@ -41,7 +44,8 @@ from tlray.tune.trial import concurrency, run_trial, share_gpus, trial_resources
 
 
 def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
-          points: list[dict] | None = None) -> SweepResult:
+          points: list[dict] | None = None, fixed: frozenset[str] = frozenset(),
+          started_at: float | None = None) -> SweepResult:
     """Runs, resumes or grows a sweep and registers its winner; see the module docstring.
 
     Args:
@@ -50,9 +54,13 @@ def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
             stratified design (`space.more_trials`); its finished trials are kept.
         points: exactly these trials (`section.key` -> value each) instead of a search,
             e.g. the configs a sweep stopped early, trained to the end (`--regret`).
+        fixed: settings the user gave, which a `tune.budget` plan keeps (`budgeted.FIXABLE`).
+        started_at: `time.time()` when the command started: a budget counts from there
+            (default: now).
     """
     from ray import tune
 
+    started_at = time.time() if started_at is None else started_at
     if more < 0:
         raise TlrayError(f"--more: expected a number of trials to add, got {more}")
     plan = preflight(cfg, plan_cache=False)  # each trial plans the cache of its own depth
@@ -60,6 +68,9 @@ def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
     curves = []
     if "auto" in (plan.config.tune.lr_min, plan.config.tune.lr_max):
         plan, curves = _lr_range_from_tests(plan, choices)
+    budget_plan = None
+    if plan.config.tune.budget and not (resume or more or points):
+        plan, choices, budget_plan = plan_to_budget(plan, choices, fixed, started_at)
     space = search_space(plan.config, choices)
     plan = dataclasses.replace(plan, config=share_gpus(plan.config))
     cfg, info = plan.config, plan.dataset
@@ -70,8 +81,10 @@ def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
     registered_name = cfg.tune.registered_name or registry.default_registered_name(
         info.name, cfg.model.backbone)
     tags = {"sweep": state.name, "dataset": info.name, "backbone": cfg.model.backbone,
-            "weights": cfg.model.weights, "dataset_hash": info.fingerprint}
+            "weights": cfg.model.weights, "dataset_hash": info.fingerprint,
+            "augmentation": plan.augment_note}
     goal = Goal(cfg.train.monitor, cfg.monitor_mode, cfg.tune.goal)
+    guard = BudgetGuard(budget_plan, started_at) if budget_plan else None
     with tracking.start_run(plan.experiment, run_name=state.name, tags=tags,
                             run_id=state.parent_run_id) as parent:
         if state.parent_run_id is None:
@@ -85,16 +98,18 @@ def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
         state.parent_run_id, state.finished = parent.info.run_id, False
         state.write(plan.storage)
         # Every trial trains on the same splits: read once, here (see launch.read_splits).
-        part = _Part(plan, state, goal, choices, space, tune.with_resources(
+        part = _Part(plan, state, goal, guard, choices, space, tune.with_resources(
             tune.with_parameters(run_trial, plan=plan, parent_run_id=state.parent_run_id,
                                  images=read_splits(cfg, info),
                                  command=shlex.join(command_line())),
             trial_resources(cfg)))
         results = [r for name in list(state.parts) for r in part.run(name, points)]
-        if more:
+        done = [r.config for r in results if r.metrics]
+        extra = (more_trials(cfg, choices, done, more) if more else
+                 trials_in_time_left(guard, cfg, choices, done) if guard else [])
+        if extra:
             state.parts.append(f"{state.name}-more{len(state.parts)}")
-            results += part.run(state.parts[-1], more_trials(
-                cfg, choices, [r.config for r in results if r.metrics], more))
+            results += part.run(state.parts[-1], extra)
         outcome = pick_and_register(cfg, info, results, state.parent_run_id, registered_name,
                                     goal)
         ranked, study, note = importance(outcome["trials"], distributions(cfg, choices),
@@ -103,6 +118,8 @@ def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
         describe_trials(outcome["trials"], cfg.train.monitor, outcome["best_run_id"])
         state.finished = True
         state.write(plan.storage)
+    if budget_plan is not None:
+        print(last_line(budget_plan, started_at, len(outcome["trials"])), flush=True)
     return SweepResult(name=state.name, path=f"{plan.storage.rstrip('/')}/{state.name}",
                        parent_run_id=state.parent_run_id, registered_name=registered_name,
                        importance=ranked, importance_note=note, **outcome)
@@ -116,6 +133,7 @@ class _Part:
     plan: Plan
     state: SweepState
     goal: Goal
+    guard: BudgetGuard | None
     choices: list[str]
     space: dict
     trainable: object
@@ -132,7 +150,7 @@ class _Part:
         else:
             self.state.write(self.plan.storage)  # the part is known before it starts
             tuner = _new_tuner(self.plan, self.trainable, self.space, self.choices, name,
-                               points, self.goal)
+                               points, self.goal, self.guard)
         with PauseOnCtrlC() as pause:
             try:
                 results = list(tuner.fit())
@@ -176,9 +194,11 @@ def _log_sweep_settings(cfg: Config, space: dict) -> None:
 
 
 def _new_tuner(plan: Plan, trainable, space: dict, choices: list[str], name: str,
-               points: list[dict] | None, goal: Goal):
-    """A Tuner for a new sweep: ASHA over epochs, the seeded search, the remaining-time line."""
+               points: list[dict] | None, goal: Goal, guard: BudgetGuard | None = None):
+    """A Tuner for a new sweep: ASHA over epochs, the seeded search, the remaining-time line,
+    the goal and the budget."""
     from ray import tune
+    from ray.tune.stopper import CombinedStopper
 
     cfg = plan.config
     metric, mode = cfg.train.monitor, cfg.monitor_mode
@@ -188,7 +208,7 @@ def _new_tuner(plan: Plan, trainable, space: dict, choices: list[str], name: str
         points = spread_trials(cfg, choices)
     kinds = [str(p["model.freeze"]) for p in points] if points else None
     scheduler = epoch_asha(cfg.train.epochs, cfg.tune.grace_period, cfg.tune.reduction_factor,
-                           goal)
+                           goal, guard)
     return tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(
@@ -200,8 +220,8 @@ def _new_tuner(plan: Plan, trainable, space: dict, choices: list[str], name: str
         run_config=tune.RunConfig(
             name=name, storage_path=plan.storage,
             callbacks=[clock_callback(SweepClock(trials, cfg.train.epochs, at_once, kinds)),
-                       goal],
-            stop=goal,
+                       goal, *([guard] if guard else [])],
+            stop=CombinedStopper(goal, guard) if guard else goal,
             # Checkpoints of trials that train in their own process (see run_trial).
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
@@ -230,14 +250,17 @@ def _search_alg(cfg: Config, metric: str, mode: str, max_concurrent: int,
                               max_concurrent=max_concurrent)
 
 
-def epoch_asha(epochs: int, grace_period: int, reduction_factor: int, goal: Goal):
+def epoch_asha(epochs: int, grace_period: int, reduction_factor: int, goal: Goal,
+               guard: BudgetGuard | None = None):
     """ASHA whose clock is the epoch each report carries and whose `max_t` is the epoch count.
 
     It decides only at rungs before the last epoch: a trial that has trained every epoch
     goes on to its test and the logging of its model (stopping it then would throw both
     away), and a trial's final report is never a decision point. A grace period of at least
-    `epochs` stops nothing. Once the sweep's `goal` is reached, no trial starts.
+    `epochs` stops nothing. Once the sweep's `goal` is reached, no trial starts; with a
+    budget, no trial that could not end in time (`guard`).
     """
+    from ray.tune.experiment import Trial
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
     class EpochASHA(ASHAScheduler):
@@ -247,7 +270,15 @@ def epoch_asha(epochs: int, grace_period: int, reduction_factor: int, goal: Goal
             return super().on_trial_result(tune_controller, trial, result)
 
         def choose_trial_to_run(self, tune_controller):
-            return None if goal.reached else super().choose_trial_to_run(tune_controller)
+            if goal.reached:
+                return None
+            if guard is None:
+                return super().choose_trial_to_run(tune_controller)
+            for status in (Trial.PENDING, Trial.PAUSED):  # FIFO as ASHA's own, with the guard
+                for trial in tune_controller.get_trials():
+                    if trial.status == status and guard.may_start(trial):
+                        return trial
+            return None
 
     return EpochASHA(time_attr="epoch", max_t=epochs, grace_period=min(grace_period, epochs),
                      reduction_factor=reduction_factor)

@@ -1,0 +1,101 @@
+"""A sweep sized to its time budget: the guard's decisions without Ray, then a real sweep on
+a real local Ray cluster and SQLite store that plans, says its plan and runs it."""
+
+from __future__ import annotations
+
+import re
+import time
+import types
+
+import pytest
+from mlflow import MlflowClient
+
+from tlray import config
+from tlray.tune import sweep
+from tlray.tune.budget import plan_sweep
+from tlray.tune.budget_guard import BudgetGuard
+from tlray.tune.budgeted import trials_in_time_left
+from tlray.tune.makespan import Costs
+
+COSTS = Costs(epoch_s={"0": 10.0, "all": 4.0}, trial_s=3.0, finish_s=5.0, setup_s=10.0,
+              wrapup_s=5.0)
+
+
+def trial(kind: str, trial_id: str = "t1"):
+    return types.SimpleNamespace(trial_id=trial_id, config={"model.freeze": kind})
+
+
+def guard_at(elapsed_s: float, budget_s: float = 120.0) -> BudgetGuard:
+    plan = plan_sweep(budget_s, COSTS, ["0", "all"], slots=2, recipe_epochs=3)
+    return BudgetGuard(plan, started_at=time.time() - elapsed_s)
+
+
+def test_a_trial_that_could_not_end_in_time_does_not_start_and_the_sweep_ends(capsys):
+    guard = guard_at(elapsed_s=100.0)  # 20 s left: a trial at freeze 0 takes 3+30+5 s
+    assert not guard.may_start(trial("0"))
+    assert "does not start" in capsys.readouterr().out
+    assert guard.refused == {"t1"} and not guard.may_start(trial("0"))  # stays refused
+    guard._trials = [types.SimpleNamespace(status="RUNNING")]
+    assert not guard.stop_all()  # the running one ends first
+    guard._trials = [types.SimpleNamespace(status="TERMINATED")]
+    assert guard.stop_all()
+
+
+def test_measured_epochs_replace_the_calibrations(capsys):
+    guard = guard_at(elapsed_s=80.0)  # 40 s left
+    assert not guard.may_start(trial("0", "a"))  # 3 + 3 x 10 + 5 + wrap-up 5 > 40
+    result = {"epoch": 1, "epoch_seconds": 5.0, "final": False}
+    guard.on_trial_result(1, [], trial("0", "b"), result)
+    assert guard.costs().epoch_s["0"] == 5.0
+    assert guard.may_start(trial("0", "c"))  # 3 + 15 + 5 + 5 <= 40
+
+
+def test_ahead_of_plan_the_design_continues_with_what_still_fits():
+    cfg = config.load(None, ["--tune.freeze=0,all", "--tune.lr_min=1e-3",
+                             "--tune.lr_max=1e-2"])
+    done = [{"optim.lr": 2e-3, "model.freeze": "0"}, {"optim.lr": 5e-3, "model.freeze": "all"}]
+    early = trials_in_time_left(guard_at(elapsed_s=30.0, budget_s=300.0), cfg, ["0", "all"],
+                                done)
+    late = trials_in_time_left(guard_at(elapsed_s=250.0, budget_s=300.0), cfg, ["0", "all"],
+                               done)
+    assert len(early) > len(late) >= 0 and early
+    assert {t["model.freeze"] for t in early} == {"0", "all"}
+    assert all((t["optim.lr"], t["model.freeze"]) not in
+               {(d["optim.lr"], d["model.freeze"]) for d in done} for t in early)
+
+
+SMALL = ["--model.backbone=test_efficientnet", "--model.weights=none", "--data.image_size=32",
+         "--scaling.num_workers=1", "--scaling.cpus_per_worker=0.5", "--train.epochs=3",
+         "--train.monitor=val_acc", "--tune.freeze=0,all", "--tune.lr_min=1e-3",
+         "--tune.lr_max=1e-2", "--tune.registered_name=budgeted",
+         "--tracking.evaluate=never", "--scaling.borrow_idle_cpus=false"]
+
+
+@pytest.mark.ray
+def test_a_budgeted_sweep_says_its_plan_and_runs_it(ray_cluster, mnist, capsys):
+    cfg = config.load(None, SMALL + [f"--data.dataset={mnist.uri}", "--tune.budget=90s"])
+    result = sweep.sweep(cfg)
+    out = capsys.readouterr().out
+    plan = re.search(r"^plan: (\d+) trials? over .*?, (\d+) epochs? each", out, re.M)
+    assert plan, out[-3000:]
+    planned, epochs = int(plan[1]), int(plan[2])
+    ran = [t for t in result.trials if not t["status"].startswith("NOT STARTED")]
+    added = re.search(r"^sweep: ahead of plan: (\d+) more trial", out, re.M)
+    assert len(result.trials) == planned + (int(added[1]) if added else 0)
+    assert all(t["epochs"] <= epochs for t in ran)
+    assert any(t["status"] == "COMPLETED" and t["epochs"] == epochs for t in ran)
+    assert re.search(r"^sweep: planned \d+ trials in about \S+; ran \d+ in \S+ \([+-]\d+% "
+                     r"against the plan\), (within|over) the 1m30s budget$", out, re.M)
+    params = MlflowClient().get_run(result.parent_run_id).data.params
+    assert params["tune.num_samples"] == str(planned) and params["train.epochs"] == str(epochs)
+
+
+@pytest.mark.ray
+def test_an_explicit_trial_count_wins_over_the_plan(ray_cluster, mnist, capsys):
+    cfg = config.load(None, SMALL + [f"--data.dataset={mnist.uri}", "--tune.budget=90s",
+                                     "--tune.num_samples=1", "--train.epochs=1"])
+    result = sweep.sweep(cfg, fixed=frozenset({"tune.num_samples", "train.epochs"}))
+    out = capsys.readouterr().out
+    assert "tune.num_samples=1 (yours) wins over the plan's" in out
+    assert "train.epochs=1 (yours) wins over the plan's" in out
+    assert len(result.trials) == 1 and result.trials[0]["epochs"] == 1

@@ -1,0 +1,75 @@
+"""Keeping a running sweep inside its time budget (`tune.budget`).
+
+Before a trial starts, the guard asks whether it can still train every epoch, be tested and
+logged before the budget ends, from the costs measured so far (the epochs trials have
+reported, depth by depth, over the calibration's); if not, it does not start, and once no
+trial runs the sweep ends (its results so far are picked from as usual). The scheduler asks it (`sweep.epoch_asha`), as it
+asks the goal. What the sweep does when it is ahead of its plan (more trials) is
+`tlray.tune.budgeted.run_to_budget`'s.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ray import tune
+
+from tlray.config.schedule import depth_at
+from tlray.train.protocol import is_final, is_partial
+from tlray.tune.budget import SweepPlan
+from tlray.tune.makespan import Costs
+from tlray.tune.replan import can_start
+
+
+class BudgetGuard(tune.Callback, tune.Stopper):
+    """A Tune callback and stopper in the sweep's driver.
+
+    Args:
+        started_at: `time.time()` when the command started: the budget is the user's wait.
+    """
+
+    def __init__(self, plan: SweepPlan, started_at: float):
+        self.plan, self.started_at = plan, started_at
+        self.seconds: dict[str, list[float]] = {}  # depth -> the epochs trials reported
+        self.refused: set[str] = set()  # trials that did not start: no time left for them
+        self._trials: list = []
+
+    def __getstate__(self) -> dict:  # Tune saves its experiment state: not the trials
+        return {**self.__dict__, "_trials": []}
+
+    def elapsed(self) -> float:
+        return time.time() - self.started_at
+
+    def costs(self) -> Costs:
+        """The plan's costs with every depth's epochs as measured so far."""
+        measured = {d: sum(s) / len(s) for d, s in self.seconds.items()}
+        return self.plan.costs.with_measured(measured, self.plan.cached)
+
+    def may_start(self, trial) -> bool:
+        """Whether `trial` can end in time; a refused one is remembered (and stays refused)."""
+        kind = str(trial.config.get("model.freeze"))
+        if trial.trial_id in self.refused or not can_start(self.plan, self.costs(),
+                                                           self.elapsed(), kind):
+            if trial.trial_id not in self.refused:
+                self.refused.add(trial.trial_id)
+                print(f"sweep: trial {trial.trial_id} (freeze {kind}) does not start: it "
+                      f"could not end within the {self.plan.budget_s:.0f} s budget",
+                      flush=True)
+            return False
+        return True
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self._trials = trials
+        if "epoch_seconds" in result and not (is_final(result) or is_partial(result)):
+            depth = depth_at(str(trial.config.get("model.freeze")), int(result["epoch"]))
+            self.seconds.setdefault(depth, []).append(float(result["epoch_seconds"]))
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._trials = trials
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False  # a started trial runs to its end: its time was counted
+
+    def stop_all(self) -> bool:
+        """Ends the sweep once a trial was refused and none runs."""
+        return bool(self.refused) and not any(t.status == "RUNNING" for t in self._trials)

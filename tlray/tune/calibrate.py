@@ -1,0 +1,127 @@
+"""What a sweep's epochs will cost, measured before it starts: a few training steps at each
+depth its freeze choices train at, on the real data, with the model, input size,
+augmentation and threads a trial gets; the budget plan (`tlray.tune.budget`) is built from it.
+
+Each depth's epoch is its steps times the time of one step (after a warm-up step, which
+pays for allocations and autotuning once), plus validation: the rows of the validation
+split at the forward pass's cost. What a trial pays around its epochs (a Tune trial's
+start, the test, logging the model) and what the sweep pays around its trials cannot be
+seen in a few steps: they are `TRIAL_START_S` and the like, measured on a 2-core laptop and
+scaled by how fast this machine ran the steps against that one. The sweep replaces every
+estimate with what it measures as trials end (`tlray.tune.replan`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import numpy as np
+import torch
+
+from tlray.config.schedule import Phase, parse
+from tlray.data.dataset import decode_images, read_shard
+from tlray.train.feeds import Feeds
+from tlray.train.phases import enter_phase
+from tlray.train.plan import Plan
+from tlray.train.protocol import WorkerArgs
+from tlray.train.steps import autocast, evaluate, on_gpu, train_step
+from tlray.train.threads import own_threads
+from tlray.train.worker_setup import setup_model
+from tlray.tune.makespan import Costs
+
+STEPS = 3  # timed steps per depth, after one warm-up step
+# Around a trial's epochs, measured with the main job on the 2-core laptop (December 2026,
+# tf_efficientnet_lite0, 48 px): a reused trial process's start, the run's MLflow set-up and
+# its data (TRIAL_START_S); the test, the logged model and its evaluation (TRIAL_FINISH_S);
+# the sweep's Tune set-up before its first trial and its pick and registration after its
+# last (SWEEP_START_S, SWEEP_END_S). REFERENCE_STEP_S is what one step of that run took
+# there, the yardstick for scaling them to another machine.
+TRIAL_START_S, TRIAL_FINISH_S, SWEEP_START_S, SWEEP_END_S = 4.0, 7.0, 4.0, 6.0
+REFERENCE_STEP_S = 0.25
+
+
+def depths(choices: list[str]) -> list[str]:
+    """Every depth the freeze choices train at (a schedule's phases too), shallowest first."""
+    found = {phase.depth for choice in choices for phase in parse(choice)}
+    return sorted(found, key=lambda d: (d == "all", int(d) if d != "all" else 0))
+
+
+def calibrate(plan: Plan, choices: list[str], elapsed_s: float) -> Costs:
+    """Costs of the sweep `plan` runs over `choices`, measured now in this process.
+
+    Args:
+        elapsed_s: what the command has taken so far (its start, the preflight): part of
+            the budget already spent.
+    """
+    cfg, info = plan.config, plan.dataset
+    batch = _first_batch(info, cfg.data.batch_size)
+    epoch_s, step_s = {}, []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(own_threads(cfg.scaling.cpus_per_worker))
+    try:
+        for depth in depths(choices):
+            epoch_s[depth], step = _epoch_seconds(plan, depth, batch)
+            step_s.append(step)
+    finally:
+        torch.set_num_threads(threads)
+    scale = max(0.5, min(4.0, float(np.median(step_s)) / REFERENCE_STEP_S))
+    return Costs(epoch_s=epoch_s, trial_s=TRIAL_START_S * scale,
+                 finish_s=TRIAL_FINISH_S * scale, setup_s=elapsed_s + SWEEP_START_S,
+                 wrapup_s=SWEEP_END_S)
+
+
+def _epoch_seconds(plan: Plan, depth: str, batch) -> tuple[float, float]:
+    """(an epoch at `depth`, its steps and its validation; one step at `depth`)."""
+    cfg, info = plan.config, plan.dataset
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, freeze=depth))
+    args = WorkerArgs(config=cfg, dataset=info, cache=None, run_id=None, tracking_uri=None)
+    device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available()
+                          else "cpu")
+    with torch.random.fork_rng(devices=[]):
+        net = setup_model(args, device)
+        steps_per_epoch = max(1, math.ceil(info.splits["train"].rows / cfg.data.batch_size))
+        phase = enter_phase(0, [Phase(depth, None)], net, args, lambda m: m.to(device),
+                            steps_per_epoch=steps_per_epoch, first_step=0, world=1)
+        feeds = Feeds.for_run(args, net.info)
+        feed, amp = feeds.train(False, cfg.train.seed, 1, 0), autocast(cfg.train.amp, device)
+        images, labels = (t.to(device) for t in batch)
+        criterion = torch.nn.CrossEntropyLoss()
+        phase.trained.train()
+        timings = []
+        for step in range(STEPS + 1):  # the first one warms up
+            _sync(device)
+            started = time.perf_counter()
+            train_step(images, labels, step + 1, forward=phase.forward, criterion=criterion,
+                       optimizer=phase.optimizer, scheduler=phase.scheduler, amp=amp,
+                       feed=feed)
+            _sync(device)
+            timings.append(time.perf_counter() - started)
+        step_s = float(np.median(timings[1:]))
+        started = time.perf_counter()
+        evaluate(phase.validated, [(images, labels)], info.num_classes, feeds.images, amp,
+                 device)
+        _sync(device)
+        per_row = (time.perf_counter() - started) / len(labels)
+    return steps_per_epoch * step_s + info.splits["val"].rows * per_row, step_s
+
+
+def _first_batch(info, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of real training rows (uint8 images, labels), from the first shards."""
+    images, labels, rows = [], [], 0
+    for uri in info.shard_uris("train"):
+        table = read_shard(uri)
+        images.append(decode_images(table.column("image"), info.image_shape))
+        labels.append(table.column("label").to_numpy())
+        rows += table.num_rows
+        if rows >= batch_size:
+            break
+    x = np.concatenate(images)[:batch_size].copy()
+    y = np.concatenate(labels)[:batch_size].astype(np.int64)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def _sync(device: torch.device) -> None:
+    if on_gpu(device):
+        torch.cuda.synchronize(device)
