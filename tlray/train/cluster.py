@@ -8,6 +8,7 @@ and hands tlray's settings (TLRAY_HOME, MLflow) to every worker process.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from importlib import resources
@@ -33,10 +34,20 @@ def init_ray(num_cpus: int | None = None, **kwargs) -> None:
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", ray_data_logging_config())
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_INTERVAL_S)
     keep_progress_lines_apart()
+    quiet_mlflow()
     if not ray.is_initialized():
         env = {k: os.environ[k] for k in FORWARDED_ENV + ("RAY_DATA_LOGGING_CONFIG",)
                if k in os.environ}
+        # Workers log MLflow's notes (input example validated, active model set, dataset
+        # inferred) at INFO, which Ray forwards to the console after tlray's own summary.
+        env.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         local = "RAY_ADDRESS" not in os.environ and "address" not in kwargs
+        if local:
+            # A cluster of tlray's own keeps Ray's token authentication on, and says nothing
+            # about it: Ray's notice on an unset mode ("set RAY_AUTH_MODE=disabled to opt
+            # out") would invite a newcomer to turn security off on the first screen.
+            logging.getLogger("ray._private.authentication.authentication_token_setup"
+                              ).addFilter(_TokenNoticeFilter())
         # Under `ray job submit --runtime-env-json '{"env_vars": {...}}'` the job's runtime env
         # may set the same variables; Ray refuses a driver runtime env that repeats one ("Failed
         # to merge the Job's runtime env") unless told that the driver's values win.
@@ -49,6 +60,12 @@ def init_ray(num_cpus: int | None = None, **kwargs) -> None:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def quiet_mlflow() -> None:
+    """MLflow's INFO notes stay out of the console (a user's MLFLOW_LOGGING_LEVEL wins)."""
+    if "MLFLOW_LOGGING_LEVEL" not in os.environ:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def keep_progress_lines_apart() -> None:
@@ -107,6 +124,10 @@ class KnownNoiseFilter:
     def filter(self, record) -> bool:
         message = record.getMessage()
         return not any(text in message for text in self.HIDDEN)
+
+
+class _TokenNoticeFilter(KnownNoiseFilter):
+    HIDDEN = ("Token authentication is enabled",)
 
 
 # CPUs left to Ray Data's read tasks beside the Train workers; without it they can starve.
