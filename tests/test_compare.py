@@ -106,8 +106,10 @@ def test_bad_input_fails_before_anything_is_started(tlray_home, capsys):
     with pytest.raises(SystemExit) as typo:
         job.main(["--smok"])  # a typo is not an override
     assert typo.value.code == 2 and "unrecognized arguments: --smok" in capsys.readouterr().err
-    # Nothing was prepared, tracked or trained.
-    assert not (tlray_home / "datasets").exists() and not (tlray_home / "ray_results").exists()
+    # Nothing was prepared (the home holds only the digits it started with), tracked or
+    # trained.
+    assert [p.name for p in (tlray_home / "datasets").iterdir()] == ["mnist-builtin"]
+    assert not (tlray_home / "ray_results").exists()
     assert not MlflowClient().search_runs(
         [e.experiment_id for e in MlflowClient().search_experiments()])
 
