@@ -32,6 +32,8 @@ def guard_at(elapsed_s: float, budget_s: float = 120.0) -> BudgetGuard:
 
 def test_a_trial_that_could_not_end_in_time_does_not_start_and_the_sweep_ends(capsys):
     guard = guard_at(elapsed_s=100.0)  # 20 s left: a trial at freeze 0 takes 3+30+5 s
+    assert guard.may_start(trial("all", "first"))  # the first always starts
+    assert guard.may_start(trial("all", "first"))  # and is asked again with the same answer
     assert not guard.may_start(trial("0"))
     assert "does not start" in capsys.readouterr().out
     assert guard.refused == {"t1"} and not guard.may_start(trial("0"))  # stays refused
@@ -43,6 +45,7 @@ def test_a_trial_that_could_not_end_in_time_does_not_start_and_the_sweep_ends(ca
 
 def test_measured_epochs_replace_the_calibrations(capsys):
     guard = guard_at(elapsed_s=80.0)  # 40 s left
+    guard.started.add("first")
     assert not guard.may_start(trial("0", "a"))  # 3 + 3 x 10 + 5 + wrap-up 5 > 40
     result = {"epoch": 1, "epoch_seconds": 5.0, "final": False}
     guard.on_trial_result(1, [], trial("0", "b"), result)

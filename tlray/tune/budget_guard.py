@@ -14,6 +14,7 @@ import time
 
 from ray import tune
 
+from tlray.config.interval import format_span
 from tlray.config.schedule import depth_at
 from tlray.train.protocol import is_final, is_partial
 from tlray.tune.budget import SweepPlan
@@ -32,6 +33,7 @@ class BudgetGuard(tune.Callback, tune.Stopper):
         self.plan, self.started_at = plan, started_at
         self.seconds: dict[str, list[float]] = {}  # depth -> the epochs trials reported
         self.refused: set[str] = set()  # trials that did not start: no time left for them
+        self.started: set[str] = set()
         self._trials: list = []
 
     def __getstate__(self) -> dict:  # Tune saves its experiment state: not the trials
@@ -46,16 +48,18 @@ class BudgetGuard(tune.Callback, tune.Stopper):
         return self.plan.costs.with_measured(measured, self.plan.cached)
 
     def may_start(self, trial) -> bool:
-        """Whether `trial` can end in time; a refused one is remembered (and stays refused)."""
-        kind = str(trial.config.get("model.freeze"))
-        if trial.trial_id in self.refused or not can_start(self.plan, self.costs(),
-                                                           self.elapsed(), kind):
-            if trial.trial_id not in self.refused:
-                self.refused.add(trial.trial_id)
-                print(f"sweep: trial {trial.trial_id} (freeze {kind}) does not start: it "
-                      f"could not end within the {self.plan.budget_s:.0f} s budget",
-                      flush=True)
+        """Whether `trial` can end in time; a refused one is remembered (and stays refused).
+        The first trial always starts: the plan found room for it, and a sweep with no
+        trial has nothing to give."""
+        kind, trial_id = str(trial.config.get("model.freeze")), trial.trial_id
+        if trial_id in self.started or trial_id in self.refused:
+            return trial_id in self.started  # asked again: the same answer
+        if self.started and not can_start(self.plan, self.costs(), self.elapsed(), kind):
+            self.refused.add(trial_id)
+            print(f"sweep: trial {trial_id} (freeze {kind}) does not start: it could not "
+                  f"end within the {format_span(self.plan.budget_s)} budget", flush=True)
             return False
+        self.started.add(trial_id)
         return True
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:

@@ -22,6 +22,7 @@ from tlray.tune.budget_guard import BudgetGuard
 from tlray.tune.calibrate import calibrate
 from tlray.tune.replan import trials_to_add
 from tlray.tune.space import more_trials, spread_trials
+from tlray.train.threads import own_threads
 from tlray.tune.trial import concurrency
 
 # What the user may fix by hand; the plan then keeps it and says so.
@@ -40,14 +41,14 @@ def plan_to_budget(plan: Plan, choices: list[str], fixed: frozenset[str],
     budget_s = parse_budget(cfg.tune.budget)
     print(f"sweep: measuring what an epoch costs at each freeze depth, to plan "
           f"{cfg.tune.budget}", flush=True)
-    costs = calibrate(plan, choices, elapsed_s=time.time() - started_at)
+    costs = calibrate(plan, choices, started_at)
 
     def design(trials: int) -> list[str]:
         at = config_mod.with_overrides(cfg, **{"tune.num_samples": trials})
         return [p["model.freeze"] for p in spread_trials(at, choices)]
 
     budget_plan = plan_sweep(
-        budget_s, costs, choices, concurrency(cfg), cfg.train.epochs,
+        budget_s, costs, choices, slots(cfg), cfg.train.epochs,
         num_samples=cfg.tune.num_samples if "tune.num_samples" in fixed else None,
         epochs=cfg.train.epochs if "train.epochs" in fixed else None, design=design)
     for line in plan_lines(budget_plan):
@@ -62,6 +63,22 @@ def plan_to_budget(plan: Plan, choices: list[str], fixed: frozenset[str],
         settings["train.feature_cache"] = "auto" if budget_plan.cached else "never"
     cfg = config_mod.with_overrides(cfg, **settings)
     return dataclasses.replace(plan, config=cfg), kept, budget_plan
+
+
+def slots(cfg) -> int:
+    """Trials the plan runs at once: as many as the cluster holds (`trial.concurrency`), but
+    on one machine's CPUs no more than its cores run at the threads a trial computes with
+    (the costs are measured at those threads; a cluster may count more CPUs than there are
+    cores, as a laptop's often does to leave room for Ray Data)."""
+    import os
+
+    import ray
+
+    at_once = concurrency(cfg)
+    if cfg.scaling.use_gpu or len([n for n in ray.nodes() if n.get("Alive")]) != 1:
+        return at_once
+    per_trial = own_threads(cfg.scaling.cpus_per_worker) * cfg.scaling.max_workers
+    return max(1, min(at_once, (os.cpu_count() or 1) // per_trial))
 
 
 def trials_in_time_left(budget_guard: BudgetGuard, cfg, choices: list[str],

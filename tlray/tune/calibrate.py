@@ -48,12 +48,12 @@ def depths(choices: list[str]) -> list[str]:
     return sorted(found, key=lambda d: (d == "all", int(d) if d != "all" else 0))
 
 
-def calibrate(plan: Plan, choices: list[str], elapsed_s: float) -> Costs:
+def calibrate(plan: Plan, choices: list[str], started_at: float) -> Costs:
     """Costs of the sweep `plan` runs over `choices`, measured now in this process.
 
     Args:
-        elapsed_s: what the command has taken so far (its start, the preflight): part of
-            the budget already spent.
+        started_at: `time.time()` when the command started: what it has taken until the
+            measurement is done (its start, the preflight, this) is spent already.
     """
     cfg, info = plan.config, plan.dataset
     batch = _first_batch(info, cfg.data.batch_size)
@@ -68,8 +68,9 @@ def calibrate(plan: Plan, choices: list[str], elapsed_s: float) -> Costs:
         torch.set_num_threads(threads)
     scale = max(0.5, min(4.0, float(np.median(step_s)) / REFERENCE_STEP_S))
     return Costs(epoch_s=epoch_s, trial_s=TRIAL_START_S * scale,
-                 finish_s=TRIAL_FINISH_S * scale, setup_s=elapsed_s + SWEEP_START_S,
-                 wrapup_s=SWEEP_END_S)
+                 finish_s=TRIAL_FINISH_S * scale,
+                 setup_s=time.time() - started_at + SWEEP_START_S * scale,
+                 wrapup_s=SWEEP_END_S * scale)
 
 
 def _epoch_seconds(plan: Plan, depth: str, batch) -> tuple[float, float]:

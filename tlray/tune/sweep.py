@@ -105,8 +105,9 @@ def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
             trial_resources(cfg)))
         results = [r for name in list(state.parts) for r in part.run(name, points)]
         done = [r.config for r in results if r.metrics]
+        grows = guard is not None and "tune.num_samples" not in fixed  # the plan's count
         extra = (more_trials(cfg, choices, done, more) if more else
-                 trials_in_time_left(guard, cfg, choices, done) if guard else [])
+                 trials_in_time_left(guard, cfg, choices, done) if grows else [])
         if extra:
             state.parts.append(f"{state.name}-more{len(state.parts)}")
             results += part.run(state.parts[-1], extra)
