@@ -20,7 +20,8 @@ from tlray.data.prepare import prepare
 from tlray.data.preprocess import to_model_input
 from tlray.errors import TlrayError
 from tlray.model import feature_cache as features
-from tlray.model.build import build_model, freeze_groups, model_groups
+from tlray.model.build import build_model
+from tlray.model.freeze import freeze_groups, model_groups
 from tlray.model.cut import split_model
 from tlray.train.plan import check_model, preflight, resolve_dataset
 from tlray.train.run import train

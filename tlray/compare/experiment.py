@@ -35,7 +35,7 @@ from tlray.compare.report import (
 )
 from tlray.config import Config
 from tlray.errors import TlrayError
-from tlray.model.build import SCRATCH_CNN
+from tlray.model.scratch import SCRATCH_CNN
 from tlray.track import runs as tracking
 from tlray.train.plan import preflight
 from tlray.train.run import TrainResult, train

@@ -21,8 +21,8 @@ import torch.nn as nn
 from tlray.config.interval import parse_every
 from tlray.config.schedule import Phase, phase_at
 from tlray.config.schedule import parse as parse_schedule
-from tlray.model.build import ModelInfo, build_for_run, model_groups, resolve_freeze, \
-    set_frozen_depth
+from tlray.model.build import ModelInfo, build_for_run
+from tlray.model.freeze import model_groups, resolve_freeze, set_frozen_depth
 from tlray.model.cut import ModelSplit, split_model
 from tlray.model.feature_cache import load_front
 from tlray.track.epoch_log import EpochLogger
