@@ -104,7 +104,7 @@ def tlray_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_db: Pat
     MLFLOW_TRACKING_URI unset (restored afterwards)."""
     import mlflow
 
-    from tlray.track import runs as tracking
+    from tlray.track.store import configure
 
     home = tmp_path / "tlray-home"
     (home / "datasets").mkdir(parents=True)
@@ -116,7 +116,7 @@ def tlray_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_db: Pat
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     # MLflow keeps the last tracking URI in a global: point it at this test's store, so
     # clients created before any tlray call agree.
-    tracking.configure()
+    configure()
     yield home
     while mlflow.active_run() is not None:  # a failed test must not leak its run
         mlflow.end_run()

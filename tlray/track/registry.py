@@ -21,7 +21,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from tlray.errors import TlrayError
-from tlray.track import runs as tracking
+from tlray.track.store import configure
 from tlray.track.metrics import is_better
 
 _log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def register_champion(
         mode: "max" when a higher value is better (accuracy, AUC), "min" for a loss.
         tags: more version tags (values are stringified; None values are left out).
     """
-    tracking.configure()
+    configure()
     value = float(metric_value)
     version = mlflow.register_model(
         model_uri, registered_name,
@@ -121,7 +121,7 @@ def register_champion(
 
 def describe_version(registered_name: str, version: int, description: str) -> None:
     """The version's description: what the MLflow UI shows a person choosing a model."""
-    tracking.configure()
+    configure()
     MlflowClient().update_model_version(registered_name, str(version), description=description)
 
 

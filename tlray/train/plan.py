@@ -27,7 +27,7 @@ from tlray.errors import TlrayError
 from tlray.model import feature_cache
 from tlray.model.build import ModelInfo, build_for_run
 from tlray.model.cut import split_model
-from tlray.track import runs as tracking
+from tlray.track.store import check_tracking_server, configure
 from tlray.train import faults
 from tlray.train.cluster import check_resources, init_ray, worker_resources
 from tlray.train.protocol import CachePlan
@@ -114,8 +114,8 @@ def connect(cfg: Config) -> str:
     or starts Ray, and checks that the workers fit. Returns the tracking URI."""
     if cfg.tracking.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking.tracking_uri
-    uri = tracking.configure()
-    tracking.check_tracking_server(uri)
+    uri = configure()
+    check_tracking_server(uri)
     init_ray()
     check_resources(cfg.scaling)
     return uri

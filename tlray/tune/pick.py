@@ -12,7 +12,9 @@ from tlray import config as config_mod
 from tlray.config import Config
 from tlray.errors import TlrayError
 from tlray.track import plots, registry
-from tlray.track import runs as tracking
+from tlray.track.figures import log_figure
+from tlray.track.runs import end_run_with_status
+from tlray.track.store import ui_command
 from tlray.track.metrics import best_of
 from tlray.train.protocol import is_final
 from tlray.tune.goal import Goal
@@ -86,7 +88,7 @@ def _trial_row(result, children: dict, metric: str, goal: Goal) -> dict:
     if child is not None and result.error is None and child.info.status == "FAILED":
         # Stopped by ASHA or the goal, its Train run broke mid-way and the trial recorded
         # a failure. It was stopped, not broken.
-        tracking.end_run_with_status(child.info.run_id, "KILLED")
+        end_run_with_status(child.info.run_id, "KILLED")
     if result.error:
         status = ERROR
     elif is_final(m):
@@ -195,14 +197,14 @@ def log_sweep(trials: list[dict], metric: str, importance: Importance | None,
     rows = [{"lr": t["optim.lr"], "freeze_depth": t["model.freeze"], metric: t[metric]}
             for t in trials if t.get(metric) is not None and "optim.lr" in t]
     if rows:
-        tracking.log_figure(plots.sweep_plot(rows, metric), "plots/sweep.png")
+        log_figure(plots.sweep_plot(rows, metric), "plots/sweep.png")
     if importance is not None:
         mlflow.log_text(pd.Series(importance.values, name="importance").rename_axis(
             "setting").to_csv(), "importance.csv")
         mlflow.log_metrics({f"importance.{k}": v for k, v in importance.values.items()})
         bars, lines = importance_plots(study, list(importance.values))
-        tracking.log_figure(bars, "plots/importance.png")
-        tracking.log_figure(lines, "plots/parallel_coordinates.png")
+        log_figure(bars, "plots/importance.png")
+        log_figure(lines, "plots/parallel_coordinates.png")
 
 
 def format_summary(result: SweepResult, monitor: str) -> str:
@@ -234,7 +236,7 @@ def format_summary(result: SweepResult, monitor: str) -> str:
         lines.append(f"load it: mlflow.pyfunc.load_model('models:/{result.registered_name}"
                      f"@champion').predict(images); serve it: mlflow models serve -m "
                      f"models:/{result.registered_name}@champion --env-manager local -p 5001")
-    lines.append(f"MLflow parent run {result.parent_run_id}: {tracking.ui_command()}")
+    lines.append(f"MLflow parent run {result.parent_run_id}: {ui_command()}")
     return "\n".join(lines)
 
 

@@ -25,7 +25,10 @@ from tlray.config import Config
 from tlray.config.schedule import first_depth
 from tlray.errors import Paused, TlrayError
 from tlray.track import registry
-from tlray.track import runs as tracking
+from tlray.track.datasets import log_datasets
+from tlray.track.figures import log_samples
+from tlray.track.params import log_config
+from tlray.track.runs import close_dangling_runs, start_run
 from tlray.train.launch import read_splits
 from tlray.train.lr_find import log_curves, lr_find, range_from
 from tlray.train.plan import Plan, preflight
@@ -72,14 +75,14 @@ def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
     tags = {"sweep": state.name, "dataset": info.name, "backbone": cfg.model.backbone,
             "weights": cfg.model.weights, "dataset_hash": info.fingerprint}
     goal = Goal(cfg.train.monitor, cfg.monitor_mode, cfg.tune.goal)
-    with tracking.start_run(plan.experiment, run_name=state.name, tags=tags,
-                            run_id=state.parent_run_id) as parent:
+    with start_run(plan.experiment, run_name=state.name, tags=tags,
+                   run_id=state.parent_run_id) as parent:
         if state.parent_run_id is None:
             _log_sweep_settings(cfg, space)
             # The splits, recorded here first: trials that start together would each
             # insert the same dataset rows, and MLflow's store refuses the second.
-            tracking.log_datasets(info)
-            tracking.log_samples(info)
+            log_datasets(info)
+            log_samples(info)
         if curves:
             log_curves(curves)
         state.parent_run_id, state.finished = parent.info.run_id, False
@@ -137,8 +140,8 @@ class _Part:
             try:
                 results = list(tuner.fit())
             finally:  # trials Tune stopped (ASHA, the goal, Ctrl-C) could not end their runs
-                tracking.close_dangling_runs(parent_run_id=self.state.parent_run_id,
-                                             status="KILLED")
+                close_dangling_runs(parent_run_id=self.state.parent_run_id,
+                                    status="KILLED")
         if pause.paused:
             saved = sum(1 for r in results if r.checkpoint is not None)
             planned = max(len(results), trial_count(self.plan.config, points))
@@ -169,7 +172,7 @@ def trial_count(cfg: Config, points: list[dict] | None) -> int:
 def _log_sweep_settings(cfg: Config, space: dict) -> None:
     import mlflow
 
-    tracking.log_config(cfg.to_dict())
+    log_config(cfg.to_dict())
     mlflow.log_dict({k: repr(v) for k, v in space.items()}, "search_space.json")
     mlflow.log_params({"sweep.metric": cfg.train.monitor, "sweep.mode": cfg.monitor_mode,
                        "sweep.scheduler": "ASHA", "sweep.search": cfg.tune.search})
