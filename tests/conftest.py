@@ -21,6 +21,14 @@ os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
+def pytest_collection_modifyitems(items):
+    """A test on the session's Ray cluster is a `ray` test, marked or not: `-m "not ray"`
+    then runs exactly the tests that start no Ray."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(autouse=True)
 def _sys_path_restored():
     """Loading a logged model puts its shipped code (a partial copy of tlray) first on
@@ -104,7 +112,7 @@ def tlray_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_db: Pat
     MLFLOW_TRACKING_URI unset (restored afterwards)."""
     import mlflow
 
-    from tlray.track import runs as tracking
+    from tlray.track.store import configure
 
     home = tmp_path / "tlray-home"
     (home / "datasets").mkdir(parents=True)
@@ -116,7 +124,7 @@ def tlray_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_db: Pat
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     # MLflow keeps the last tracking URI in a global: point it at this test's store, so
     # clients created before any tlray call agree.
-    tracking.configure()
+    configure()
     yield home
     while mlflow.active_run() is not None:  # a failed test must not leak its run
         mlflow.end_run()

@@ -11,18 +11,19 @@ import torch
 from mlflow import MlflowClient
 
 from tlray import config
+from tlray.bench import plain_loop, train_report
 from tlray.bench import train as bench_train
 
 pytestmark = pytest.mark.ray
 
 
 def test_synthetic_split_puts_whole_batches_into_train():
-    images, labels, fractions = bench_train.synthetic_images(6400, 8)
+    images, labels, fractions = plain_loop.synthetic_images(6400, 8)
     assert images.dtype == np.uint8 and images.shape[1:] == (8, 8, 3)
     assert sum(fractions.values()) == pytest.approx(1.0)
     per_class = np.bincount(labels)
-    assert len(per_class) == bench_train.NUM_CLASSES and len(set(per_class)) == 1
-    assert round(fractions["train"] * per_class[0]) * bench_train.NUM_CLASSES == 6400
+    assert len(per_class) == plain_loop.NUM_CLASSES and len(set(per_class)) == 1
+    assert round(fractions["train"] * per_class[0]) * plain_loop.NUM_CLASSES == 6400
     assert round(fractions["val"] * per_class[0]) >= 1
 
 
@@ -42,10 +43,10 @@ def test_tiny_benchmark_times_both_sides_on_the_same_work(ray_cluster, tlray_hom
     assert run.data.params["model.backbone"] == "test_efficientnet"
     assert int(float(run.data.metrics["img_per_s"])) > 0
     # The report shows both figures and what each is.
-    table = bench_train.format_train(result)
+    table = train_report.format_train(result)
     assert f"{result.plain_img_s:,.0f}" in table and f"{result.tlray_img_s:,.0f}" in table
     assert "plain: best of 1 passes of 3 steps" in table and "ingest:" in table
-    assert json.loads(bench_train.train_json(result))["plain_passes_img_s"] == \
+    assert json.loads(train_report.train_json(result))["plain_passes_img_s"] == \
         result.plain_passes_img_s
 
 
@@ -56,7 +57,7 @@ def test_both_sides_build_the_runs_model_for_a_schedule_and_a_zero_head(mnist):
     cfg = config.load(None, ["--model.backbone=test_efficientnet", "--model.weights=none",
                              "--data.image_size=16", "--model.freeze=all:1,0@0.5",
                              "--model.head_init=zero", f"--data.dataset={mnist.uri}"])
-    net, phase = bench_train.plain_model(cfg, mnist, "cpu")
+    net, phase = plain_loop.plain_model(cfg, mnist, "cpu")
     run = setup_model(WorkerArgs(config=cfg, dataset=mnist, cache=None, run_id=None,
                                  tracking_uri=None), "cpu")
     mine, theirs = net.model.state_dict(), run.model.state_dict()

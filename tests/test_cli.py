@@ -164,7 +164,7 @@ def test_every_hint_names_an_option_its_command_accepts():
 
 
 def test_hints_of_the_offline_weights_name_the_flags_of_every_run_command():
-    from tlray.model.weights import _OFFLINE_HINT
+    from tlray.model.weight_hub import _OFFLINE_HINT
 
     for command in ("train", "tune", "compare"):
         parser = subcommand(command)

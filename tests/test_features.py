@@ -20,8 +20,9 @@ from tlray.data.prepare import prepare
 from tlray.data.preprocess import to_model_input
 from tlray.errors import TlrayError
 from tlray.model import feature_cache as features
-from tlray.model.build import build_model, freeze_groups, model_groups
-from tlray.model.cut import split_model
+from tlray.model.build import build_model
+from tlray.model.cut import cut_model
+from tlray.model.freeze import freeze_groups, model_groups
 from tlray.train.plan import check_model, preflight, resolve_dataset
 from tlray.train.run import train
 
@@ -46,12 +47,12 @@ def test_cached_and_uncached_training_give_the_same_gradients(backbone, weights,
     torch.manual_seed(0)
     model, minfo = build_model(backbone, 10, in_chans=1, img_size=32, weights=weights,
                                freeze=freeze)
-    split = split_model(model, minfo.data_config["input_size"])
-    assert split is not None and split.cut == cut
+    model_cut = cut_model(model, minfo.data_config["input_size"])
+    assert model_cut is not None and model_cut.after == cut
     # Every trainable parameter of the model is in the rest, and nothing else trains.
-    rest_params = {id(p) for p in split.rest.parameters() if p.requires_grad}
+    rest_params = {id(p) for p in model_cut.rest.parameters() if p.requires_grad}
     assert rest_params == {id(p) for p in model.parameters() if p.requires_grad}
-    assert not any(p.requires_grad for p in split.front.parameters())
+    assert not any(p.requires_grad for p in model_cut.front.parameters())
 
     model.train()  # training mode: the front must still be deterministic
     x, y = torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,))
@@ -60,9 +61,9 @@ def test_cached_and_uncached_training_give_the_same_gradients(backbone, weights,
     uncached = _trainable_grads(model)
     model.zero_grad()
     with torch.no_grad():
-        cached_input = split.front(x)
+        cached_input = model_cut.front(x)
     torch.manual_seed(1)
-    F.cross_entropy(split.rest(cached_input), y).backward()
+    F.cross_entropy(model_cut.rest(cached_input), y).backward()
     cached = _trainable_grads(model)
     assert uncached.keys() == cached.keys() and len(cached) > 0
     for name in uncached:
@@ -72,31 +73,31 @@ def test_cached_and_uncached_training_give_the_same_gradients(backbone, weights,
 
 def test_nothing_to_cache_without_frozen_groups_or_with_random_layers():
     model, _ = build_model("resnet18", 10, img_size=32, weights="none", freeze=0)
-    assert split_model(model, (3, 32, 32)) is None
+    assert cut_model(model, (3, 32, 32)) is None
     # Drop-path makes frozen blocks random in training mode: the cut stops before them.
     model = timm.create_model("tf_efficientnet_lite0", num_classes=10, drop_path_rate=0.2)
     freeze_groups(model, [names for _, names in model_groups(model)[:4]])
-    split = split_model(model, (3, 32, 32))
+    model_cut = cut_model(model, (3, 32, 32))
     # The first block's drop-path rate is 0 (timm scales it up with depth); blocks.1 has one.
-    assert split is not None and split.cut == "blocks.0"
-    assert not any(getattr(m, "drop_prob", 0) for m in split.front.modules())
+    assert model_cut is not None and model_cut.after == "blocks.0"
+    assert not any(getattr(m, "drop_prob", 0) for m in model_cut.front.modules())
 
 
 def test_cache_key_follows_the_front_weights_and_input():
     model, minfo = build_model("resnet18", 10, img_size=32, weights="none", freeze=2)
     fake = type("Info", (), {"fingerprint": "abc"})()  # only the dataset's identity counts
-    split = split_model(model, (3, 32, 32))
-    key = features.cache_key(split, fake, minfo.data_config, 32)
-    assert features.cache_key(split, fake, minfo.data_config, 32) == key
-    assert features.cache_key(split, fake, minfo.data_config, 64) != key
+    model_cut = cut_model(model, (3, 32, 32))
+    key = features.cache_key(model_cut, fake, minfo.data_config, 32)
+    assert features.cache_key(model_cut, fake, minfo.data_config, 32) == key
+    assert features.cache_key(model_cut, fake, minfo.data_config, 64) != key
     original = model.conv1.weight.detach().clone()
     with torch.no_grad():
         model.conv1.weight[0, 0, 0, 0] += 1.0  # a frozen weight: the features change
-    assert features.cache_key(split, fake, minfo.data_config, 32) != key
+    assert features.cache_key(model_cut, fake, minfo.data_config, 32) != key
     with torch.no_grad():
         model.conv1.weight.copy_(original)
         model.fc.weight.zero_()  # a trained weight: the cache stays valid
-    assert features.cache_key(split, fake, minfo.data_config, 32) == key
+    assert features.cache_key(model_cut, fake, minfo.data_config, 32) == key
 
 
 def test_cache_on_disk_holds_exactly_the_front_outputs(ray_cluster, tlray_home, tmp_path,
@@ -104,12 +105,12 @@ def test_cache_on_disk_holds_exactly_the_front_outputs(ray_cluster, tlray_home, 
     info = prepare("builtin:mnist", progress=False)
     model, minfo = build_model("tf_efficientnet_lite0", 10, in_chans=1, img_size=32,
                                freeze="3")
-    split = split_model(model, minfo.data_config["input_size"])
+    model_cut = cut_model(model, minfo.data_config["input_size"])
     mean, std = minfo.data_config["mean"], minfo.data_config["std"]
     uri = str(tmp_path / "cache")
-    cache = features.build(split, info, uri, mean=mean, std=std, size=32)
+    cache = features.build(model_cut, info, uri, mean=mean, std=std, size=32)
     assert cache.features["cut"] == "blocks.1" and cache.dtype == "float32"
-    assert cache.image_shape == split.shape == (24, 8, 8)
+    assert cache.image_shape == model_cut.shape == (24, 8, 8)
     assert {s: cache.splits[s].rows for s in cache.splits} == {
         s: info.splits[s].rows for s in ("train", "val")}
     assert not list(tmp_path.glob(".cache.tmp-*"))  # built aside, moved into place
@@ -127,7 +128,7 @@ def test_cache_on_disk_holds_exactly_the_front_outputs(ray_cluster, tlray_home, 
                                                  50, dtype=cache.dtype, with_ids=True):
         images = torch.from_numpy(np.stack([source[i] for i in ids]))
         with torch.no_grad():
-            expected = split.front.eval()(to_model_input(images, mean, std, (32, 32)))
+            expected = model_cut.front.eval()(to_model_input(images, mean, std, (32, 32)))
         torch.testing.assert_close(batch, expected, rtol=1e-5, atol=1e-5)
         seen += len(ids)
     assert seen == info.splits["val"].rows
@@ -138,7 +139,7 @@ def test_cache_on_disk_holds_exactly_the_front_outputs(ray_cluster, tlray_home, 
 
     # A second build finds the finished cache and leaves it alone.
     stamp = (Path(uri) / "dataset.json").stat().st_mtime_ns
-    assert features.build(split, info, uri, mean=mean, std=std, size=32).uri == uri
+    assert features.build(model_cut, info, uri, mean=mean, std=std, size=32).uri == uri
     assert (Path(uri) / "dataset.json").stat().st_mtime_ns == stamp
 
     # A build racing one that published first (it saw no cache when it started) keeps the
@@ -150,7 +151,7 @@ def test_cache_on_disk_holds_exactly_the_front_outputs(ray_cluster, tlray_home, 
         return None if len(calls) == 1 else real_existing(u)
 
     monkeypatch.setattr(features, "existing", not_yet_published)
-    assert features.build(split, info, uri, mean=mean, std=std, size=32).uri == uri
+    assert features.build(model_cut, info, uri, mean=mean, std=std, size=32).uri == uri
     assert len(calls) == 2  # once at the start, once after the rename was refused
     assert (Path(uri) / "dataset.json").stat().st_mtime_ns == stamp
     assert not list(tmp_path.glob(".cache.*"))
@@ -285,10 +286,10 @@ def test_cache_built_on_the_gpu_matches_the_cpu(tlray_home, tmp_path):
     info = prepare("builtin:mnist", progress=False)
     model, minfo = build_model("tf_efficientnet_lite0", 10, in_chans=1, img_size=64,
                                freeze="all")
-    split = split_model(model, minfo.data_config["input_size"])
+    model_cut = cut_model(model, minfo.data_config["input_size"])
     kwargs = dict(mean=minfo.data_config["mean"], std=minfo.data_config["std"], size=64)
-    cpu = features.build(split, info, str(tmp_path / "cpu"), **kwargs)
-    gpu = features.build(split, info, str(tmp_path / "gpu"), device="cuda", amp=True, **kwargs)
+    cpu = features.build(model_cut, info, str(tmp_path / "cpu"), **kwargs)
+    gpu = features.build(model_cut, info, str(tmp_path / "gpu"), device="cuda", amp=True, **kwargs)
     for a, b in zip(cpu.shard_uris("val"), gpu.shard_uris("val")):
         x = decode_images(pq.read_table(a).column("image"), cpu.image_shape, cpu.dtype)
         y = decode_images(pq.read_table(b).column("image"), gpu.image_shape, gpu.dtype)

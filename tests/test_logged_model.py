@@ -23,7 +23,9 @@ from tlray.data.preprocess import to_channels, to_model_input
 from tlray.errors import TlrayError
 from tlray.serve import log_model as logged_model
 from tlray.track import registry
-from tlray.track import runs as tracking
+from tlray.track.datasets import log_datasets
+from tlray.track.run_metrics import link_metrics
+from tlray.track.runs import start_run
 
 CLASSES = ["cat", "dog", "fish"]
 PRE = {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3], "size": [16, 16], "channels": 3}
@@ -66,7 +68,7 @@ def logged(tlray_home: Path):
     """(eager model, logged model info): a tiny RGB classifier logged as tlray logs one."""
     model = _tiny_model(0)
     model.train()
-    with tracking.start_run("models"):
+    with start_run("models"):
         info = logged_model.log_model(model, _pixels((2, 10, 10, 3)), CLASSES, PRE)
     assert model.training  # the caller's model is left as it was
     return model, info
@@ -151,7 +153,7 @@ def test_bad_images_are_request_errors_that_name_the_problem(logged) -> None:
 
 
 def test_log_model_checks_its_inputs(tlray_home: Path) -> None:
-    with tracking.start_run("models"):
+    with start_run("models"):
         with pytest.raises(TlrayError, match="class names"):
             logged_model.log_model(_tiny_model(0), _pixels((2, 8, 8, 3)), ["only", "two"], PRE)
         with pytest.raises(TlrayError, match=r"expected uint8 images \[N, H, W, C\]"):
@@ -170,7 +172,7 @@ def test_champion_moves_only_on_better_metric(tlray_home: Path) -> None:
     name = registry.default_registered_name("digits", "tiny")
     models = [_tiny_model(seed).eval() for seed in range(3)]
     uris = []
-    with tracking.start_run("registry"):
+    with start_run("registry"):
         for i, model in enumerate(models):
             uris.append(logged_model.log_model(model, _pixels((2, 8, 8, 3)), CLASSES, PRE,
                                                name=f"model{i}").model_uri)
@@ -210,12 +212,12 @@ def test_runs_record_their_splits_and_the_models_metrics(tlray_home: Path,
 
     info = prepare(from_arrays(_pixels((30, 6, 6, 1)), np.repeat([0, 1, 2], 10)),
                    tmp_path / "tiny", progress=False)
-    with tracking.start_run("datasets") as run:
-        data = tracking.log_datasets(info)
+    with start_run("datasets") as run:
+        data = log_datasets(info)
         for epoch, acc in ((1, 0.5), (2, 0.9), (3, 0.7)):
             mlflow.log_metrics({"val_acc": acc, "val_loss": 1 - acc}, step=epoch)
         model = logged_model.log_model(_tiny_model(0), _pixels((2, 6, 6, 3)), CLASSES, PRE)
-        tracking.link_metrics(run.info.run_id, model.model_id, ["val_acc", "val_loss"], 2)
+        link_metrics(run.info.run_id, model.model_id, ["val_acc", "val_loss"], 2)
         mlflow.log_metrics({"test_acc": 0.8}, step=3, model_id=model.model_id,
                            dataset=data["test"])
 

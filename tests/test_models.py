@@ -13,13 +13,10 @@ from timm.layers import FrozenBatchNormAct2d
 from torch import nn
 
 from tlray.errors import TlrayError
-from tlray.model.build import (
-    MLPHead,
-    build_model,
-    describe_backbone,
-    format_groups,
-    model_groups,
-)
+from tlray.cli.data_commands import format_groups
+from tlray.model.build import build_model, describe_backbone
+from tlray.model.freeze import model_groups
+from tlray.model.heads import MLPHead
 from tlray.model.weights import classifier_names
 
 # ImageNet classes a photo of a Chinese palace/temple may fairly land in.

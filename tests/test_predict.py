@@ -27,7 +27,7 @@ from tlray.errors import TlrayError
 from tlray.serve import log_model as logged_model
 from tlray.serve.predict import predict, write_csv_atomic
 from tlray.track import registry
-from tlray.track import runs as tracking
+from tlray.track.runs import start_run
 
 CLASSES = ["0", "1", "2"]  # the class names `prepare` gives Kaggle labels 0, 1, 2
 SIZE = [12, 12]  # model input size; the generated images are other sizes (8x8, 10x10, ...)
@@ -60,7 +60,7 @@ def store(tmp_path_factory: pytest.TempPathFactory):
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
         mp.setenv("TLRAY_HOME", str(tmp))
         uris = {}
-        with tracking.start_run("predict-tests") as run:
+        with start_run("predict-tests") as run:
             for name, channels in (("bright", 1), ("bright-rgb", 3)):
                 example = _images([0, 200], (8, 8, channels))
                 uri = logged_model.log_model(Brightness(0.5, 0.5), example, CLASSES,

@@ -20,7 +20,8 @@ from tlray.config.schedule import Phase
 from tlray.data.dataset import sample_per_class
 from tlray.data.preprocess import to_model_input, tta_probabilities
 from tlray.model import feature_cache
-from tlray.model.build import build_model, model_groups
+from tlray.model.build import build_model
+from tlray.model.freeze import model_groups
 from tlray.train.feeds import TrainFeed
 from tlray.train.lr_find import START, find_and_log
 from tlray.train.phases import enter_phase

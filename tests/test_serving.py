@@ -47,9 +47,9 @@ def champion(ray_cluster, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TLRAY_HOME", str(home))
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        from tlray.track import runs as tracking
+        from tlray.track.store import configure
 
-        uri = tracking.configure()
+        uri = configure()
         info = prepare("builtin:mnist", progress=False)
         result = sweep.sweep(config.load(None, SWEEP + [f"--data.dataset={info.uri}"]))
         images, labels, ids = next(iter_split(info, "test"))

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from tlray.errors import TlrayError
-from tlray.model.build import MLPHead, build_model
+from tlray.model.build import build_model
+from tlray.model.heads import MLPHead
 from tlray.model.weights import packaged_weights_path, parse_weights
 from tlray.paths import cache_dir
 

@@ -6,16 +6,12 @@ blood cells segmented on black, as the NIH crops are (round pink cells of varied
 stain and focus, at any orientation), half of them with one to three small dark ring-shaped
 parasites, half with none but with the pale artefacts real smears have. `photos` cuts crops
 from the two photographs scikit-learn installs (for what a photograph looks like to
-`data.augment=auto`, not for accuracy).
-
-    python -m tlray.bench.standins cells ~/cells --images 6000 --size 64
+`data.augment=auto`, not for accuracy). `jobs/make_cells.py` writes the cells as a folder.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -121,20 +117,3 @@ def write_cells(dest: Path, n: int, size: int, seed: int) -> Path:
     for i, (image, label) in enumerate(zip(images, labels)):
         Image.fromarray(image).save(dest / CLASSES[label] / f"cell_{i:06d}.png")
     return dest
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tlray.bench.standins",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["cells"])
-    parser.add_argument("dest", type=Path)
-    parser.add_argument("--images", type=int, default=6000)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    print(write_cells(args.dest, args.images, args.size, args.seed))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,9 @@
 """Training-loop benchmark: tlray's Ray Train loop against a plain PyTorch loop, side by side.
 
 Both sides train the same model with the same optimizer and schedule, built by the run's own
-set-up (`plain_model`: head and its init, weights, the first phase's frozen groups), on the
-same batch, input size and synthetic uint8 images, on whatever device is present, and the
-ratio of their train images/s says what tlray's machinery costs:
+set-up (`plain_loop.plain_model`: head and its init, weights, the first phase's frozen
+groups), on the same batch, input size and synthetic uint8 images, on whatever device is
+present, and the ratio of their train images/s says what tlray's machinery costs:
 
 - plain: one process, the images held in host memory as one uint8 array (pinned on CUDA),
   each batch a zero-copy slice that is moved to the device and normalised/resized there by
@@ -44,225 +44,30 @@ ratio then also shows how training scales (on CPU, give the cluster the cores fo
 The data are stored at `data_size` pixels and resized on the device to `image_size`, as
 tlray does with every dataset (MNIST's 28 px is trained at 32-224 px); on CUDA the default
 224 px input is fed from 64 px images, which keeps the synthetic dataset small.
+
+The data and the plain side are `tlray.bench.plain_loop`'s; the result and its printing,
+`tlray.bench.train_report`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
-import torch.nn as nn
 
 from tlray import config as config_mod
-from tlray.data.preprocess import to_model_input
-from tlray.train.steps import autocast, train_step
+from tlray.bench.plain_loop import plain_process, sync, synthetic_images
+from tlray.bench.train_report import TrainBenchResult, device_name
 from tlray.train.threads import own_threads
-
-NUM_CLASSES = 10
-# Train gets almost all rows: tlray evaluates val every epoch and test at the end, outside
-# the timed part, and they only have to exist.
-VAL_FRACTION = 0.02
 
 CPU_DEFAULTS = dict(backbone="tf_efficientnet_lite0", weights="packaged", image_size=32,
                     batch_size=64, steps=100, epochs=3, warmup=10)
 CUDA_DEFAULTS = dict(backbone="efficientnet_b0", weights="none", image_size=224,
                      batch_size=256, steps=100, epochs=3, warmup=30)
-
-
-@dataclass
-class TrainBenchResult:
-    """One side-by-side measurement; rates are train images/s (all workers together)."""
-
-    device: str
-    backbone: str
-    weights: str
-    image_size: int
-    data_size: int
-    batch_size: int
-    workers: int
-    threads: int  # torch intra-op threads: plain process = each Ray worker
-    nice: int  # niceness of the Ray workers (Ray's RAY_worker_niceness)
-    plain_nice: int  # niceness of the plain process (= nice unless it could not be raised)
-    steps: int  # timed steps per pass (plain) and per epoch and worker (tlray)
-    plain_img_s: float  # best timed pass (half of them before the tlray run, half after)
-    tlray_img_s: float  # best epoch after the first
-    plain_passes_img_s: list[float] = field(default_factory=list)
-    tlray_epochs_img_s: list[float] = field(default_factory=list)  # epoch 1 included
-    tlray_epoch_seconds: list[float] = field(default_factory=list)  # incl. val + checkpoint
-    tlray_wall_s: float = 0.0  # the whole train() call: Ray start, workers, MLflow, test
-    ingest_img_s: float = 0.0  # one worker's batches alone, on its device (best pass)
-    ingest_passes_img_s: list[float] = field(default_factory=list)  # first pass included
-    load_avg: list[float] = field(default_factory=list)  # 1-min load: at start, at end
-    # With `notice_checks`: tlray again, asking for a preemption notice after every step
-    # (the main tlray run then never asks); best epoch after the first.
-    notice_img_s: float = 0.0
-
-    @property
-    def notice_ratio(self) -> float:
-        """Train speed asking for a notice every step over never asking."""
-        return self.notice_img_s / self.tlray_img_s
-
-    @property
-    def ms_per_notice_check(self) -> float:
-        per_step = self.batch_size * self.workers
-        return 1000 * (per_step / self.notice_img_s - per_step / self.tlray_img_s)
-
-    @property
-    def ratio(self) -> float:
-        return self.tlray_img_s / self.plain_img_s
-
-    @property
-    def ingest_headroom(self) -> float:
-        """What Ray Data delivers to one worker's device over what that worker trains on:
-        at least ~1.2 means the training never waits for data."""
-        return self.ingest_img_s / (self.tlray_img_s / self.workers)
-
-
-# ---------------------------------------------------------------------------------------
-# The data
-
-
-def synthetic_images(train_rows: int, side: int, seed: int = 0
-                     ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """Random uint8 RGB images (N, side, side, 3), labels, and split fractions that put
-    exactly `train_rows` rows into train (rounded up to whole classes) and ~2% each into val
-    and test (at least one row per class)."""
-    per_class = math.ceil(train_rows / NUM_CLASSES)
-    held_out = max(1, round(per_class * VAL_FRACTION / (1 - 2 * VAL_FRACTION)))
-    n = per_class + 2 * held_out
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (NUM_CLASSES * n, side, side, 3), dtype=np.uint8)
-    labels = np.arange(NUM_CLASSES * n) % NUM_CLASSES
-    fractions = {"train": per_class / n, "val": held_out / n, "test": held_out / n}
-    return images, labels, fractions
-
-
-# ---------------------------------------------------------------------------------------
-# The plain loop
-
-
-def plain_model(cfg: config_mod.Config, info, device: torch.device | str):
-    """The model, optimizer and schedule a run's first phase trains with, built by the run's
-    own set-up (`tlray.train.worker_setup.setup_model`, `tlray.train.phases.enter_phase`):
-    the same head and its init, frozen groups, optimizer and schedule as the tlray side, so
-    that the ratio compares loops and not models."""
-    from tlray.config.schedule import parse as parse_schedule
-    from tlray.train.phases import enter_phase
-    from tlray.train.protocol import WorkerArgs
-    from tlray.train.worker_setup import setup_model
-
-    args = WorkerArgs(config=cfg, dataset=info, cache=None, run_id=None, tracking_uri=None)
-    net = setup_model(args, device)
-    steps = max(1, math.ceil(info.splits["train"].rows / cfg.data.batch_size))
-    return net, enter_phase(0, parse_schedule(cfg.model.freeze, cfg.train.epochs), net, args,
-                            lambda module: module.to(device), steps_per_epoch=steps,
-                            first_step=0, world=1)
-
-
-def plain_loop(cfg: config_mod.Config, info, images: np.ndarray, labels: np.ndarray, *,
-               steps: int, passes: int, warmup: int, device: torch.device | str,
-               threads: int | None = None) -> list[float]:
-    """A plain single-process loop on in-memory uint8 images; train images/s of each pass.
-
-    Same model, optimizer/schedule, batch, input size and device-side preprocessing as
-    `tlray.train.loop` (`plain_model`); batches are consecutive slices of `images`
-    (N, H, W, C), wrapping around. `warmup` untimed steps come first, then `passes` timed
-    passes of `steps` steps each.
-    """
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    batch = cfg.data.batch_size
-    if len(images) < batch:
-        raise ValueError(f"need at least one batch of images ({batch}), got {len(images)}")
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        if cuda:
-            torch.backends.cudnn.benchmark = True
-        net, phase = plain_model(cfg, info, device)
-        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-        amp = autocast(cfg.train.amp, device)
-        feed = functools.partial(to_model_input, mean=net.info.data_config["mean"],
-                                 std=net.info.data_config["std"],
-                                 size=(cfg.data.image_size,) * 2,
-                                 channels_last=cfg.train.channels_last)
-        host_images = torch.from_numpy(images)
-        host_labels = torch.from_numpy(labels.astype(np.int64))
-        if cuda:
-            host_images, host_labels = host_images.pin_memory(), host_labels.pin_memory()
-        n_batches = len(images) // batch
-        step = 0
-
-        def one_step() -> None:
-            nonlocal step
-            start = (step % n_batches) * batch
-            step += 1
-            train_step(host_images[start:start + batch].to(device, non_blocking=True),
-                       host_labels[start:start + batch].to(device, non_blocking=True),
-                       step, forward=phase.forward, criterion=criterion,
-                       optimizer=phase.optimizer, scheduler=phase.scheduler, amp=amp,
-                       feed=feed)
-
-        phase.trained.train()
-        for _ in range(warmup):
-            one_step()
-        rates = []
-        for _ in range(passes):
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                one_step()
-            _sync(device)
-            rates.append(steps * batch / (time.perf_counter() - t0))
-        return rates
-    finally:
-        torch.set_num_threads(old_threads)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _plain_child(cfg_dict: dict, info, train_rows: int, data_size: int, seed: int,
-                 steps: int, passes: int, warmup: int, device: str, threads: int, nice: int
-                 ) -> tuple[list[float], int]:
-    """The plain loop in a fresh process at the Ray workers' niceness (and thread count)."""
-    current = os.nice(0)
-    if nice > current:
-        current = os.nice(nice - current)
-    images, labels, _ = synthetic_images(train_rows, data_size, seed)
-    rates = plain_loop(config_mod.from_plain(cfg_dict), info, images, labels, steps=steps,
-                       passes=passes, warmup=warmup, device=device, threads=threads)
-    return rates, current
-
-
-def plain_process(cfg: config_mod.Config, info, *, train_rows: int, data_size: int, seed: int,
-                  steps: int, passes: int, warmup: int, device: str, threads: int,
-                  nice: int) -> tuple[list[float], int]:
-    """Runs `plain_loop` in a spawned child process; returns its rates and niceness.
-
-    A Ray worker runs at a lower priority than the driver (niceness 15): on a machine that
-    is busy with other work it gets a smaller share of the CPU than a plain process would,
-    which is not a cost of tlray's loop. The plain loop therefore runs at the same niceness
-    (which a process can raise but not lower again, hence the child). Like any `spawn`ed
-    process it re-imports the caller's main module: call this from a `__main__` guard.
-    """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_plain_child, cfg.to_dict(), info, train_rows, data_size, seed,
-                           steps, passes, warmup, device, threads, nice).result()
 
 
 # ---------------------------------------------------------------------------------------
@@ -326,12 +131,12 @@ def ingest_pass(cfg_dict: dict, passes: int, cuda: bool) -> list[float]:
     (shard,) = train.streaming_split(1, equal=False)
     rates = []
     for _ in range(passes):
-        _sync(device)
+        sync(device)
         t0, rows = time.perf_counter(), 0
         for images, _ in iter_image_batches(shard, info.image_shape, cfg.data.batch_size,
                                             device=device, shuffle=torch.Generator()):
             rows += len(images)
-        _sync(device)
+        sync(device)
         rates.append(rows / (time.perf_counter() - t0))
     return rates
 
@@ -455,7 +260,7 @@ def train_benchmark(*, backbone: str | None = None, weights: str | None = None,
                                                base=cfg), workdir)
             notice = max(row["img_per_s"] for row in asking.history[1:] or asking.history)
         return TrainBenchResult(
-            device=_device_name(cuda), backbone=backbone, weights=cfg.model.weights,
+            device=device_name(cuda), backbone=backbone, weights=cfg.model.weights,
             image_size=image_size, data_size=data_size, batch_size=batch_size,
             workers=workers, threads=n_threads, nice=worker_nice, plain_nice=plain_nice,
             steps=steps,
@@ -464,52 +269,3 @@ def train_benchmark(*, backbone: str | None = None, weights: str | None = None,
             tlray_epoch_seconds=[row["epoch_seconds"] for row in history], tlray_wall_s=wall,
             ingest_img_s=max(ingest[1:]), ingest_passes_img_s=ingest,
             load_avg=[load_start, os.getloadavg()[0]], notice_img_s=notice)
-
-
-def _device_name(cuda: bool) -> str:
-    if cuda:
-        return torch.cuda.get_device_name()
-    return f"cpu ({os.cpu_count()} cores)"
-
-
-def format_train(result: TrainBenchResult) -> str:
-    r = result
-    header = (f"{'device':<16}{'model':<24}{'size':>5}{'batch':>6}{'workers':>8}{'threads':>8}"
-              f"{'nice':>5}{'plain img/s':>13}{'tlray img/s':>13}{'ratio':>7}")
-    nice = f"{r.nice}" if r.nice == r.plain_nice else f"{r.plain_nice}/{r.nice}"
-    row = (f"{r.device[:15]:<16}{r.backbone[:23]:<24}{r.image_size:>5}{r.batch_size:>6}"
-           f"{r.workers:>8}{r.threads:>8}{nice:>5}{r.plain_img_s:>13,.0f}"
-           f"{r.tlray_img_s:>13,.0f}{r.ratio:>7.2f}")
-    note = (f"plain: best of {len(r.plain_passes_img_s)} passes of {r.steps} steps, before and "
-            f"after tlray "
-            f"({', '.join(f'{x:,.0f}' for x in r.plain_passes_img_s)}); tlray: best epoch "
-            f"after the first ({', '.join(f'{x:,.0f}' for x in r.tlray_epochs_img_s)}), "
-            f"{r.steps} steps per worker and epoch; data {r.data_size} px -> {r.image_size} px")
-    ingest = (f"ingest: {r.ingest_img_s:,.0f} img/s reach one worker's {r.device.split()[0]} "
-              f"with nothing else to do (best pass after the first; "
-              f"{', '.join(f'{x:,.0f}' for x in r.ingest_passes_img_s)}), "
-              f"{r.ingest_headroom:.1f}x what it trains on")
-    lines = [header, row, note, ingest]
-    if r.notice_img_s:
-        lines.append(f"preemption notice checks: asking after every step trains at "
-                     f"{r.notice_img_s:,.0f} img/s, {r.notice_ratio:.3f}x never asking "
-                     f"({r.ms_per_notice_check:.2f} ms per ask; tlray asks every "
-                     f"scaling.notice_check_every steps, default 10)")
-    cores = os.cpu_count() or 1
-    if r.device.startswith("cpu") and max(r.load_avg or [0]) > cores:
-        lines.append(f"warning: the machine was busy (1-min load average "
-                     f"{' -> '.join(f'{x:.1f}' for x in r.load_avg)} on {cores} cores): "
-                     f"CPU timings are noisy, compare the per-pass figures")
-    return "\n".join(lines)
-
-
-def train_json(result: TrainBenchResult) -> str:
-    extra = ({"notice_ratio": result.notice_ratio,
-              "ms_per_notice_check": result.ms_per_notice_check}
-             if result.notice_img_s else {})
-    return json.dumps(dict(asdict(result), ratio=result.ratio,
-                           ingest_headroom=result.ingest_headroom, **extra), indent=2)
-
-
-# ---------------------------------------------------------------------------------------
-# Command line (`tlray benchmark train`)

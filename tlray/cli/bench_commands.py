@@ -80,7 +80,8 @@ def ingest_command(args: argparse.Namespace) -> int:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from tlray.bench.train import format_train, train_benchmark, train_json
+    from tlray.bench.train import train_benchmark
+    from tlray.bench.train_report import format_train, train_json
 
     result = train_benchmark(
         backbone=args.backbone, weights=args.weights, image_size=args.image_size,

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tlray.cli.settings import add_settings, config_from_args
 from tlray.config import dump_yaml
 from tlray.errors import TlrayError
+
+if TYPE_CHECKING:
+    from tlray.model.freeze import GroupInfo
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -124,7 +129,27 @@ def _augment_preview(args) -> int:
 
 
 def _models_describe(args) -> int:
-    from tlray.model.build import describe_backbone, format_groups
+    from tlray.model.build import describe_backbone
 
     print(format_groups(args.backbone, describe_backbone(args.backbone)))
     return 0
+
+
+def format_groups(backbone: str, groups: Sequence[GroupInfo]) -> str:
+    """A table of the groups and the valid freeze values, for ``tlray models describe``."""
+    if not groups:
+        return f"{backbone}: no timm group_matcher; only freeze 0 (train everything) is valid"
+    width = max(len("group"), *(len(g.name) for g in groups))
+    lines = [
+        f"{backbone}: {len(groups)} coarse parameter groups, stem first "
+        "(the classifier head always trains)",
+        f"{'index':>5}  {'group':<{width}}  {'params':>12}  frozen by",
+    ]
+    for g in groups:
+        lines.append(f"{g.index:>5}  {g.name:<{width}}  {g.n_params:>12,}  freeze >= {g.index + 1}")
+    n = len(groups)
+    lines.append(
+        f"valid freeze values: 0 (train everything) .. {n}, or 'all' (= {n}: train only the head)"
+    )
+    return "\n".join(lines)
+

@@ -35,8 +35,10 @@ from tlray.compare.report import (
 )
 from tlray.config import Config
 from tlray.errors import TlrayError
-from tlray.model.build import SCRATCH_CNN
-from tlray.track import runs as tracking
+from tlray.model.scratch import SCRATCH_CNN
+from tlray.track.figures import log_figure, log_samples
+from tlray.track.params import git_commit
+from tlray.track.runs import start_run
 from tlray.train.plan import preflight
 from tlray.train.run import TrainResult, train
 
@@ -107,11 +109,11 @@ def compare(cfg: Config, *, scratch_overrides: list[str] | None = None,
 
     tags = {"kind": "compare", "dataset": info.name, "dataset_hash": info.fingerprint,
             "transfer_backbone": cfg.model.backbone, "scratch_backbone": SCRATCH_CNN}
-    commit = tracking.git_commit()
+    commit = git_commit()
     if commit:
         tags["git_commit"] = commit
-    with tracking.start_run(experiment, run_name=cfg.tracking.run_name or "compare",
-                            tags=tags) as parent:
+    with start_run(experiment, run_name=cfg.tracking.run_name or "compare",
+                   tags=tags) as parent:
         parent_id = parent.info.run_id
         mlflow.log_params({"transfer.backbone": cfg.model.backbone,
                            "transfer.weights": cfg.model.weights,
@@ -122,7 +124,7 @@ def compare(cfg: Config, *, scratch_overrides: list[str] | None = None,
                            "train.epochs": cfg.train.epochs, "train.seed": cfg.train.seed})
         for role, plan in plans.items():
             mlflow.log_dict(plan.config.to_dict(), f"configs/{role}.yaml")
-        tracking.log_samples(info)
+        log_samples(info)
 
         runs: dict[str, TrainResult] = {}
         for i, (role, plan) in enumerate(plans.items(), 1):
@@ -167,4 +169,4 @@ def _log_comparison(result: ComparisonResult) -> None:
     mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
     mlflow.log_text(comparison_csv(result.rows), "comparison.csv")
     mlflow.log_text(table(result.rows, markdown=True) + "\n", "comparison.md")
-    tracking.log_figure(comparison_plot(result.rows), "plots/comparison.png")
+    log_figure(comparison_plot(result.rows), "plots/comparison.png")

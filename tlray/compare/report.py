@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from tlray.data.dataset import DatasetInfo
-from tlray.track import runs as tracking
+from tlray.track.store import ui_command
 from tlray.train.run import TrainResult
 
 COLUMNS = ("model", "backbone", "weights", "head", "freeze", "test_acc", "test_auc",
@@ -117,7 +117,7 @@ def format_comparison(result: ComparisonResult) -> str:
     lines.append(f"MLflow: experiment {result.experiment!r}, parent run {result.parent_run_id} "
                  f"(comparison.csv, comparison.md, plots/comparison.png)")
     lines.append(f"  transfer run {t.run_id}, scratch run {s.run_id}")
-    lines.append(f"  {tracking.ui_command()}")
+    lines.append(f"  {ui_command()}")
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ _TOLERANCE = 1e-4
 
 
 @dataclass
-class ModelSplit:
+class ModelCut:
     """A model cut in two: `rest(front(x)) == model(x)`, and only `rest` has trainable weights.
 
     `rest` shares its parameters with the model, so training it trains the model.
@@ -33,7 +33,7 @@ class ModelSplit:
 
     front: nn.Module
     rest: nn.Module
-    cut: str  # the last module of the front, e.g. "blocks.1", or "global_pool"
+    after: str  # the last module of the front, e.g. "blocks.1", or "global_pool"
     shape: tuple[int, ...] = ()  # the front's output for one image, e.g. (24, 12, 12)
 
 
@@ -54,12 +54,12 @@ class NotAChain(Exception):
     would change what it computes (it is trained uncached; the message says why)."""
 
 
-def split_model(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSplit | None:
+def cut_model(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelCut | None:
     """Cuts `model` after its frozen front; None when it has no frozen front to cache.
 
     Args:
         model: a model from `tlray.model.build.build_model`, already frozen.
-        input_shape: (C, H, W) of its input, for the numerical check of the split.
+        input_shape: (C, H, W) of its input, for the numerical check of the cut.
 
     Raises:
         NotAChain: when the front and the rest do not reproduce the whole model.
@@ -89,10 +89,10 @@ def split_model(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSpl
         head = model.get_classifier()
     else:
         head = _Rest(rest, _head_view(model, head_names))
-    split = ModelSplit(front=nn.Sequential(OrderedDict(
-        (n.replace(".", "_"), m) for n, m in front)), rest=head, cut=front[-1][0])
-    split.shape = _reproduces(model, split, input_shape)
-    return split
+    cut = ModelCut(front=nn.Sequential(OrderedDict(
+        (n.replace(".", "_"), m) for n, m in front)), rest=head, after=front[-1][0])
+    cut.shape = _reproduces(model, cut, input_shape)
+    return cut
 
 
 def _cacheable(module: nn.Module | None) -> bool:
@@ -121,24 +121,25 @@ def _head_view(model: nn.Module, head_names: set[str]) -> nn.Module:
 
 
 @torch.no_grad()
-def _reproduces(model: nn.Module, split: ModelSplit, input_shape: tuple[int, int, int]
+def _reproduces(model: nn.Module, cut: ModelCut, input_shape: tuple[int, int, int]
                 ) -> tuple[int, ...]:
     """The front's output shape, once `rest(front(x))` is checked to equal `model(x)`."""
     was_training = model.training
     model.eval()
     try:
         x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
-        middle = split.front(x)
+        middle = cut.front(x)
         whole = model(x)
         try:
-            cut = split.rest(middle)
+            rebuilt = cut.rest(middle)
         except RuntimeError as e:  # shapes that do not chain: the forward does more
-            raise NotAChain(f"cut after {split.cut}, the rest fails on the front's output "
+            raise NotAChain(f"cut after {cut.after}, the rest fails on the front's output "
                             f"({e})") from e
     finally:
         model.train(was_training)
-    if whole.shape != cut.shape or not torch.allclose(
-            whole, cut, atol=_TOLERANCE * max(1.0, float(whole.abs().max())), rtol=_TOLERANCE):
-        raise NotAChain(f"cut after {split.cut}, front and rest compute something else than "
+    if whole.shape != rebuilt.shape or not torch.allclose(
+            whole, rebuilt, atol=_TOLERANCE * max(1.0, float(whole.abs().max())),
+            rtol=_TOLERANCE):
+        raise NotAChain(f"cut after {cut.after}, front and rest compute something else than "
                         f"the whole model")
     return tuple(middle.shape[1:])

@@ -46,7 +46,7 @@ from tlray.data.dataset import (
     load_info,
     temporary_sibling,
 )
-from tlray.model.cut import ModelSplit, NotAChain, split_model
+from tlray.model.cut import ModelCut, NotAChain, cut_model
 
 CACHED_SPLITS = ("train", "val")  # the test split is evaluated on images, by the whole model
 
@@ -60,36 +60,36 @@ FRONT_WEIGHTS = "front.safetensors"
 
 
 def choose(mode: str, model: nn.Module, input_shape: tuple[int, int, int], info: DatasetInfo,
-           budget_bytes: float) -> tuple[ModelSplit | None, str]:
+           budget_bytes: float) -> tuple[ModelCut | None, str]:
     """Whether to train this model from cached features (`train.feature_cache`), and why."""
     if mode == "never":
         return None, "not used (train.feature_cache=never)"
     try:
-        split = split_model(model, input_shape)
+        cut = cut_model(model, input_shape)
     except NotAChain as e:
         return None, f"not used: {e}"
-    if split is None:
+    if cut is None:
         return None, "not used: no frozen front to cache (freeze depth 0)"
-    nbytes = sum(info.splits[s].rows for s in CACHED_SPLITS) * int(np.prod(split.shape)) * 4
-    growth = int(np.prod(split.shape)) / int(np.prod(input_shape))
+    nbytes = sum(info.splits[s].rows for s in CACHED_SPLITS) * int(np.prod(cut.shape)) * 4
+    growth = int(np.prod(cut.shape)) / int(np.prod(input_shape))
     if mode == "auto" and growth > MAX_GROWTH:
-        return None, (f"not used: the outputs of {split.cut} are {growth:.0f}x the input's size "
+        return None, (f"not used: the outputs of {cut.after} are {growth:.0f}x the input's size "
                       f"(a shallow front saves little; train.feature_cache=always forces it)")
     if mode == "auto" and nbytes > budget_bytes:
-        return None, (f"not used: the outputs of {split.cut} for train+val would take "
+        return None, (f"not used: the outputs of {cut.after} for train+val would take "
                       f"{nbytes / 2**30:.2f} GB, more than data.cache_gb")
-    return split, (f"outputs of {split.cut} {tuple(split.shape)} for train+val, "
-                   f"{nbytes / 2**20:.0f} MB")
+    return cut, (f"outputs of {cut.after} {tuple(cut.shape)} for train+val, "
+                 f"{nbytes / 2**20:.0f} MB")
 
 
-def cache_key(split: ModelSplit, info: DatasetInfo, data_config: dict, size: int) -> str:
+def cache_key(cut: ModelCut, info: DatasetInfo, data_config: dict, size: int) -> str:
     """What the cached outputs depend on: data, preprocessing, the cut and the front's weights."""
     digest = hashlib.sha256()
     # The cached fronts saw images as they are: augmented training never reads a cache.
-    digest.update(json.dumps({"dataset": info.fingerprint, "size": size, "cut": split.cut,
+    digest.update(json.dumps({"dataset": info.fingerprint, "size": size, "cut": cut.after,
                               "mean": list(data_config["mean"]), "std": list(data_config["std"]),
                               "augmentation": "none", "version": 2}, sort_keys=True).encode())
-    for name, tensor in split.front.state_dict().items():
+    for name, tensor in cut.front.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:20]
@@ -145,10 +145,10 @@ def existing(uri: str) -> DatasetInfo | None:
 
 
 @torch.no_grad()
-def build(split: ModelSplit, info: DatasetInfo, uri: str, *, mean, std, size: int,
+def build(cut: ModelCut, info: DatasetInfo, uri: str, *, mean, std, size: int,
           batch_size: int = 256, device: str = "cpu", amp: bool = False,
           channels_last: bool = True) -> DatasetInfo:
-    """Runs `split.front` over the cached splits and writes them as a dataset at `uri`.
+    """Runs `cut.front` over the cached splits and writes them as a dataset at `uri`.
 
     One output shard per input shard, rows in the same order (labels and ids carried
     over). Written to a temporary sibling and renamed into place; if another process
@@ -160,7 +160,7 @@ def build(split: ModelSplit, info: DatasetInfo, uri: str, *, mean, std, size: in
     if done is not None:
         return done
     started = time.perf_counter()
-    front = split.front.to(device).eval()
+    front = cut.front.to(device).eval()
     if channels_last:
         front.to(memory_format=torch.channels_last)
     fs, root = filesystem(uri)
@@ -199,13 +199,13 @@ def build(split: ModelSplit, info: DatasetInfo, uri: str, *, mean, std, size: in
             width=info.width, channels=info.channels, mode=info.mode, splits=splits,
             source={"kind": "feature-cache", "uri": info.uri, "fingerprint": info.fingerprint},
             options={"size": size, "mean": list(mean), "std": list(std)},
-            fingerprint=cache_key(split, info, {"mean": mean, "std": std}, size),
+            fingerprint=cache_key(cut, info, {"mean": mean, "std": std}, size),
             dtype="float32", shape=shape,
-            features={"cut": split.cut, "seconds": round(time.perf_counter() - started, 2)},
+            features={"cut": cut.after, "seconds": round(time.perf_counter() - started, 2)},
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         with fs.open_output_stream(f"{tmp}/{FRONT_WEIGHTS}") as f:
             f.write(save_safetensors({k: v.detach().cpu().contiguous()
-                                      for k, v in split.front.state_dict().items()}))
+                                      for k, v in cut.front.state_dict().items()}))
         with fs.open_output_stream(f"{tmp}/dataset.json") as f:
             f.write(json.dumps(meta.to_json(), indent=2).encode())
         try:

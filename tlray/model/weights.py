@@ -17,35 +17,33 @@ does what it does for its own weights: drops the classifier when the class count
 the stem to ``in_chans`` (``adapt_input_conv``) and runs the model's checkpoint filter (e.g. ViT
 position-embedding resampling). tlray adds only what timm cannot know: where the tensors are,
 how many input channels and classes the source had, and a clear error when they do not fit.
+The hub lives in `tlray.model.weight_hub`, reading and writing state dicts in
+`tlray.model.state_dicts`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import re
-import socket
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
 
-import safetensors.torch
 import timm
 import torch
-from timm.models import clean_state_dict
 from torch import Tensor, nn
 
 from tlray.errors import TlrayError
+from tlray.model.state_dicts import read_mlflow_state_dict, read_state_dict_file, \
+    save_safetensors_atomic
+from tlray.model.weight_hub import hub_overlay
 from tlray.paths import cache_dir
 
 WeightKind = Literal["timm", "packaged", "file", "mlflow", "none"]
 
 PACKAGED_BACKBONE = "tf_efficientnet_lite0"
-HUB_CONNECT_TIMEOUT_S = 3.0
 
 _ALIASES: dict[str, WeightKind] = {
     "timm": "timm",
@@ -59,12 +57,6 @@ _VALID_SPECS = (
     "'packaged' (tf_efficientnet_lite0), 'timm' (alias 'hub'), 'none' (alias 'random'), "
     "'file:PATH' (.pth/.pt/.safetensors state dict), 'models:/NAME@ALIAS', "
     "'models:/NAME/VERSION' or 'runs:/RUN_ID/PATH'"
-)
-_OFFLINE_HINT = (
-    "To run offline use --weights packaged (tf_efficientnet_lite0 only), --weights file:PATH "
-    "(a state dict in timm layout), --weights models:/NAME@ALIAS (a model logged to MLflow "
-    "earlier), or pre-populate the Hugging Face cache on a machine with network "
-    "(`hf download {repo}`) and copy it to HF_HUB_CACHE here."
 )
 
 
@@ -129,7 +121,7 @@ def create_timm_model(
     if spec.kind == "none":
         return timm.create_model(backbone, pretrained=False, **timm_kwargs), {}
     if spec.kind == "timm":
-        return _create(backbone, spec, _hub_overlay(backbone), timm_kwargs), {}
+        return _create(backbone, spec, hub_overlay(backbone), timm_kwargs), {}
     if spec.kind == "packaged":
         return _create(backbone, spec, _packaged_overlay(backbone), timm_kwargs), {}
     state_dict = (
@@ -176,100 +168,6 @@ def _load_error(backbone: str, spec: WeightSpec, error: RuntimeError) -> str:
 
 def _shape(torch_size: str) -> str:
     return "(" + torch_size.removeprefix("torch.Size([").removesuffix("])") + ")"
-
-
-# --- timm's own hub -------------------------------------------------------------------------
-
-
-def _hub_overlay(backbone: str) -> dict[str, Any] | None:
-    """Use a locally cached hub file if there is one, else make sure the hub answers."""
-    cfg = timm.models.get_pretrained_cfg(backbone)
-    if cfg is None or not (cfg.hf_hub_id or cfg.url):
-        raise TlrayError(
-            f"weights 'timm': timm has no pretrained weights for {backbone}; use --weights none, "
-            "file:PATH or an MLflow model URI"
-        )
-    cached = hub_cached_file(backbone)
-    if cached is not None:
-        # Reading the cached file directly never touches the network, even without
-        # HF_HUB_OFFLINE=1, which would otherwise spend ~46 s retrying an unreachable hub.
-        return {"file": str(cached), "custom_load": bool(cfg.custom_load)}
-    check_hub_reachable(backbone)
-    return None
-
-
-def hub_cached_file(backbone: str) -> Path | None:
-    """The backbone's timm weights in the local Hugging Face cache, or None.
-
-    Mirrors what timm asks the hub for: ``hf_hub_filename`` if the config names one, else
-    ``model.safetensors`` and then ``pytorch_model.bin`` (``timm.models._hub``).
-    """
-    from huggingface_hub import try_to_load_from_cache
-    from timm.models._hub import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, hf_split
-
-    cfg = timm.models.get_pretrained_cfg(backbone)
-    if cfg is None or not cfg.hf_hub_id:
-        return None
-    repo_id, revision = hf_split(cfg.hf_hub_id)
-    names = [cfg.hf_hub_filename or HF_SAFE_WEIGHTS_NAME]
-    if not cfg.hf_hub_filename:
-        names.append(HF_WEIGHTS_NAME)
-    for name in names:
-        found = try_to_load_from_cache(repo_id, name, revision=revision)
-        if isinstance(found, str) and Path(found).is_file():
-            return Path(found)
-    return None
-
-
-def check_hub_reachable(backbone: str, timeout: float = HUB_CONNECT_TIMEOUT_S) -> None:
-    """Fail in seconds, not minutes, when timm's weights cannot be downloaded.
-
-    Honours ``HF_HUB_OFFLINE`` (an immediate error) and ``HF_ENDPOINT``; otherwise opens one TCP
-    connection to the hub (or to the HTTPS proxy, when one is configured).
-    """
-    from huggingface_hub import constants
-
-    cfg = timm.models.get_pretrained_cfg(backbone)
-    repo = (cfg.hf_hub_id if cfg is not None else None) or f"timm/{backbone}"
-    hint = _OFFLINE_HINT.format(repo=repo)
-    # The environment, not huggingface_hub.constants: those are frozen when first imported.
-    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
-        raise TlrayError(
-            f"weights 'timm': HF_HUB_OFFLINE is set and {backbone}'s weights ({repo}) are not in "
-            f"the local Hugging Face cache ({constants.HF_HUB_CACHE}). {hint}"
-        )
-    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
-    if cfg is not None and not cfg.hf_hub_id and cfg.url:
-        endpoint = cfg.url
-    host, port = _connect_target(endpoint)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as e:
-        raise TlrayError(
-            f"weights 'timm': cannot reach the Hugging Face hub ({host}:{port}: {e}) to download "
-            f"{backbone}'s weights, and they are not in the local cache "
-            f"({constants.HF_HUB_CACHE}). {hint}"
-        ) from e
-
-
-def _connect_target(url: str) -> tuple[str, int]:
-    """The host and port a download of ``url`` would connect to first (proxy included)."""
-    parsed = urlparse(url)
-    proxy_var = "HTTPS_PROXY" if parsed.scheme == "https" else "HTTP_PROXY"
-    proxy = os.environ.get(proxy_var) or os.environ.get(proxy_var.lower())
-    if proxy and not _no_proxy(parsed.hostname or ""):
-        parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
-    default_port = 443 if parsed.scheme == "https" else 80
-    return parsed.hostname or "", parsed.port or default_port
-
-
-def _no_proxy(host: str) -> bool:
-    entries = (os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or "").split(",")
-    return any(e.strip() and host.endswith(e.strip().lstrip("*")) for e in entries)
-
-
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 # --- the packaged EfficientNet-Lite0 ---------------------------------------------------------
@@ -335,104 +233,7 @@ def packaged_weights_path() -> Path:
     return target
 
 
-# --- state dicts from files and MLflow -------------------------------------------------------
-
-
-def read_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Read a state dict from ``.safetensors`` or, with ``weights_only=True``, ``.pth``/``.pt``.
-
-    A checkpoint dict holding the state dict under ``"state_dict"`` or ``"model"`` is accepted
-    too, and DDP/torch.compile prefixes are stripped (``timm.models.clean_state_dict``).
-    """
-    p = Path(path).expanduser()
-    where = f"file:{path}"
-    if not p.exists():
-        raise TlrayError(f"weights {where}: {p} does not exist")
-    if not p.is_file():
-        raise TlrayError(f"weights {where}: {p} is not a file")
-    if p.suffix == ".safetensors":
-        try:
-            return clean_state_dict(safetensors.torch.load_file(str(p), device="cpu"))
-        except Exception as e:  # safetensors raises its own (non-public) error type
-            raise TlrayError(
-                f"weights {where}: {p} is not a readable safetensors file ({e})"
-            ) from e
-    try:
-        loaded = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # the weights-only unpickler raises many types for foreign bytes
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise TlrayError(
-            f"weights {where}: {p} could not be read as a PyTorch state dict with "
-            f"torch.load(weights_only=True) ({type(e).__name__}: {first})"
-        ) from e
-    return as_state_dict(loaded, where)
-
-
-def as_state_dict(obj: Any, where: str) -> dict[str, Tensor]:
-    """Check that ``obj`` is a state dict (or a checkpoint holding one) and return it."""
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
-    if not isinstance(obj, Mapping) or not obj:
-        raise TlrayError(
-            f"weights {where}: not a state dict; expected a mapping of parameter names to "
-            f"tensors (or a checkpoint with a 'state_dict' or 'model' entry), found "
-            f"{'an empty mapping' if isinstance(obj, Mapping) else type(obj).__name__}"
-        )
-    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
-    if bad:
-        keys = ", ".join(repr(k) for k in list(obj)[:5]) + (", ..." if len(obj) > 5 else "")
-        raise TlrayError(
-            f"weights {where}: not a state dict; entry {bad[0]!r} is of type "
-            f"{type(obj[bad[0]]).__name__}, not a tensor (keys: {keys}); "
-            "expected a mapping of parameter names to tensors, or a checkpoint with a "
-            "'state_dict' or 'model' entry"
-        )
-    return clean_state_dict(dict(obj))
-
-
-def read_mlflow_state_dict(uri: str) -> dict[str, Tensor]:
-    """The state dict of a PyTorch model logged to MLflow, read on the CPU.
-
-    tlray logs models with MLflow's default ``pt2`` serialization (``torch.export``). The
-    exported program keeps the module's parameter and buffer names, so its ``state_dict`` is
-    already in timm layout. The ``.pt2`` file is read with ``torch.export.load`` (tensors
-    only, tied to the CPU); models pickled with ``serialization_format="pickle"`` are refused,
-    because unpickling them runs arbitrary code.
-    """
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    with tempfile.TemporaryDirectory(prefix="tlray-mlflow-") as tmp:
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-        except MlflowException as e:
-            raise TlrayError(
-                f"weights {uri!r}: MLflow cannot find this model at tracking URI "
-                f"{mlflow.get_tracking_uri()} ({e.message}); expected models:/NAME@ALIAS, "
-                "models:/NAME/VERSION or runs:/RUN_ID/PATH of a model logged with "
-                "mlflow.pytorch.log_model (set MLFLOW_TRACKING_URI to the right store)"
-            ) from e
-        exported = sorted(local.glob("data/*.pt2")) or sorted(local.rglob("*.pt2"))
-        if not exported:
-            pickled = sorted(local.rglob("*.pth"))
-            why = (
-                "it was logged with pickle serialization, which tlray does not load (it runs "
-                "arbitrary code); log it with the default pt2 serialization"
-                if pickled
-                else "it has no data/model.pt2, so it is not a PyTorch model logged by "
-                "mlflow.pytorch.log_model"
-            )
-            raise TlrayError(f"weights {uri!r}: {why}")
-        try:
-            program = torch.export.load(str(exported[0]))
-        except Exception as e:  # torch.export raises a variety of types for a bad archive
-            raise TlrayError(f"weights {uri!r}: {exported[0].name} could not be read ({e})") from e
-        return as_state_dict(
-            {k: v.detach().to("cpu") for k, v in program.state_dict.items()}, uri
-        )
+# --- a state dict from a file or MLflow, checked against the backbone ------------------------
 
 
 def _foreign_overlay(
@@ -530,21 +331,3 @@ def _skeleton(backbone: str) -> nn.Module:
     """The backbone with default arguments on the meta device: names and shapes, no memory."""
     with torch.device("meta"):
         return timm.create_model(backbone, pretrained=False)
-
-
-def save_safetensors_atomic(tensors: Mapping[str, Tensor], path: Path) -> None:
-    """Write a safetensors file via a temporary sibling and a rename, so no reader sees half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        # Cloning breaks shared storage (tied weights), which safetensors refuses to save.
-        safetensors.torch.save_file(
-            {k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}, tmp_name
-        )
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-

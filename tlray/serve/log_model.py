@@ -63,11 +63,12 @@ def log_model(network: torch.nn.Module, example_images: np.ndarray, class_names:
             and "tta" (none, flip, dihedral): the test-time augmentation the answers average.
         metadata: more MLmodel metadata (tlray adds class_names and preprocess).
 
-    Link metrics to it with `tracking.link_metrics`, or log them with its `model_id`.
+    Link metrics to it with `tlray.track.run_metrics.link_metrics`, or log them with its
+    `model_id`.
     """
     if mlflow.active_run() is None:
         raise RuntimeError("logged_model.log_model needs an active run: call it inside "
-                           "tracking.start_run()")
+                           "tlray.track.runs.start_run()")
     images = np.asarray(example_images)
     if images.ndim != 4 or images.dtype != np.uint8 or len(images) < 1:
         raise TlrayError(f"example_images has shape {images.shape} and dtype {images.dtype}: "
@@ -91,7 +92,7 @@ def log_model(network: torch.nn.Module, example_images: np.ndarray, class_names:
     return mlflow.models.Model.log(
         artifact_path=None, name=name, flavor=sys.modules[__name__], flavor_name="python_function",
         # MLflow links every run metric logged at `step` to the model, system metrics too;
-        # no metric has step -1: tracking.link_metrics links the chosen ones.
+        # no metric has step -1: run_metrics.link_metrics links the chosen ones.
         step=-1,
         metadata={"class_names": config["class_names"], "preprocess": pre,
                   "input": "images: uint8 [N, H, W(, C)] pixels, or encoded image bytes / "

@@ -68,3 +68,11 @@ def best_of(items, value, mode: str):
         if is_better(value(item), None if best is None else value(best), mode):
             best = item
     return best
+
+
+def format_number(value) -> str:
+    """A metric or setting as a person reads it: floats to 4 significant digits (``nan`` when
+    not finite), anything else as it is."""
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else "nan"
+    return str(value)

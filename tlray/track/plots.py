@@ -3,7 +3,7 @@
 Figures are built as `matplotlib.figure.Figure` objects on the Agg canvas, not through
 pyplot, so no display is needed, the process-wide backend is left alone and nothing
 accumulates in pyplot's figure registry. Each function returns its figure; log it with
-`tracking.log_figure` or write it with `save_png`, both of which close it.
+`tlray.track.figures.log_figure` or write it with `save_png`, both of which close it.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from tlray.errors import TlrayError
-from tlray.track import runs as tracking
-from tlray.track.metrics import is_better
+from tlray.track.store import configure
+from tlray.track.metrics import format_number, is_better
 
 _log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def register_champion(
         mode: "max" when a higher value is better (accuracy, AUC), "min" for a loss.
         tags: more version tags (values are stringified; None values are left out).
     """
-    tracking.configure()
+    configure()
     value = float(metric_value)
     version = mlflow.register_model(
         model_uri, registered_name,
@@ -121,7 +121,7 @@ def register_champion(
 
 def describe_version(registered_name: str, version: int, description: str) -> None:
     """The version's description: what the MLflow UI shows a person choosing a model."""
-    tracking.configure()
+    configure()
     MlflowClient().update_model_version(registered_name, str(version), description=description)
 
 
@@ -140,6 +140,80 @@ def alias_note(result: RegistrationResult, metric: str, value: float) -> str:
                 f"compare with (move the alias by hand to choose)")
     return (f"the champion stays version {old_version}: its {metric} {old:.4f} is not beaten "
             f"by {value:.4f}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Winner:
+    """A sweep's pick, as its version's description states it: how its trial trained, how it
+    scored and what it was chosen from."""
+
+    run_id: str
+    run_name: str
+    backbone: str
+    weights: str
+    freeze: str  # as the user wrote it: a depth or a schedule such as all:2,0@0.5
+    lr: float
+    optimizer: str
+    schedule: str
+    epochs: int  # planned
+    batch_size: int
+    image_size: int
+    trainable_params: int
+    total_params: int
+    ema: float | None  # the weight average's decay; None without one
+    tta: str
+    val: Mapping[str, float | None]  # acc, auc, loss of the best epoch
+    test: Mapping[str, float | None]
+    epochs_run: Any
+    best_epoch: Any
+    monitor: str  # what the best epoch and the pick were chosen by
+    trials: int  # how many sweep trials it was chosen from
+    run_metrics: Mapping[str, float]  # its MLflow run's (test-time augmentation's cost)
+
+
+def describe_winner(registered_name: str, result: RegistrationResult, winner: Winner, info: Any,
+                    metric: str, value: float) -> None:
+    """The description of the version `register_champion` made of a sweep's pick.
+
+    Args:
+        info: the `tlray.data.dataset.DatasetInfo` it trained on.
+        metric, value: the champion metric and the pick's value of it.
+    """
+    describe_version(registered_name, result.version, version_description(
+        registered_name, result.version, facts=winner_facts(winner, info), val=winner.val,
+        test=winner.test, alias=alias_note(result, metric, value)))
+
+
+def winner_facts(w: Winner, info: Any) -> dict[str, str]:
+    """The description's lines about a sweep's pick: a summary, the dataset, the backbone,
+    the training, how it was chosen, and what test-time augmentation cost and bought."""
+    test_acc = format_number(w.test["acc"])
+    splits = ", ".join(f"{info.splits[s].rows:,} {s}" for s in ("train", "val", "test"))
+    facts = {
+        "summary": f"{w.backbone} ({w.weights} weights), freeze {w.freeze}, lr {w.lr:.3g}, on "
+                   f"{info.name}: test accuracy {test_acc}",
+        "Dataset": f"`{info.name}` (hash `{info.fingerprint[:12]}`), {splits} images of "
+                   f"{info.height}x{info.width} {info.mode}, {info.num_classes} classes; "
+                   f"from {info.source.get('uri', '?')}",
+        "Backbone": f"{w.backbone}, weights `{w.weights}`, freeze depth {w.freeze} "
+                    f"({w.trainable_params:,} of {w.total_params:,} parameters trained)",
+        "Training": f"lr {w.lr:.3g} ({w.optimizer}, {w.schedule} schedule), "
+                    f"{format_number(w.epochs_run)} of {w.epochs} epochs, best epoch "
+                    f"{format_number(w.best_epoch)} by {w.monitor}, batch {w.batch_size}, "
+                    f"input {w.image_size} px",
+        "Chosen": f"best of {w.trials} sweep trials by {w.monitor}; MLflow run `{w.run_id}` "
+                  f"({w.run_name})",
+    }
+    if w.ema is not None:
+        facts["Training"] += f"; weights averaged (EMA, decay {w.ema})"
+    m = w.run_metrics
+    if w.tta != "none" and "test_ms_per_image_without_tta" in m:
+        facts["Test-time augmentation"] = (
+            f"`{w.tta}` (the served model applies it too): test accuracy {test_acc}, "
+            f"{format_number(m.get('test_acc_without_tta'))} without it; "
+            f"{m['test_ms_per_image']:.2f} ms per image, "
+            f"{m['test_ms_per_image_without_tta']:.2f} without")
+    return facts
 
 
 def version_description(registered_name: str, version: int, *, facts: Mapping[str, Any],

@@ -17,7 +17,8 @@ from tlray.data.dataset import DatasetInfo, sample_per_class
 from tlray.model.build import build_for_run
 from tlray.serve import log_model as logged_model
 from tlray.track import plots
-from tlray.track import runs as tracking
+from tlray.track.figures import log_figure
+from tlray.track.run_metrics import link_metrics
 from tlray.train.checkpoint import FinalCheckpoint
 from tlray.train.plan import Plan
 
@@ -35,21 +36,21 @@ def log_final(final: FinalCheckpoint, plan: Plan, test_data) -> str | None:
     history, test = final.state.history, final.test
     phases = schedule.parse(cfg.model.freeze, cfg.train.epochs)
     starts = [schedule.phase_epochs(phases, i, cfg.train.epochs)[0] for i in range(1, len(phases))]
-    tracking.log_figure(plots.learning_curves(history, [s for s in starts
-                                                        if s <= len(history)]),
-                        "plots/learning_curves.png")
-    tracking.log_figure(plots.confusion_matrix_plot(np.array(test["confusion_matrix"]),
-                                                    info.classes),
-                        "plots/confusion_matrix.png")
+    log_figure(plots.learning_curves(history, [s for s in starts
+                                               if s <= len(history)]),
+               "plots/learning_curves.png")
+    log_figure(plots.confusion_matrix_plot(np.array(test["confusion_matrix"]),
+                                           info.classes),
+               "plots/confusion_matrix.png")
     mlflow.log_dict(test, "test_metrics.json")
     mlflow.log_artifact(str(final.predictions))
     mlflow.log_metrics({f"test_acc_{c}": v for c, v in test["per_class_acc"].items()
                         if v == v})
     if final.samples is not None:
         s = final.samples
-        tracking.log_figure(plots.predictions_grid(s["images"], s["labels"], s["preds"],
-                                                   info.classes),
-                            "plots/test_predictions.png")
+        log_figure(plots.predictions_grid(s["images"], s["labels"], s["preds"],
+                                          info.classes),
+                   "plots/test_predictions.png")
     model_uri = model_id = None
     if "tta" in test:
         t = test["tta"]
@@ -65,9 +66,9 @@ def log_final(final: FinalCheckpoint, plan: Plan, test_data) -> str | None:
         model_uri, model_id = logged.model_uri, logged.model_id
         mlflow.set_tag("model_uri", model_uri)
         # The best epoch's metrics go with the model: its weights are that epoch's.
-        tracking.link_metrics(mlflow.active_run().info.run_id, model_id,
-                              list(dataclasses.asdict(final.state.best_row())),
-                              report.best_epoch or report.epochs_run)
+        link_metrics(mlflow.active_run().info.run_id, model_id,
+                     list(dataclasses.asdict(final.state.best_row())),
+                     report.best_epoch or report.epochs_run)
     test_metrics = {f"test_{k}": v for k, v in (("loss", report.test.loss),
                                                 ("acc", report.test.acc),
                                                 ("auc", report.test.auc)) if np.isfinite(v)}

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from tlray.model.build import resolve_freeze, set_frozen_depth
+from tlray.model.freeze import resolve_freeze, set_frozen_depth
 from tlray.train import checkpoint, faults
 from tlray.train.feeds import seed_epoch
 from tlray.train.position import (LAST_STEP_TAG, PREEMPTION, Position, note_preemption,

@@ -191,9 +191,9 @@ def log_curves(curves: list[Curve]) -> None:
     import mlflow
 
     from tlray.track import plots
-    from tlray.track import runs as tracking
+    from tlray.track.figures import log_figure
 
-    tracking.log_figure(plots.lr_find_plot(curves), "plots/lr_find.png")
+    log_figure(plots.lr_find_plot(curves), "plots/lr_find.png")
     mlflow.log_dict([dataclasses.asdict(c) for c in curves], "lr_find.json")
     mlflow.log_params({f"lr_find.freeze_{c.freeze}": f"{c.suggestion:.3g}" for c in curves})
 
@@ -202,18 +202,20 @@ def find_and_log(cfg) -> str:
     """`tlray lr-find`: the test of every depth `tune.freeze` tries (`auto`: every depth),
     logged as an MLflow run; returns what to print."""
     from tlray.config.schedule import choices
-    from tlray.track import runs as tracking
+    from tlray.track.params import log_config
+    from tlray.track.runs import start_run
+    from tlray.track.store import ui_command
     from tlray.train.plan import preflight
 
     plan = preflight(cfg, plan_cache=False)
     n = len(plan.model.group_names)
     freezes = ([str(k) for k in range(n)] + ["all"] if cfg.tune.freeze == "auto"
                else list(dict.fromkeys(first_depth(c) for c in choices(cfg.tune.freeze))))
-    with tracking.start_run(plan.experiment, run_name="lr-find",
-                            tags={"kind": "lr-find", "dataset": plan.dataset.name,
-                                  "backbone": cfg.model.backbone}) as run:
+    with start_run(plan.experiment, run_name="lr-find",
+                   tags={"kind": "lr-find", "dataset": plan.dataset.name,
+                         "backbone": cfg.model.backbone}) as run:
         curves = lr_find(plan, freezes)
-        tracking.log_config(plan.config.to_dict())
+        log_config(plan.config.to_dict())
         log_curves(curves)
     low, high = range_from(curves, "auto", "auto")
     lines = [f"learning-rate range test on {plan.dataset.name} ({cfg.model.backbone}, "
@@ -223,5 +225,5 @@ def find_and_log(cfg) -> str:
     lines += [f"a sweep's range (what --tune.lr_min auto --tune.lr_max auto take): "
               f"{low:.2g} .. {high:.2g}",
               f"plot: plots/lr_find.png of MLflow run {run.info.run_id} "
-              f"({tracking.ui_command()})"]
+              f"({ui_command()})"]
     return "\n".join(lines)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from tlray.config.schedule import Phase, phase_epochs
-from tlray.model.build import resolve_freeze, set_frozen_depth
+from tlray.model.freeze import resolve_freeze, set_frozen_depth
 from tlray.train.steps import make_optimizer
 
 

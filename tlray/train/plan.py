@@ -28,8 +28,8 @@ from tlray.data.prepare import prepare
 from tlray.errors import TlrayError
 from tlray.model import feature_cache
 from tlray.model.build import ModelInfo, build_for_run
-from tlray.model.cut import split_model
-from tlray.track import runs as tracking
+from tlray.model.cut import cut_model
+from tlray.track.store import check_tracking_server, configure
 from tlray.train import faults
 from tlray.train.cluster import check_resources, init_ray, worker_resources
 from tlray.train.protocol import CachePlan
@@ -131,8 +131,8 @@ def connect(cfg: Config) -> str:
     or starts Ray, and checks that the workers fit. Returns the tracking URI."""
     if cfg.tracking.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking.tracking_uri
-    uri = tracking.configure()
-    tracking.check_tracking_server(uri)
+    uri = configure()
+    check_tracking_server(uri)
     init_ray()
     check_resources(cfg.scaling)
     return uri
@@ -149,11 +149,11 @@ def plan_feature_cache(cfg: Config, info: DatasetInfo, model: torch.nn.Module,
     trial with the same data, weights, freeze depth and input size.
     """
     mode = cfg.train.feature_cache
-    split, why = feature_cache.choose(mode, model, minfo.data_config["input_size"], info,
-                                      cfg.data.cache_gb * 2**30)
-    if split is None:
+    cut, why = feature_cache.choose(mode, model, minfo.data_config["input_size"], info,
+                                    cfg.data.cache_gb * 2**30)
+    if cut is None:
         return None, why
-    key = feature_cache.cache_key(split, info, minfo.data_config, cfg.data.image_size)
+    key = feature_cache.cache_key(cut, info, minfo.data_config, cfg.data.image_size)
     uri = feature_cache.cache_uri(f"{cfg.storage_path.rstrip('/')}/feature_cache", key)
     found = feature_cache.existing(uri)
     splits = feature_cache.CACHED_SPLITS
@@ -171,7 +171,7 @@ def plan_feature_cache(cfg: Config, info: DatasetInfo, model: torch.nn.Module,
                 print(f"feature cache: computing the {why} (freeze {cfg.model.freeze})",
                       flush=True)
                 build_cache(cfg, info, uri, key, in_this_process=in_this_process)
-    return CachePlan(uri=uri, cut=split.cut, shape=tuple(split.shape), splits=splits,
+    return CachePlan(uri=uri, cut=cut.after, shape=tuple(cut.shape), splits=splits,
                      reason=why), why
 
 
@@ -196,15 +196,15 @@ def build_cache(cfg: Config, info: DatasetInfo, uri: str, key: str, *,
 def _build_feature_cache(cfg: Config, info: DatasetInfo, uri: str, key: str) -> None:
     """One cache, computed where a Train worker would run, from the model the plan checked."""
     model, minfo = check_model(cfg, info)
-    split = split_model(model, minfo.data_config["input_size"])
-    if split is None or feature_cache.cache_key(split, info, minfo.data_config,
-                                                cfg.data.image_size) != key:
+    cut = cut_model(model, minfo.data_config["input_size"])
+    if cut is None or feature_cache.cache_key(cut, info, minfo.data_config,
+                                              cfg.data.image_size) != key:
         raise TlrayError(f"the weights of {cfg.model.backbone} ({cfg.model.weights}) changed "
                          f"while the feature cache was being planned; run again")
     cuda = cfg.scaling.use_gpu and torch.cuda.is_available()
     if not cuda:
         torch.set_num_threads(own_threads(cfg.scaling.cpus_per_worker))
-    feature_cache.build(split, info, uri, mean=minfo.data_config["mean"],
+    feature_cache.build(cut, info, uri, mean=minfo.data_config["mean"],
                         std=minfo.data_config["std"], size=cfg.data.image_size,
                         device="cuda" if cuda else "cpu", amp=cuda and cfg.train.amp,
                         channels_last=cfg.train.channels_last)

@@ -16,7 +16,11 @@ from dataclasses import dataclass
 
 from tlray.data.dataset import DatasetInfo
 from tlray.serve import log_model as logged_model
-from tlray.track import runs as tracking
+from tlray.track.datasets import log_datasets
+from tlray.track.figures import log_samples
+from tlray.track.params import log_config, standard_tags
+from tlray.track.runs import start_run
+from tlray.track.store import ui_command
 from tlray.train import checkpoint
 from tlray.train.finish import log_final
 from tlray.train.launch import fit
@@ -62,9 +66,9 @@ def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | No
         role = "training" if plan.cache.trains_on_cache else "validating"
         print(f"feature cache: {role} what follows {plan.cache.cut} from {plan.cache.uri}",
               flush=True)
-    tags = {**tracking.standard_tags(cfg.model.backbone, cfg.model.weights, cfg.model.freeze,
-                                     info.fingerprint),
-            "dataset": info.name, **(extra_tags or {})}
+    tags = {**standard_tags(cfg.model.backbone, cfg.model.weights, cfg.model.freeze,
+                            info.fingerprint),
+   "dataset": info.name, **(extra_tags or {})}
     name = run_name or cfg.tracking.run_name or re.sub(
         r"[^\w.-]+", "_", f"{cfg.model.backbone}-f{cfg.model.freeze}")  # a directory name
     if cfg.tracking.log_model and cfg.tracking.evaluate != "never":
@@ -72,13 +76,13 @@ def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | No
     # CPU, memory (and GPU, where there is one) of this process's machine, as system/* metrics.
     os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # 4 lines per run
-    with tracking.start_run(plan.experiment, run_name=name, tags=tags,
-                            parent_run_id=parent_run_id) as run:
+    with start_run(plan.experiment, run_name=name, tags=tags,
+                   parent_run_id=parent_run_id) as run:
         run_id = run.info.run_id
         _log_plan(plan)
-        data = tracking.log_datasets(info)
+        data = log_datasets(info)
         if parent_run_id is None:  # a sweep's or a comparison's parent run shows them once
-            tracking.log_samples(info)
+            log_samples(info)
         args = WorkerArgs(config=cfg, dataset=info, cache=plan.cache, run_id=run_id,
                           tracking_uri=plan.tracking_uri,
                           # A sweep's trials print side by side: their lines carry its name.
@@ -102,7 +106,7 @@ def _log_plan(plan: Plan) -> None:
     """The resolved config, the model's size, dataset.json and the feature-cache choice."""
     import mlflow
 
-    tracking.log_config(plan.config.to_dict())
+    log_config(plan.config.to_dict())
     mlflow.log_params({"model.trainable_params": plan.model.trainable_params,
                        "model.total_params": plan.model.total_params,
                        "model.freeze_depth": plan.model.freeze_depth})
@@ -121,7 +125,7 @@ def summary(result: TrainResult) -> str:
              f"  val   loss {e.val_loss:.4f}  acc {e.val_acc:.4f}  auc {e.val_auc:.4f}",
              f"  test  loss {t.loss:.4f}  acc {t.acc:.4f}  auc {t.auc:.4f}",
              f"checkpoint: {result.checkpoint_path}",
-             f"MLflow run: {result.run_id}  ({tracking.ui_command()})"]
+             f"MLflow run: {result.run_id}  ({ui_command()})"]
     if result.model_uri:
         lines.append(f"model: {result.model_uri}")
     return "\n".join(lines)

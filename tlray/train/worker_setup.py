@@ -21,9 +21,9 @@ import torch.nn as nn
 from tlray.config.interval import parse_every
 from tlray.config.schedule import Phase, phase_at
 from tlray.config.schedule import parse as parse_schedule
-from tlray.model.build import ModelInfo, build_for_run, model_groups, resolve_freeze, \
-    set_frozen_depth
-from tlray.model.cut import ModelSplit, split_model
+from tlray.model.build import ModelInfo, build_for_run
+from tlray.model.freeze import model_groups, resolve_freeze, set_frozen_depth
+from tlray.model.cut import ModelCut, cut_model
 from tlray.model.feature_cache import load_front
 from tlray.track.epoch_log import EpochLogger
 from tlray.train import checkpoint
@@ -46,7 +46,7 @@ class RunModel:
 
     model: nn.Module
     info: ModelInfo
-    cut: ModelSplit | None
+    cut: ModelCut | None
     groups: list[list[str]]
 
 
@@ -165,9 +165,9 @@ def setup_model(args: WorkerArgs, device) -> RunModel:
     set_frozen_depth(model, groups, depth)
     cut = None
     if args.cache is not None:
-        cut = split_model(model, minfo.data_config["input_size"])
-        if cut is None or cut.cut != args.cache.cut:
-            raise RuntimeError(f"the worker cut the model after {cut and cut.cut}, the "
+        cut = cut_model(model, minfo.data_config["input_size"])
+        if cut is None or cut.after != args.cache.cut:
+            raise RuntimeError(f"the worker cut the model after {cut and cut.after}, the "
                                f"plan after {args.cache.cut}: the plan and the worker disagree")
         load_front(args.cache.uri, cut.front)  # the weights that computed the cache
         cut.rest.to(device)

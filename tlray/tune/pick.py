@@ -4,7 +4,6 @@ results table and plot on the parent run."""
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -12,8 +11,10 @@ from tlray import config as config_mod
 from tlray.config import Config
 from tlray.errors import TlrayError
 from tlray.track import plots, registry
-from tlray.track import runs as tracking
-from tlray.track.metrics import best_of
+from tlray.track.figures import log_figure
+from tlray.track.runs import end_run_with_status
+from tlray.track.store import ui_command
+from tlray.track.metrics import best_of, format_number
 from tlray.train.protocol import is_final
 from tlray.tune.goal import Goal
 from tlray.tune.importance import Importance
@@ -87,7 +88,7 @@ def _trial_row(result, children: dict, metric: str, goal: Goal) -> dict:
     if child is not None and result.error is None and child.info.status == "FAILED":
         # Stopped by ASHA or the goal, its Train run broke mid-way and the trial recorded
         # a failure. It was stopped, not broken.
-        tracking.end_run_with_status(child.info.run_id, "KILLED")
+        end_run_with_status(child.info.run_id, "KILLED")
     if result.error:
         status = ERROR
     elif is_final(m):
@@ -109,50 +110,41 @@ def _trial_row(result, children: dict, metric: str, goal: Goal) -> dict:
 def _register(cfg: Config, info, registered_name: str, metrics: dict, run,
               trials: int) -> registry.RegistrationResult:
     """The winner as a new version: plain tags, the alias if it beats the champion, and a
-    description a person can choose by in the MLflow UI."""
-    p, champion = run.data.params, cfg.tune.champion_metric
-    val = {k: metrics.get(f"val_{k}") for k in ("acc", "auc", "loss")}
-    test = {k: metrics.get(f"test_{k}") for k in ("acc", "auc", "loss")}
-    lr, freeze = float(p["optim.lr"]), p["model.freeze"]
-    tags = {**{f"val_{k}": v for k, v in val.items()}, **{f"test_{k}": v for k, v in test.items()},
-            "backbone": p["model.backbone"], "weights": p["model.weights"],
-            "freeze": freeze, "lr": f"{lr:.4g}",
+    description a person can choose by in the MLflow UI (written by the registry)."""
+    champion = cfg.tune.champion_metric
+    winner = _winner(run, metrics, cfg.train.monitor, trials)
+    tags = {**{f"val_{k}": v for k, v in winner.val.items()},
+            **{f"test_{k}": v for k, v in winner.test.items()},
+            "backbone": winner.backbone, "weights": winner.weights,
+            "freeze": winner.freeze, "lr": f"{winner.lr:.4g}",
             "epochs": metrics.get("epochs_run"), "dataset": info.name,
             "dataset_hash": info.fingerprint, "run_id": run.info.run_id,
             "sweep_run_id": run.data.tags.get("mlflow.parentRunId")}
     result = registry.register_champion(
         run.data.tags["model_uri"], registered_name, champion, metrics[champion],
         mode=config_mod.CHAMPION_METRICS[champion], tags=tags)
-    splits = ", ".join(f"{info.splits[s].rows:,} {s}" for s in ("train", "val", "test"))
-    facts = {
-        "summary": f"{p['model.backbone']} ({p['model.weights']} weights), freeze {freeze}, "
-                   f"lr {lr:.3g}, on {info.name}: test accuracy {_fmt(test['acc'])}",
-        "Dataset": f"`{info.name}` (hash `{info.fingerprint[:12]}`), {splits} images of "
-                   f"{info.height}x{info.width} {info.mode}, {info.num_classes} classes; "
-                   f"from {info.source.get('uri', '?')}",
-        "Backbone": f"{p['model.backbone']}, weights `{p['model.weights']}`, freeze depth "
-                    f"{freeze} ({int(p['model.trainable_params']):,} of "
-                    f"{int(p['model.total_params']):,} parameters trained)",
-        "Training": f"lr {lr:.3g} ({p['optim.name']}, {p['optim.schedule']} schedule), "
-                    f"{_fmt(metrics.get('epochs_run'))} of {p['train.epochs']} epochs, best "
-                    f"epoch {_fmt(metrics.get('best_epoch'))} by {cfg.train.monitor}, batch "
-                    f"{p['data.batch_size']}, input {p['data.image_size']} px",
-        "Chosen": f"best of {trials} sweep trials by {cfg.train.monitor}; MLflow run "
-                  f"`{run.info.run_id}` ({run.info.run_name})",
-    }
-    if p.get("train.ema") not in (None, "None"):
-        facts["Training"] += f"; weights averaged (EMA, decay {p['train.ema']})"
-    tta, m = p.get("model.tta", "none"), run.data.metrics
-    if tta != "none" and "test_ms_per_image_without_tta" in m:
-        facts["Test-time augmentation"] = (
-            f"`{tta}` (the served model applies it too): test accuracy {_fmt(test['acc'])}, "
-            f"{_fmt(m.get('test_acc_without_tta'))} without it; "
-            f"{m['test_ms_per_image']:.2f} ms per image, "
-            f"{m['test_ms_per_image_without_tta']:.2f} without")
-    registry.describe_version(registered_name, result.version, registry.version_description(
-        registered_name, result.version, facts=facts, val=val, test=test,
-        alias=registry.alias_note(result, champion, metrics[champion])))
+    registry.describe_winner(registered_name, result, winner, info, champion, metrics[champion])
     return result
+
+
+def _winner(run, metrics: dict, monitor: str, trials: int) -> registry.Winner:
+    """The pick as the registry describes it: its trial's settings as its MLflow run logged
+    them (a trial's searched values are not the sweep's config), and its results."""
+    p = run.data.params
+    return registry.Winner(
+        run_id=run.info.run_id, run_name=run.info.run_name,
+        backbone=p["model.backbone"], weights=p["model.weights"], freeze=p["model.freeze"],
+        lr=float(p["optim.lr"]), optimizer=p["optim.name"], schedule=p["optim.schedule"],
+        epochs=int(p["train.epochs"]), batch_size=int(p["data.batch_size"]),
+        image_size=int(p["data.image_size"]),
+        trainable_params=int(p["model.trainable_params"]),
+        total_params=int(p["model.total_params"]),
+        ema=None if p.get("train.ema") in (None, "None") else float(p["train.ema"]),
+        tta=p.get("model.tta", "none"),
+        val={k: metrics.get(f"val_{k}") for k in ("acc", "auc", "loss")},
+        test={k: metrics.get(f"test_{k}") for k in ("acc", "auc", "loss")},
+        epochs_run=metrics.get("epochs_run"), best_epoch=metrics.get("best_epoch"),
+        monitor=monitor, trials=trials, run_metrics=run.data.metrics)
 
 
 def describe_trials(trials: list[dict], metric: str, best_run_id: str | None) -> None:
@@ -173,15 +165,15 @@ def trial_description(trial: dict, metric: str, picked: bool) -> str:
     """E.g. "freeze `all:2,0@0.5`, lr 0.0052: trained all 6 epochs, best val_loss 0.0311,
     test accuracy 0.9920; the sweep's pick"."""
     best = trial.get(metric)
-    reached = f"best {metric} {_fmt(best)}" if best is not None else "no epoch finished"
+    reached = f"best {metric} {format_number(best)}" if best is not None else "no epoch finished"
     epochs = trial.get("epochs")
     ended = {COMPLETED: f"trained all {epochs} epochs, {reached}, test accuracy "
-                        f"{_fmt(trial.get('test_acc'))}",
+                        f"{format_number(trial.get('test_acc'))}",
              STOPPED: f"stopped by ASHA after epoch {epochs} ({reached})",
              GOAL_STOPPED: f"stopped after epoch {epochs}: another trial reached the goal "
                            f"({reached})",
              ERROR: f"failed ({reached})"}.get(trial["status"], trial["status"].lower())
-    return (f"freeze `{trial.get('model.freeze')}`, lr {_fmt(trial.get('optim.lr'))}: {ended}"
+    return (f"freeze `{trial.get('model.freeze')}`, lr {format_number(trial.get('optim.lr'))}: {ended}"
             + ("; the sweep's pick" if picked else ""))
 
 
@@ -196,19 +188,19 @@ def log_sweep(trials: list[dict], metric: str, importance: Importance | None,
     rows = [{"lr": t["optim.lr"], "freeze_depth": t["model.freeze"], metric: t[metric]}
             for t in trials if t.get(metric) is not None and "optim.lr" in t]
     if rows:
-        tracking.log_figure(plots.sweep_plot(rows, metric), "plots/sweep.png")
+        log_figure(plots.sweep_plot(rows, metric), "plots/sweep.png")
     if importance is not None:
         mlflow.log_text(pd.Series(importance.values, name="importance").rename_axis(
             "setting").to_csv(), "importance.csv")
         mlflow.log_metrics({f"importance.{k}": v for k, v in importance.values.items()})
         bars, lines = importance_plots(study, list(importance.values))
-        tracking.log_figure(bars, "plots/importance.png")
-        tracking.log_figure(lines, "plots/parallel_coordinates.png")
+        log_figure(bars, "plots/importance.png")
+        log_figure(lines, "plots/parallel_coordinates.png")
 
 
 def format_summary(result: SweepResult, monitor: str) -> str:
     m = result.best_metrics
-    searched = ", ".join(f"{k}={_fmt(v)}" for k, v in result.best_config.items())
+    searched = ", ".join(f"{k}={format_number(v)}" for k, v in result.best_config.items())
     counts = Counter(t["status"] for t in result.trials)
     said = {COMPLETED: "completed", STOPPED: "stopped early by ASHA",
             GOAL_STOPPED: "stopped by the goal", NOT_STARTED: "not started: the goal was "
@@ -218,10 +210,10 @@ def format_summary(result: SweepResult, monitor: str) -> str:
     if result.goal_trial:
         lines.append(f"the goal stopped the sweep: trial {result.goal_trial} reached it")
     lines += [f"best trial: {searched}",
-              f"  best {monitor} {_fmt(m.get(f'best_{monitor}'))}  val_acc "
-              f"{_fmt(m.get('val_acc'))}",
-              f"  test  acc {_fmt(m.get('test_acc'))}  auc {_fmt(m.get('test_auc'))}  "
-              f"loss {_fmt(m.get('test_loss'))}"]
+              f"  best {monitor} {format_number(m.get(f'best_{monitor}'))}  val_acc "
+              f"{format_number(m.get('val_acc'))}",
+              f"  test  acc {format_number(m.get('test_acc'))}  auc {format_number(m.get('test_auc'))}  "
+              f"loss {format_number(m.get('test_loss'))}"]
     if result.importance is not None:
         lines.append(f"which settings mattered (importance of each for the best {monitor}):")
         lines.append(result.importance.table())
@@ -235,11 +227,6 @@ def format_summary(result: SweepResult, monitor: str) -> str:
         lines.append(f"load it: mlflow.pyfunc.load_model('models:/{result.registered_name}"
                      f"@champion').predict(images); serve it: mlflow models serve -m "
                      f"models:/{result.registered_name}@champion --env-manager local -p 5001")
-    lines.append(f"MLflow parent run {result.parent_run_id}: {tracking.ui_command()}")
+    lines.append(f"MLflow parent run {result.parent_run_id}: {ui_command()}")
     return "\n".join(lines)
 
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}" if math.isfinite(v) else "nan"
-    return str(v)

@@ -23,10 +23,14 @@ from dataclasses import dataclass
 
 from tlray import config as config_mod
 from tlray.config import Config
+from tlray.config.interval import parse_budget
 from tlray.config.schedule import first_depth
 from tlray.errors import Paused, TlrayError
 from tlray.track import registry
-from tlray.track import runs as tracking
+from tlray.track.datasets import log_datasets
+from tlray.track.figures import log_samples
+from tlray.track.params import log_config
+from tlray.track.runs import close_dangling_runs, start_run
 from tlray.train.launch import read_splits
 from tlray.train.lr_find import log_curves, lr_find, range_from
 from tlray.train.plan import Plan, preflight
@@ -69,7 +73,7 @@ def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
     if "auto" in (plan.config.tune.lr_min, plan.config.tune.lr_max):
         plan, curves = _lr_range_from_tests(plan, choices)
     budget_plan = None
-    if plan.config.tune.budget and not (resume or more or points):
+    if parse_budget(plan.config.tune.budget) and not (resume or more or points):
         plan, choices, budget_plan = plan_to_budget(plan, choices, fixed, started_at)
     space = search_space(plan.config, choices)
     plan = dataclasses.replace(plan, config=share_gpus(plan.config))
@@ -85,14 +89,14 @@ def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
             "augmentation": plan.augment_note}
     goal = Goal(cfg.train.monitor, cfg.monitor_mode, cfg.tune.goal)
     guard = BudgetGuard(budget_plan, started_at) if budget_plan else None
-    with tracking.start_run(plan.experiment, run_name=state.name, tags=tags,
-                            run_id=state.parent_run_id) as parent:
+    with start_run(plan.experiment, run_name=state.name, tags=tags,
+                   run_id=state.parent_run_id) as parent:
         if state.parent_run_id is None:
             _log_sweep_settings(cfg, space)
             # The splits, recorded here first: trials that start together would each
             # insert the same dataset rows, and MLflow's store refuses the second.
-            tracking.log_datasets(info)
-            tracking.log_samples(info)
+            log_datasets(info)
+            log_samples(info)
         if curves:
             log_curves(curves)
         state.parent_run_id, state.finished = parent.info.run_id, False
@@ -156,8 +160,8 @@ class _Part:
             try:
                 results = list(tuner.fit())
             finally:  # trials Tune stopped (ASHA, the goal, Ctrl-C) could not end their runs
-                tracking.close_dangling_runs(parent_run_id=self.state.parent_run_id,
-                                             status="KILLED")
+                close_dangling_runs(parent_run_id=self.state.parent_run_id,
+                                    status="KILLED")
         if pause.paused:
             saved = sum(1 for r in results if r.checkpoint is not None)
             planned = max(len(results), trial_count(self.plan.config, points))
@@ -188,7 +192,7 @@ def trial_count(cfg: Config, points: list[dict] | None) -> int:
 def _log_sweep_settings(cfg: Config, space: dict) -> None:
     import mlflow
 
-    tracking.log_config(cfg.to_dict())
+    log_config(cfg.to_dict())
     mlflow.log_dict({k: repr(v) for k, v in space.items()}, "search_space.json")
     mlflow.log_params({"sweep.metric": cfg.train.monitor, "sweep.mode": cfg.monitor_mode,
                        "sweep.scheduler": "ASHA", "sweep.search": cfg.tune.search})

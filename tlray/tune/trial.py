@@ -52,9 +52,10 @@ def trial_resources(cfg: Config) -> dict:
 def trials_per_gpu(cfg: Config) -> int:
     """How many one-worker trials share a GPU: the user's number, or one from the input size.
 
-    At 28-128 px one trial leaves an H100 launch-bound (FIELD_NOTES: ~10.9k img/s for
-    EfficientNet-Lite0 at 64-128 px), so several trials per GPU raise a sweep's throughput;
-    multi-worker trials keep whole GPUs (DDP across shares of one GPU gains nothing).
+    At 28-128 px one trial leaves an H100 launch-bound (one EfficientNet-Lite0 trial was
+    measured at ~10.9k img/s at 64-128 px), so several trials per GPU raise a sweep's
+    throughput; multi-worker trials keep whole GPUs (DDP across shares of one GPU gains
+    nothing).
     """
     if cfg.scaling.max_workers > 1:
         return 1
