@@ -63,9 +63,11 @@ def init_ray(num_cpus: int | None = None, **kwargs) -> None:
 
 
 def quiet_mlflow() -> None:
-    """MLflow's INFO notes stay out of the console (a user's MLFLOW_LOGGING_LEVEL wins)."""
+    """MLflow's INFO notes and its bars for the small artifacts tlray reads back stay out
+    of the console (a user's MLFLOW_LOGGING_LEVEL wins)."""
     if "MLFLOW_LOGGING_LEVEL" not in os.environ:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def keep_progress_lines_apart() -> None:
