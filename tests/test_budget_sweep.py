@@ -102,3 +102,21 @@ def test_an_explicit_trial_count_wins_over_the_plan(ray_cluster, mnist, capsys):
     assert "tune.num_samples=1 (yours) wins over the plan's" in out
     assert "train.epochs=1 (yours) wins over the plan's" in out
     assert len(result.trials) == 1 and result.trials[0]["epochs"] == 1
+
+
+def test_a_trials_start_and_end_are_measured_and_replace_the_estimates():
+    now = [0.0]
+    plan = plan_sweep(300.0, COSTS, ["0", "all"], slots=2, recipe_epochs=3)
+    guard = BudgetGuard(plan, started_at=0.0, clock=lambda: now[0])
+    one = types.SimpleNamespace(trial_id="a", config={"model.freeze": "0"},
+                                last_result={"final": True})
+    guard.on_trial_start(1, [], one)
+    now[0] = 15.0  # its first epoch took 10 s of these 15: 5 s to start
+    guard.on_trial_result(1, [], one, {"epoch": 1, "epoch_seconds": 10.0, "final": False})
+    now[0] = 30.0
+    guard.on_trial_result(2, [], one, {"epoch": 2, "epoch_seconds": 12.0, "final": False})
+    now[0] = 39.0  # tested and logged 9 s after its last epoch
+    guard.on_trial_complete(3, [], one)
+    costs = guard.costs()
+    assert (costs.trial_s, costs.finish_s) == (5.0, 9.0)
+    assert costs.epoch_s["0"] == 11.0 and costs.epoch_s["all"] == COSTS.epoch_s["all"]

@@ -11,6 +11,7 @@ asks the goal. What the sweep does when it is ahead of its plan (more trials) is
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from ray import tune
 
@@ -29,23 +30,31 @@ class BudgetGuard(tune.Callback, tune.Stopper):
         started_at: `time.time()` when the command started: the budget is the user's wait.
     """
 
-    def __init__(self, plan: SweepPlan, started_at: float):
-        self.plan, self.started_at = plan, started_at
+    def __init__(self, plan: SweepPlan, started_at: float, clock=time.time):
+        self.plan, self.started_at, self.clock = plan, started_at, clock
         self.seconds: dict[str, list[float]] = {}  # depth -> the epochs trials reported
+        self.starts: list[float] = []  # a trial's start: until its first epoch began
+        self.finishes: list[float] = []  # a completed trial's end: after its last epoch
         self.refused: set[str] = set()  # trials that did not start: no time left for them
         self.started: set[str] = set()
+        self._began: dict[str, float] = {}  # trial -> when Tune started it
+        self._reported: dict[str, float] = {}  # trial -> when its last epoch was reported
         self._trials: list = []
 
     def __getstate__(self) -> dict:  # Tune saves its experiment state: not the trials
         return {**self.__dict__, "_trials": []}
 
     def elapsed(self) -> float:
-        return time.time() - self.started_at
+        return self.clock() - self.started_at
 
     def costs(self) -> Costs:
-        """The plan's costs with every depth's epochs as measured so far."""
+        """The plan's costs with what the trials have measured so far: every depth's epochs,
+        a trial's start and a completed trial's end (its test and logging)."""
         measured = {d: sum(s) / len(s) for d, s in self.seconds.items()}
-        return self.plan.costs.with_measured(measured, self.plan.cached)
+        costs = self.plan.costs.with_measured(measured, self.plan.cached)
+        return replace(costs, **{k: sum(v) / len(v) for k, v in (("trial_s", self.starts),
+                                                                 ("finish_s", self.finishes))
+                                 if v})
 
     def may_start(self, trial) -> bool:
         """Whether `trial` can end in time; a refused one is remembered (and stays refused).
@@ -64,12 +73,23 @@ class BudgetGuard(tune.Callback, tune.Stopper):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self._trials = trials
-        if "epoch_seconds" in result and not (is_final(result) or is_partial(result)):
-            depth = depth_at(str(trial.config.get("model.freeze")), int(result["epoch"]))
-            self.seconds.setdefault(depth, []).append(float(result["epoch_seconds"]))
+        if "epoch_seconds" not in result or is_final(result) or is_partial(result):
+            return
+        seconds, epoch, now = float(result["epoch_seconds"]), int(result["epoch"]), self.clock()
+        depth = depth_at(str(trial.config.get("model.freeze")), epoch)
+        self.seconds.setdefault(depth, []).append(seconds)
+        if epoch == 1 and trial.trial_id in self._began:
+            self.starts.append(max(0.0, now - seconds - self._began[trial.trial_id]))
+        self._reported[trial.trial_id] = now
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._trials = trials
+        self._began.setdefault(trial.trial_id, self.clock())
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        last = self._reported.get(trial.trial_id)
+        if last is not None and trial.last_result.get("final"):
+            self.finishes.append(self.clock() - last)
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         return False  # a started trial runs to its end: its time was counted
