@@ -393,15 +393,15 @@ def test_interrupted_prepare_keeps_previous_dataset(tmp_path):
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     src = from_arrays(images[::-1].copy(), np.arange(400) % 4)
-    real_load, calls = src.load, []
+    real_part, calls = src.part, []
 
-    def dying_load(indices):
+    def dying_part(indices):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of writing
-        return real_load(indices)
+        return real_part(indices)
 
-    src.load = dying_load
+    src.part = dying_part
     with pytest.raises(KeyboardInterrupt):
         prepare(src, out, rows_per_shard=50, progress=False)
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
