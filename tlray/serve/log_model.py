@@ -42,7 +42,7 @@ MODEL_CODE = PACKAGE_DIR / "serve" / "model_code.py"
 # What of tlray a logged model needs to serve, shipped inside it (`code/tlray/`): the pyfunc,
 # the preprocessing it shares with training, and the (import-free) package files above them.
 SHIPPED_MODULES = ("__init__.py", "data/__init__.py", "data/preprocess.py", "data/pixels.py",
-                   "serve/__init__.py", "serve/pyfunc.py")
+                   "serve/__init__.py", "serve/columns.py", "serve/pyfunc.py")
 REQUIREMENTS = ("torch", "mlflow", "numpy", "pandas", "pillow")
 
 _log = logging.getLogger(__name__)

@@ -33,11 +33,17 @@ from tlray.serve.predict_model import (  # noqa: F401  (MODEL_URI_HELP: for the 
     model_info,
     normalise_uri,
 )
+from tlray.serve.predict_output import (  # noqa: F401  (write_csv_atomic: for callers)
+    DEFAULT_OUT,
+    FORMATS,
+    Answers,
+    check_out,
+    write_csv_atomic,
+)
+from tlray.serve.predict_scoring import score
 
-# Importing this module stays light (the CLI reads these names to build its parser): what
-# imports torch and mlflow (the pyfunc, the output) is imported when a prediction starts.
-FORMATS = ("auto", "kaggle", "probs")
-DEFAULT_OUT = {"kaggle": "submission.csv", "probs": "predictions.csv"}
+# Importing this module imports neither torch nor mlflow (the CLI reads these names to build
+# its parser); the model's pyfunc is loaded when a prediction starts.
 ENGINES = ("auto", "local", "ray")
 # `engine="auto"` scores this many images or more on Ray. Measured with `tlray benchmark
 # predict` (see its module docstring): below it, starting Ray and the replicas costs more than
@@ -97,8 +103,6 @@ def predict(
         "summary" (the summary line), "model_uri" (the exact logged model used) and
         "accuracy" (or None when no row had a known label).
     """
-    from tlray.serve.predict_output import Answers, check_out
-
     _check_options(format, batch_size, engine, replicas, cpus_per_replica)
     where = locate(str(source), expected=SOURCES)
     model_uri = normalise_uri(model_uri)
@@ -156,8 +160,6 @@ def _check_options(format: str, batch_size, engine: str, replicas,  # noqa: A002
 def _score_here(inputs: Inputs, resolved: str, model_uri: str, class_names: list[str],
                 batch_size: int, gpu: bool) -> Iterator[pa.Table]:
     """The answers, batch by batch, from the model loaded in this process."""
-    from tlray.serve.predict_scoring import score
-
     model = load_model(resolved, model_uri, "cuda" if gpu else "cpu")
     for batch in inputs.reader(inputs.refs, batch_size):
         yield score(model, batch, class_names)

@@ -27,9 +27,11 @@ from tlray.data.source_images import SourceProblems
 from tlray.errors import TlrayError
 from tlray.serve.predict_inputs import Inputs
 from tlray.serve.predict_scoring import ERROR_COLUMN
-from tlray.serve.pyfunc import probability_columns
+from tlray.serve.columns import probability_columns
 
+FORMATS = ("auto", "kaggle", "probs")
 KAGGLE_COLUMNS = ("ImageId", "Label")
+DEFAULT_OUT = {"kaggle": "submission.csv", "probs": "predictions.csv"}
 PARQUET_SUFFIX = ".parquet"
 ROWS_PER_PARQUET_SHARD = 1_000_000
 _SUMMARY_CLASSES = 10  # class counts shown in the summary line

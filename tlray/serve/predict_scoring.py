@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from tlray.serve.predict_inputs import Batch
-from tlray.serve.pyfunc import probability_columns
+from tlray.serve.columns import probability_columns
 
 ERROR_COLUMN = "error"
 _IMAGE_PREFIX = re.compile(r"^image \d+: ")  # the pyfunc's way of naming the item

@@ -43,18 +43,17 @@ from tlray.data.preprocess import (
     to_model_input,
     tta_probabilities,
 )
+from tlray.serve.columns import (  # noqa: F401  (the names, for this module's users)
+    IMAGE_COLUMN,
+    LABEL_COLUMN,
+    PROB_PREFIX,
+    probability_columns,
+)
 
 NETWORK = "network"  # the artifact: a folder holding the exported network, model.pt2
 NETWORK_FILE = "model.pt2"
-IMAGE_COLUMN = "image"
-LABEL_COLUMN = "label"
-PROB_PREFIX = "prob_"
 BATCH = 256  # images per forward pass: memory stays bounded for any request size
 _CHANNELS = (1, 3, 4)
-
-
-def probability_columns(class_names: list[str]) -> list[str]:
-    return [f"{PROB_PREFIX}{name}" for name in class_names]
 
 
 def bad_input(message: str) -> MlflowException:
