@@ -135,7 +135,8 @@ def _commands_of(module: Path) -> list[tuple[str, ...]]:
     if rel.startswith("serve/predict"):
         return [("predict",)]
     if rel.startswith(("bench/", "cli/bench")):
-        return [("benchmark", "train"), ("benchmark", "sweep"), ("benchmark", "ingest")]
+        return [("benchmark", "train"), ("benchmark", "sweep"), ("benchmark", "ingest"),
+                ("benchmark", "prepare"), ("benchmark", "predict")]
     if rel.startswith("cli/data_commands"):
         return [("prepare",), ("inspect",), ("augment-preview",)]
     if rel.startswith("cli/predict"):
