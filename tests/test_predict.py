@@ -16,6 +16,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from brightness_models import SIZE, Brightness, bright_images, log_champion, png
@@ -274,6 +275,10 @@ def test_bad_sources_and_options_fail_before_writing(work: Path) -> None:
         ((champion, good), {"split": "test"}, r"--split 'test' applies to prepared datasets"),
         ((champion, good), {"format": "json"}, r"--format must be one of"),
         ((champion, good), {"batch_size": 0}, r"--batch-size must be a positive integer"),
+        ((champion, good), {"engine": "spark"}, r"--engine must be one of auto, local, ray"),
+        ((champion, good), {"replicas": 2}, r"--replicas is for --engine ray"),
+        ((champion, good), {"engine": "ray", "cpus_per_replica": 0},
+         r"--cpus-per-replica must be more than 0"),
         ((champion, good), {"out": work / "outdir"}, r"is a directory"),
         (("models:/nope@champion", work / "missing"), {}, r"does not exist"),  # source first
     ]
@@ -281,6 +286,14 @@ def test_bad_sources_and_options_fail_before_writing(work: Path) -> None:
         with pytest.raises(TlrayError, match=expected):
             predict(*args, verbose=False, **kwargs)
     assert sorted(p.name for p in work.iterdir()) == ["bad.csv", "empty", "outdir", "test.csv"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error of a machine without a GPU")
+def test_gpu_on_a_machine_without_one_is_one_clear_error(work: Path) -> None:
+    source = _write_pixel_csv(work / "test.csv", bright_images([0]))
+    with pytest.raises(TlrayError, match=r"--gpu: this machine has no CUDA GPU"):
+        predict("models:/bright@champion", source, gpu=True, verbose=False)
+    assert sorted(p.name for p in work.iterdir()) == ["test.csv"]
 
 
 def test_write_is_atomic(work: Path) -> None:

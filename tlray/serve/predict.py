@@ -160,6 +160,12 @@ def _check_options(format: str, batch_size, engine: str, replicas,  # noqa: A002
 def _score_here(inputs: Inputs, resolved: str, model_uri: str, class_names: list[str],
                 batch_size: int, gpu: bool) -> Iterator[pa.Table]:
     """The answers, batch by batch, from the model loaded in this process."""
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TlrayError("--gpu: this machine has no CUDA GPU that torch can use; "
+                             "predict without --gpu, or with --engine ray on a GPU cluster")
     model = load_model(resolved, model_uri, "cuda" if gpu else "cpu")
     for batch in inputs.reader(inputs.refs, batch_size):
         yield score(model, batch, class_names)
