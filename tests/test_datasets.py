@@ -438,3 +438,27 @@ def test_sample_per_class(tmp_path):
     images, labels = sample_per_class(info, per_class=2)
     assert images.shape == (20, 28, 28, 1)
     assert labels.tolist() == [c for c in range(10) for _ in range(2)]
+
+
+def test_a_store_that_cannot_rename_folders_gets_the_dataset_copied_into_place(tmp_path):
+    """Object stores have no folders to rename: `atomic.commit` copies each object (and
+    dataset.json last). pyarrow's SubTreeFileSystem over a local folder takes that path here
+    (only the local filesystem is trusted to rename), with real files."""
+    import pyarrow.fs as pafs
+
+    from tlray.data import atomic
+
+    info = prepare("builtin:mnist", tmp_path / "first", rows_per_shard=2000, progress=False)
+    store = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    (tmp_path / "dest").mkdir()
+    (tmp_path / "dest" / "stale.txt").write_text("the previous version")
+    tmp = atomic.begin(store, "dest", folder=True)
+    for path in sorted((tmp_path / "first").rglob("*")):
+        if path.is_file():
+            rel = path.relative_to(tmp_path / "first").as_posix()
+            store.create_dir(f"{tmp}/{rel}".rsplit("/", 1)[0])
+            store.copy_file(f"first/{rel}", f"{tmp}/{rel}")
+    atomic.commit(store, tmp, "dest", last="dataset.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "first"]
+    assert load_info(tmp_path / "dest").fingerprint == info.fingerprint
+    assert not (tmp_path / "dest" / "stale.txt").exists()

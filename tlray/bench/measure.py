@@ -2,16 +2,19 @@
 peak resident memory of the driver and of the Ray processes doing the work, and where a
 fixed start-up cost makes the in-process path the faster one.
 
-Memory is sampled from /proc (Linux) every `interval_s`: this process, and every process
-whose title (`ray::<task or actor>`, which Ray sets while a task runs) contains one of the
-given names. Only a local cluster's processes are visible, which is what a benchmark on one
-machine runs on.
+Each side runs as a tlray command in a process of its own, as a user runs it (its start-up and
+imports included). Memory is sampled from /proc (Linux) every `interval_s`: that process (the
+driver), and every process whose title (`ray::<task or actor>`, which Ray sets while a task
+runs) contains one of the given names. Only a local cluster's processes are visible, which is
+what a benchmark on one machine runs on.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -21,12 +24,11 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class PeakRss:
-    """Peak RSS (MB) of this process and of the matching Ray workers while the block runs."""
+    """Peak RSS (MB) of the process `pid` and of the matching Ray workers while the block runs."""
 
-    def __init__(self, titles: tuple[str, ...], interval_s: float = 0.1):
-        self.titles, self.interval_s = titles, interval_s
+    def __init__(self, pid: int, titles: tuple[str, ...], interval_s: float = 0.1):
+        self.pid, self.titles, self.interval_s = pid, titles, interval_s
         self.driver_mb = self.workers_mb = 0.0
-        self.workers: set[int] = set()
         self._stop = threading.Event()
 
     def __enter__(self) -> PeakRss:
@@ -40,9 +42,8 @@ class PeakRss:
 
     def _sample(self) -> None:
         while True:
-            self.driver_mb = max(self.driver_mb, _rss_mb(os.getpid()))
+            self.driver_mb = max(self.driver_mb, _rss_mb(self.pid))
             for pid in _matching(self.titles):
-                self.workers.add(pid)
                 self.workers_mb = max(self.workers_mb, _rss_mb(pid))
             if self._stop.wait(self.interval_s):
                 return
@@ -84,12 +85,22 @@ class Timed:
         return self.images / self.seconds
 
 
-def timed(fn, images: int, titles: tuple[str, ...]) -> Timed:
-    """Runs `fn()` and measures it."""
-    with PeakRss(titles) as rss:
-        start = time.perf_counter()
-        fn()
+def timed(command: list[str], images: int, titles: tuple[str, ...]) -> Timed:
+    """Runs `command` (a tlray command line, in a process of its own, as a user runs it; Ray
+    sides join this process's cluster) and measures it; its output is shown if it fails."""
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address} \
+        if ray.is_initialized() else dict(os.environ)
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "tlray.cli", *command], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with PeakRss(proc.pid, titles) as rss:
+        output = proc.communicate()[0]
         seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"`tlray {' '.join(command)}` failed:\n"
+                           f"{output.decode(errors='replace')[-3000:]}")
     return Timed(images, seconds, rss.driver_mb, rss.workers_mb)
 
 

@@ -7,7 +7,8 @@ the model's pyfunc, which decodes, resizes and normalises them. The model is a
 `tf_efficientnet_lite0` at 32 px with random weights (scoring costs the same as with trained
 ones), logged once as tlray logs models, in a store of the benchmark's own; `--model` scores
 with another one instead. Sides: `tlray predict --engine local`, then `--engine ray` with 2 and
-with 1 replica(s) of one CPU each, every side writing the same CSV. Each side also scores a
+with 1 replica(s) of one CPU each, every side a command of its own (start-up included) writing
+the same CSV, the Ray sides joining the benchmark's cluster. Each side also scores a
 small subset first, which gives its fixed start-up cost (for Ray: starting the replicas and
 loading the model in each), hence the number of images from which the Ray pipeline finishes
 first: what `tlray.serve.predict.RAY_FROM_IMAGES` is set from. Peak RSS is that of the driver
@@ -22,7 +23,6 @@ from pathlib import Path
 
 from tlray.bench.images import png_folder, subset
 from tlray.bench.measure import SideBySide, start_ray, timed
-from tlray.serve.predict import predict
 
 REPLICA_TITLES = ("MapWorker", "Replica")
 SIDES = (("local", None), ("ray-2", 2), ("ray-1", 1))
@@ -69,11 +69,11 @@ def predict_benchmark(*, images: int = 20_000, small: int = 1_000, model: str | 
             plan.insert(0, ("-small", small_folder, small))
         for suffix, source, count in plan:
             out = root / f"{name}{suffix}.csv"
+            engine = ["--engine", "local"] if replicas is None else \
+                ["--engine", "ray", "--replicas", str(replicas)]
             runs[name + suffix] = timed(
-                lambda: predict(model, source, out=out, batch_size=batch_size, verbose=False,
-                                engine="local" if replicas is None else "ray",
-                                replicas=replicas, keep_table=False),
-                count, REPLICA_TITLES)
+                ["predict", model, str(source), "--out", str(out), "--batch-size",
+                 str(batch_size), *engine], count, REPLICA_TITLES)
     return SideBySide(f"tlray predict of {images:,} 28x28 grey PNGs with {model}",
                       ray.cluster_resources().get("CPU", 0.0), ray_start_s, runs,
                       ray_side="ray-2")

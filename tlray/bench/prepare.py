@@ -1,8 +1,10 @@
 """`tlray benchmark prepare`: the in-process prepare against the Ray prepare of the same source.
 
 The source is a folder of synthetic RGB PNGs (`tlray.bench.images`), made once in `--workdir`
-and reused. Each side prepares a small subset of it and then the whole folder, into fresh
-destinations, with the same options: the whole folder gives the headline images/s and the
+and reused. Each side (`tlray prepare --engine local|ray`, a command of its own, start-up
+included; the Ray side joins the benchmark's cluster) prepares a small subset of it and then
+the whole folder, into fresh destinations, with the same options: the whole folder gives the
+headline images/s and the
 ratio; the two sizes together give each side's fixed start-up cost and its rate once running,
 hence the number of images from which the Ray side finishes first. That crossover is what
 `tlray.data.prepare.RAY_FROM_IMAGES` is set from (with a cluster that has to be started, the
@@ -21,7 +23,6 @@ from pathlib import Path
 
 from tlray.bench.images import png_folder, subset
 from tlray.bench.measure import SideBySide, start_ray, timed
-from tlray.data.prepare import prepare
 
 TASK_TITLES = ("write_shard", "read_headers")
 
@@ -53,9 +54,8 @@ def prepare_benchmark(*, images: int = 20_000, side: int = 96, spread: int = 16,
             dest = root / f"out-{engine}{suffix}"
             shutil.rmtree(dest, ignore_errors=True)
             runs[engine + suffix] = timed(
-                lambda: prepare(str(folder), dest, image_size=(image_size, image_size),
-                                engine=engine, progress=False),
-                count, TASK_TITLES)
+                ["prepare", str(folder), str(dest), "--image-size", str(image_size),
+                 "--engine", engine], count, TASK_TITLES)
             shutil.rmtree(dest, ignore_errors=True)
     cpus = ray.cluster_resources().get("CPU", 0.0) if "ray" in engines else 0.0
     return SideBySide(f"tlray prepare of {images:,} RGB PNGs ({side} +- {spread} px, resized "

@@ -36,16 +36,36 @@ def discard(fs, tmp: str) -> None:
         fs.delete_file(tmp)
 
 
-def commit(fs, tmp: str, root: str) -> None:
+def commit(fs, tmp: str, root: str, *, last: str | None = None) -> None:
     """Moves the finished `tmp` to `root`; an existing `root` is set aside until then (a
-    crash between the two moves is repaired by the next `remove_leftovers`)."""
+    crash between the two moves is repaired by the next `remove_leftovers`).
+
+    An object store cannot rename a folder (S3 has no folders): its objects are copied one by
+    one instead, the file named `last` (a dataset's dataset.json, without which it is not
+    taken for a dataset) after all the others, and then removed from `tmp`.
+    """
     old = None
     if fs.get_file_info(root).type != pafs.FileType.NotFound:
         old = temporary_sibling(root, "old")
-        fs.move(root, old)
-    fs.move(tmp, root)
+        _move(fs, root, old, last)
+    _move(fs, tmp, root, last)
     if old is not None:
         discard(fs, old)
+
+
+def _move(fs, src: str, dest: str, last: str | None) -> None:
+    if type(fs).__name__ == "LocalFileSystem" or \
+            fs.get_file_info(src).type != pafs.FileType.Directory:
+        fs.move(src, dest)
+        return
+    files = [e.path for e in fs.get_file_info(pafs.FileSelector(src, recursive=True))
+             if e.type == pafs.FileType.File]
+    base = src.strip("/")
+    for path in sorted(files, key=lambda p: p.rsplit("/", 1)[-1] == last):
+        target = dest.rstrip("/") + path.strip("/")[len(base):]
+        fs.create_dir(target.rpartition("/")[0], recursive=True)
+        fs.copy_file(path, target)
+    fs.delete_dir(src)
 
 
 def remove_leftovers(dest: str) -> None:

@@ -147,7 +147,7 @@ def prepare(
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         with fs.open_output_stream(join_uri(tmp, "dataset.json")) as f:
             f.write(json.dumps(info.to_json(), indent=2).encode())
-        atomic.commit(fs, tmp, root)
+        atomic.commit(fs, tmp, root, last="dataset.json")
     except BaseException:
         atomic.discard(fs, tmp)
         raise

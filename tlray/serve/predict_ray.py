@@ -57,7 +57,8 @@ def score_on_ray(inputs: Inputs, *, model_uri: str, shown_uri: str, tracking_uri
     import ray.data
 
     replicas = _replicas(replicas, cpus_per_replica, gpu)
-    per_block = inputs.refs_per_block or batch_size
+    # A batch per block, fewer when there are few images: every replica gets some.
+    per_block = inputs.refs_per_block or min(batch_size, -(-inputs.refs.num_rows // replicas))
     # `take` copies each block's rows: a slice would carry the whole table's buffers along.
     blocks = [inputs.refs.take(np.arange(start, min(start + per_block, inputs.refs.num_rows)))
               for start in range(0, inputs.refs.num_rows, per_block)]
