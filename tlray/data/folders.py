@@ -9,7 +9,6 @@ the way is recorded in the source's `SourceProblems`; `tlray prepare` reports th
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -20,12 +19,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tlray.data.pixels import resize_pixels, to_mode
-from tlray.data.source_images import (
-    IGNORED_NAMES,
-    IMAGE_EXTENSIONS,
-    SourceImages,
-    SourceProblems,
-)
+from tlray.data.source_images import IMAGE_EXTENSIONS, SourceImages, SourceProblems
+from tlray.data.trees import is_ignored
 from tlray.errors import TlrayError
 
 # What Pillow raises for a file that is not an image, or not a whole one.
@@ -33,22 +28,6 @@ DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError,
                  Image.DecompressionBombError)
 GREY_MODES = ("L", "1", "I;16", "I", "LA")
 HEADERS_PER_JOB = 2000  # headers read per task: a few hundred ms of work each
-
-
-def _fingerprint(files: list[tuple[str, int, int]]) -> str:
-    """Names, sizes and modification times (CRCs in a zip): cheap, and changes with any file.
-    The digest of `repr(files)`, taken piece by piece (a million names make a long string)."""
-    digest = hashlib.sha256(b"[")
-    for i, entry in enumerate(files):
-        digest.update(((", " if i else "") + repr(entry)).encode())
-    digest.update(b"]")
-    return digest.hexdigest()
-
-
-def is_ignored(rel: str) -> bool:
-    parts = rel.split("/")
-    return (any(p.startswith(".") or p == "__MACOSX" for p in parts)
-            or parts[-1].lower() in IGNORED_NAMES)
 
 
 def image_folder(tree, uri: str, image_size, mode, classes, executor=None) -> SourceImages:
@@ -59,20 +38,18 @@ def image_folder(tree, uri: str, image_size, mode, classes, executor=None) -> So
     a class outside `classes` is an error at once. Hidden and system files are ignored (and
     counted).
     """
-    listed, folders = tree.listing()
-    files = [f for f in listed if not is_ignored(f[0])]
-    ignored = [f[0] for f in listed if is_ignored(f[0])]
-    prefix = class_root(files)
+    listing = tree.listing()
+    prefix = class_root(listing.files)
     problems = SourceProblems(tree.name)
     by_class: dict[str, list[str]] = {}
-    for rel, _, _ in files:
+    for rel in listing.files:
         inner = rel[len(prefix):].split("/")
         if len(inner) < 2:
             problems.add(rel, "stray", "not inside a class folder (expected one sub-folder per "
                                        "class, e.g. Parasitized/ and Uninfected/)")
             continue
         by_class.setdefault(inner[0], []).append(rel)
-    names = _class_names(tree.name, prefix, folders, by_class, classes)
+    names = _class_names(tree.name, prefix, listing.folders, by_class, classes)
     items, labels = [], []
     for label, name in enumerate(names):
         for rel in by_class.get(name, []):
@@ -87,11 +64,10 @@ def image_folder(tree, uri: str, image_size, mode, classes, executor=None) -> So
         mode, image_size = _modes_and_sizes(tree, items, problems, image_size, mode, executor)
     height, width = image_size
     return SourceImages(
-        tree.kind, uri,
-        _fingerprint(files), names, np.array(labels, dtype=np.int64), items, None, mode,
-        int(height), int(width), lambda indices: FolderPart(tree, items[indices], mode,
-                                                            (int(height), int(width))),
-        problems, ignored)
+        tree.kind, uri, listing.fingerprint, names, np.array(labels, dtype=np.int64), items,
+        None, mode, int(height), int(width),
+        lambda indices: FolderPart(tree, items[indices], mode, (int(height), int(width))),
+        problems, listing.ignored)
 
 
 def _class_names(where: str, prefix: str, folders: list[str], by_class: dict,
@@ -194,16 +170,16 @@ class FolderPart:
         return arr if arr.ndim == 3 else arr[..., None]
 
 
-def class_root(files: list[tuple[str, int, int]]) -> str:
+def class_root(files: list[str]) -> str:
     """Descends through single wrapping folders (`cell_images/cell_images/...`)."""
     prefix = ""
     while True:
-        tops = {f[0][len(prefix):].split("/")[0] for f in files}
-        deeper = all("/" in f[0][len(prefix):] for f in files)
+        tops = {f[len(prefix):].split("/")[0] for f in files}
+        deeper = all("/" in f[len(prefix):] for f in files)
         if len(tops) == 1 and deeper and files:
             candidate = prefix + tops.pop() + "/"
             # Stop when the next level down holds files directly: those are the classes.
-            if all(f[0][len(candidate):].count("/") >= 1 for f in files):
+            if all(f[len(candidate):].count("/") >= 1 for f in files):
                 prefix = candidate
                 continue
         return prefix

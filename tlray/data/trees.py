@@ -2,23 +2,58 @@
 
 A folder on a local disk or in an object store (`s3://`, `gs://`, `file://`: anything
 `pyarrow.fs.FileSystem.from_uri` opens), a `.zip` of one, or a single image file. Listing is
-cheap (names, sizes, and modification times or CRCs: no pixels); reading is one file at a
-time. Every tree pickles, so the driver lists and Ray tasks read what it listed.
+cheap (names, sizes, and modification times or CRCs: no pixels) and keeps only the names (a
+million of them take ~80 MB); reading is one file at a time. Every tree pickles, so the
+driver lists and Ray tasks read what it listed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import zipfile
+from dataclasses import dataclass, field
 from typing import IO
 
 import pyarrow.fs as pafs
 
 from tlray.data.dataset import filesystem, join_uri
+from tlray.data.source_images import IGNORED_NAMES
 from tlray.errors import TlrayError
 
-File = tuple[str, int, int]  # (POSIX path relative to the tree, size, mtime_ns or CRC)
+
+def is_ignored(rel: str) -> bool:
+    """Hidden and system files (`.DS_Store`, `Thumbs.db`, dot-files, `__MACOSX/`): never data."""
+    parts = rel.split("/")
+    return (any(p.startswith(".") or p == "__MACOSX" for p in parts)
+            or parts[-1].lower() in IGNORED_NAMES)
+
+
+@dataclass
+class Listing:
+    """What a tree holds, gathered in one pass: the files that may be data (POSIX paths
+    relative to the tree, in listing order), the ignored ones, every folder, and a fingerprint
+    of the files (names, sizes, modification times or CRCs: it changes with any of them)."""
+
+    files: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    folders: list[str] = field(default_factory=list)
+    _digest: object = field(default_factory=lambda: hashlib.sha256(b"["), repr=False)
+
+    def add(self, rel: str, size: int, stamp: int) -> None:
+        if is_ignored(rel):
+            self.ignored.append(rel)
+            return
+        # The digest of `repr(list of (rel, size, stamp))`, taken piece by piece.
+        self._digest.update(((", " if self.files else "") + repr((rel, size, stamp))).encode())
+        self.files.append(rel)
+
+    @property
+    def fingerprint(self) -> str:
+        digest = self._digest.copy()
+        digest.update(b"]")
+        return digest.hexdigest()
 
 
 class FolderTree:
@@ -31,38 +66,39 @@ class FolderTree:
         self.fs, self.root = filesystem(uri)
         self.local = "://" not in uri
 
-    def listing(self) -> tuple[list[File], list[str]]:
-        """(every file; every folder), in one pass over the tree."""
+    def listing(self) -> Listing:
         return self._walk() if self.local else self._select()
 
-    def _walk(self) -> tuple[list[File], list[str]]:
+    def _walk(self) -> Listing:
         """A local folder, top-down in name order. What cannot be looked at (a dangling
         link, say) is still listed, so that reading it fails and is reported: pyarrow's
         listing would leave it out without a word."""
-        files, folders = [], []
+        listing = Listing()
         for path, dirnames, filenames in os.walk(self.root):
             dirnames.sort()
             rel = os.path.relpath(path, self.root).replace(os.sep, "/")
             prefix = "" if rel == "." else rel + "/"
-            folders += [prefix + d for d in dirnames]
+            listing.folders += [prefix + d for d in dirnames]
             for name in sorted(filenames):
                 try:
                     st = os.stat(os.path.join(path, name))
-                    files.append((prefix + name, st.st_size, st.st_mtime_ns))
+                    listing.add(prefix + name, st.st_size, st.st_mtime_ns)
                 except OSError:
-                    files.append((prefix + name, -1, 0))
-        return files, folders
+                    listing.add(prefix + name, -1, 0)
+        return listing
 
-    def _select(self) -> tuple[list[File], list[str]]:
+    def _select(self) -> Listing:
         """A folder in an object store (or any URI), through pyarrow's filesystem."""
         start = len(self.root.rstrip("/")) + 1
-        files, folders = [], []
-        for entry in self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True)):
+        entries = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True))
+        entries.sort(key=lambda e: e.path)
+        listing = Listing()
+        for entry in entries:
             if entry.type == pafs.FileType.Directory:
-                folders.append(entry.path[start:])
+                listing.folders.append(entry.path[start:])
             else:
-                files.append((entry.path[start:], entry.size or 0, entry.mtime_ns or 0))
-        return sorted(files), sorted(folders)
+                listing.add(entry.path[start:], entry.size or 0, entry.mtime_ns or 0)
+        return listing
 
     def read(self, rel: str) -> bytes:
         with self.fs.open_input_stream(join_uri(self.root, rel)) as f:
@@ -103,13 +139,16 @@ class ZipTree:
         self.__dict__.update(state)
         self._local = threading.local()
 
-    def listing(self) -> tuple[list[File], list[str]]:
+    def listing(self) -> Listing:
         infos = self._zip().infolist()
-        files = sorted((i.filename, i.file_size, i.CRC) for i in infos if not i.is_dir())
+        listing = Listing()
+        for i in sorted((i for i in infos if not i.is_dir()), key=lambda i: i.filename):
+            listing.add(i.filename, i.file_size, i.CRC)
         named = {i.filename.rstrip("/") for i in infos if i.is_dir()}
-        named |= {f.rsplit("/", 1)[0] for f, _, _ in files if "/" in f}
+        named |= {f.rsplit("/", 1)[0] for f in listing.files + listing.ignored if "/" in f}
         parents = {"/".join(d.split("/")[:k]) for d in named for k in range(1, d.count("/") + 1)}
-        return files, sorted(named | parents)
+        listing.folders = sorted(named | parents)
+        return listing
 
     def read(self, rel: str) -> bytes:
         return self._zip().read(rel)
@@ -127,9 +166,11 @@ class SingleFile:
         self.name = uri
         self.fs, self.path = filesystem(uri)
 
-    def listing(self) -> tuple[list[File], list[str]]:
+    def listing(self) -> Listing:
         info = self.fs.get_file_info(self.path)
-        return [(info.base_name, info.size or 0, info.mtime_ns or 0)], []
+        listing = Listing()
+        listing.add(info.base_name, info.size or 0, info.mtime_ns or 0)
+        return listing
 
     def read(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self.path) as f:

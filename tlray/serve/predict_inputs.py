@@ -192,8 +192,8 @@ class FileReader:
 
 def _image_inputs(tree, source: str, class_names: list[str]) -> Inputs:
     """Image files anywhere under the folder, in sorted path order; other files are ignored."""
-    files = [f for f in tree.listing()[0] if not folders.is_ignored(f[0])]
-    items = [f for f in files if Path(f[0]).suffix.lower() in IMAGE_EXTENSIONS]
+    files = tree.listing().files
+    items = [f for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
     if not items:
         raise TlrayError(f"{tree.name}: no images found (expected files ending in "
                          f"{', '.join(sorted(IMAGE_EXTENSIONS))}, directly or in "
@@ -201,11 +201,11 @@ def _image_inputs(tree, source: str, class_names: list[str]) -> Inputs:
     prefix = folders.class_root(items)
     known = set(class_names)
     labels: list[str | None] = []
-    for rel, _, _ in items:
+    for rel in items:
         parts = rel[len(prefix):].split("/")
         labels.append(parts[0] if len(parts) >= 2 and parts[0] in known else None)
     labelled = sum(lab is not None for lab in labels)
-    refs = pa.table({"id": [rel for rel, _, _ in items],
+    refs = pa.table({"id": items,
                      "label": pa.array(labels, pa.string())})
     return Inputs(f"{source} ({len(items)} images"
                   f"{f', {labelled} in class folders' if labelled else ''})", len(items),
