@@ -24,7 +24,7 @@ from pathlib import Path
 from tlray.bench.images import png_folder, subset
 from tlray.bench.measure import SideBySide, start_ray, timed
 
-REPLICA_TITLES = ("MapWorker", "Replica")
+REPLICA_TITLES = ("MapBatches(Replica)",)
 SIDES = (("local", None), ("ray-2", 2), ("ray-1", 1))
 
 

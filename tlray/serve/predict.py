@@ -22,6 +22,7 @@ import pandas as pd
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from tlray.data.executors import join_or_start_ray
 from tlray.data.sources import locate
 from tlray.errors import TlrayError
 from tlray.serve.predict_inputs import SOURCES, Inputs, open_inputs
@@ -115,6 +116,8 @@ def predict(
                                                        or inputs.rows >= RAY_FROM_IMAGES))
     resolved = info.model_uri or model_uri
 
+    if on_ray:  # before the progress bar starts: joining prints Ray's own lines
+        (connect or join_or_start_ray)()
     answers = Answers(path, fmt, inputs, class_names, keep=keep_table)
     try:
         stream = (_score_on_ray(inputs, resolved, model_uri, class_names, batch_size, replicas,
