@@ -431,6 +431,8 @@ def test_option_parsing():
         prepare("builtin:mnist", "/tmp/never", fractions={"train": 0.5, "val": 0.1})
     with pytest.raises(TlrayError, match="unknown split"):
         prepare("builtin:mnist", "/tmp/never", fractions={"train": 0.5, "holdout": 0.5})
+    with pytest.raises(TlrayError, match="--engine must be one of auto, local, ray"):
+        prepare("builtin:mnist", "/tmp/never", engine="spark")
 
 
 def test_sample_per_class(tmp_path):

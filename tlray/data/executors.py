@@ -27,8 +27,6 @@ Job = tuple  # the arguments of one call
 class InProcess:
     """Runs every job here, one after another, in order."""
 
-    name = "in-process"
-
     def map(self, fn: Callable, jobs: Iterable[Job], *, images: int = 0,
             what: str = "work") -> Iterator[tuple[int, Any]]:
         for number, args in enumerate(jobs):
@@ -44,7 +42,6 @@ class OnRay:
         cpus_per_task: what each task reserves.
     """
 
-    name = "ray"
     IN_FLIGHT_PER_CPU = 2
 
     def __init__(self, connect: Callable[[], None] | None = None, cpus_per_task: float = 1.0):
@@ -85,10 +82,6 @@ class Auto:
     def __init__(self, here: InProcess, ray: OnRay, from_images: int):
         self.here, self.ray, self.from_images = here, ray, from_images
         self.chosen: InProcess | OnRay | None = None
-
-    @property
-    def name(self) -> str:
-        return self.chosen.name if self.chosen else "auto"
 
     def map(self, fn: Callable, jobs: Iterable[Job], *, images: int = 0,
             what: str = "work") -> Iterator[tuple[int, Any]]:
