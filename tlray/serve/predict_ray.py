@@ -31,10 +31,18 @@ class Replica:
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri)
-        self.model = load_model(model_uri, shown_uri, device)
         self.reader, self.class_names, self.batch_size = reader, class_names, batch_size
+        # A model this replica cannot load is the user's to fix: the error goes back with
+        # the first block, as the exception itself (from a constructor, Ray would turn it
+        # into an "actor died" with the message as text).
+        try:
+            self.model, self.cannot_load = load_model(model_uri, shown_uri, device), None
+        except TlrayError as e:
+            self.model, self.cannot_load = None, e
 
     def __call__(self, refs: pa.Table) -> Iterator[pa.Table]:
+        if self.cannot_load is not None:
+            raise self.cannot_load
         for batch in self.reader(refs, self.batch_size):
             yield score(self.model, batch, self.class_names)
 
