@@ -108,7 +108,7 @@ def test_a_prediction_killed_half_way_leaves_no_output(store, two_raylets, tmp_p
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.communicate(timeout=30)
-        wait_for(lambda: release_readers(stuck), 60, "the killed prediction's replica to end")
+        release_readers(stuck)  # its replica ends with the job, or with the cluster after this
     assert not out.exists()
     assert _rows_written(tmp_path) >= 4  # it was killed with answers written, half-way
 

@@ -104,6 +104,16 @@ def timed(command: list[str], images: int, titles: tuple[str, ...]) -> Timed:
     return Timed(images, seconds, rss.driver_mb, rss.workers_mb)
 
 
+def best(earlier: Timed | None, run: Timed) -> Timed:
+    """The faster of two runs of one side (a busy machine only ever slows a run down), with
+    the higher memory peaks of the two."""
+    if earlier is None:
+        return run
+    fast = run if run.seconds < earlier.seconds else earlier
+    return Timed(fast.images, fast.seconds, max(run.driver_mb, earlier.driver_mb),
+                 max(run.workers_mb, earlier.workers_mb))
+
+
 def fixed_and_rate(small: Timed, large: Timed) -> tuple[float, float]:
     """(start-up seconds, images/s) of one side: the rate of its large run, and what its small
     run (the first one, which starts Ray's workers) took beyond that rate."""

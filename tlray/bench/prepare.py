@@ -3,8 +3,9 @@
 The source is a folder of synthetic RGB PNGs (`tlray.bench.images`), made once in `--workdir`
 and reused. Each side (`tlray prepare --engine local|ray`, a command of its own, start-up
 included; the Ray side joins the benchmark's cluster) prepares a small subset of it and then
-the whole folder, into fresh destinations, with the same options: the whole folder gives the
-headline images/s and the
+the whole folder, into fresh destinations, with the same options, and the sides take turns
+(`repeats` times; the fastest run of each counts, as a busy machine only slows runs down):
+the whole folder gives the headline images/s and the
 ratio; the two sizes together give each side's fixed start-up cost and its rate once running,
 hence the number of images from which the Ray side finishes first. That crossover is what
 `tlray.data.prepare.RAY_FROM_IMAGES` is set from (with a cluster that has to be started, the
@@ -22,14 +23,14 @@ import tempfile
 from pathlib import Path
 
 from tlray.bench.images import png_folder, subset
-from tlray.bench.measure import SideBySide, start_ray, timed
+from tlray.bench.measure import SideBySide, best, start_ray, timed
 
 TASK_TITLES = ("write_shard", "read_headers")
 
 
 def prepare_benchmark(*, images: int = 20_000, side: int = 96, spread: int = 16,
                       image_size: int = 64, small: int = 2_000,
-                      engines: tuple[str, ...] = ("local", "ray"),
+                      engines: tuple[str, ...] = ("local", "ray"), repeats: int = 3,
                       workdir: str | None = None) -> SideBySide:
     """Times `tlray prepare` of one synthetic folder on each engine (see the module docstring).
 
@@ -38,6 +39,7 @@ def prepare_benchmark(*, images: int = 20_000, side: int = 96, spread: int = 16,
         image_size: what prepare resizes them to.
         small: the subset each side also prepares, first, for its start-up cost (0: none).
         engines: "local", "ray" or both.
+        repeats: runs of each side, taking turns; the fastest of each counts.
         workdir: where the folder is kept between runs (default: a temporary directory).
     """
     import ray
@@ -48,15 +50,16 @@ def prepare_benchmark(*, images: int = 20_000, side: int = 96, spread: int = 16,
     if small:
         plan.insert(0, ("-small", subset(source, f"first{small}", small), small))
     ray_start_s = start_ray() if "ray" in engines else 0.0
-    runs = {}
-    for suffix, folder, count in plan:
-        for engine in engines:
-            dest = root / f"out-{engine}{suffix}"
-            shutil.rmtree(dest, ignore_errors=True)
-            runs[engine + suffix] = timed(
-                ["prepare", str(folder), str(dest), "--image-size", str(image_size),
-                 "--engine", engine], count, TASK_TITLES)
-            shutil.rmtree(dest, ignore_errors=True)
+    runs: dict = {}
+    for _ in range(repeats):  # the sides take turns: a busy spell slows one run, not a side
+        for suffix, folder, count in plan:
+            for engine in engines:
+                dest = root / f"out-{engine}{suffix}"
+                shutil.rmtree(dest, ignore_errors=True)
+                runs[engine + suffix] = best(runs.get(engine + suffix), timed(
+                    ["prepare", str(folder), str(dest), "--image-size", str(image_size),
+                     "--engine", engine], count, TASK_TITLES))
+                shutil.rmtree(dest, ignore_errors=True)
     cpus = ray.cluster_resources().get("CPU", 0.0) if "ray" in engines else 0.0
     return SideBySide(f"tlray prepare of {images:,} RGB PNGs ({side} +- {spread} px, resized "
                       f"to {image_size})", cpus, ray_start_s, runs, ray_side="ray")

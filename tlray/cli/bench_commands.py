@@ -86,6 +86,8 @@ def add_prepare_options(p: argparse.ArgumentParser) -> None:
                         "crossover (0: skip; default 2,000)")
     p.add_argument("--engines", type=_engines, default=("local", "ray"),
                    help="local,ray (default) or one of them")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of each side, taking turns; the fastest counts (default 3)")
     p.add_argument("--workdir", help="where the synthetic folder is kept between runs "
                                      "(default: a new temporary directory)")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
@@ -100,6 +102,8 @@ def add_predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="an MLflow model URI to score with (default: a "
                                    "tf_efficientnet_lite0 at 32 px, logged by the benchmark)")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=2,
+                   help="runs of each side, taking turns; the fastest counts (default 2)")
     p.add_argument("--workdir", help="where the images and the model are kept between runs "
                                      "(default: a new temporary directory)")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
@@ -111,7 +115,8 @@ def prepare_command(args: argparse.Namespace) -> int:
 
     result = prepare_benchmark(images=args.images, side=args.side, spread=args.spread,
                                image_size=args.image_size, small=args.small,
-                               engines=args.engines, workdir=args.workdir)
+                               engines=args.engines, repeats=args.repeats,
+                               workdir=args.workdir)
     print(result.format(workers="task"))
     if args.json:
         print(result.json())
@@ -129,7 +134,8 @@ def predict_command(args: argparse.Namespace) -> int:
     from tlray.bench.predict import predict_benchmark
 
     result = predict_benchmark(images=args.images, small=args.small, model=args.model,
-                               batch_size=args.batch_size, workdir=args.workdir)
+                               batch_size=args.batch_size, repeats=args.repeats,
+                               workdir=args.workdir)
     print(result.format(workers="replica"))
     if args.json:
         print(result.json())
