@@ -58,6 +58,8 @@ def _rss_mb(pid: int) -> float:
 
 
 def _matching(titles: tuple[str, ...]) -> list[int]:
+    if not titles:
+        return []
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -115,9 +117,11 @@ def best(earlier: Timed | None, run: Timed) -> Timed:
 
 
 def fixed_and_rate(small: Timed, large: Timed) -> tuple[float, float]:
-    """(start-up seconds, images/s) of one side: the rate of its large run, and what its small
-    run (the first one, which starts Ray's workers) took beyond that rate."""
-    return max(0.0, small.seconds - small.images / large.img_s), large.img_s
+    """(start-up seconds, images/s once running) of one side: the line through its small and
+    its large run (each a command of its own, so both pay the same start-up)."""
+    extra = large.seconds - small.seconds
+    rate = (large.images - small.images) / extra if extra > 0 else float("inf")
+    return max(0.0, small.seconds - small.images / rate), rate
 
 
 def crossover(here: tuple[float, float], ray: tuple[float, float],
@@ -165,12 +169,10 @@ class SideBySide:
 
     def crossover(self, ray_start_s: float) -> float | None:
         """Images from which the Ray side finishes first, paying `ray_start_s` to connect."""
-        names = ("local-small", "local", f"{self.ray_side}-small", self.ray_side)
-        if not all(n in self.runs for n in names):
+        fits = self.fits()
+        if "local" not in fits or self.ray_side not in fits:
             return None
-        small, large, ray_small, ray_large = (self.runs[n] for n in names)
-        return crossover(fixed_and_rate(small, large), fixed_and_rate(ray_small, ray_large),
-                         ray_start_s)
+        return crossover(fits["local"], fits[self.ray_side], ray_start_s)
 
     def format(self, workers: str) -> str:
         lines = [f"{self.what}; Ray: {self.cpus:g} CPUs, joined or started in "
@@ -182,13 +184,24 @@ class SideBySide:
             lines.append(f"{name:<14}{run.images:>9,}{run.seconds:>9.1f}{run.img_s:>9,.0f}"
                          f"{f'{ratio:.2f}' if ratio else '':>7}{run.driver_mb:>11,.0f}"
                          f"{run.workers_mb:>12,.0f}")
+        fits = self.fits()
+        if fits:
+            lines.append("once running (from the small and the large runs): " + ", ".join(
+                f"{side} {rate:,.0f} img/s after {fixed:.1f} s" for side, (fixed, rate)
+                in fits.items()))
         for label, start in (("starting Ray", self.ray_start_s), ("Ray already running", 0.0)):
             n = self.crossover(start)
             if n is not None:
                 lines.append(f"{self.ray_side} finishes first from ~{n:,.0f} images ({label})")
         return "\n".join(lines)
 
+    def fits(self) -> dict[str, tuple[float, float]]:
+        """(start-up seconds, images/s once running) of each side run at both sizes."""
+        return {side: fixed_and_rate(self.runs[f"{side}-small"], self.runs[side])
+                for side in self.runs if f"{side}-small" in self.runs}
+
     def json(self) -> str:
         return json.dumps({**asdict(self), "ratios": {k: self.ratio(k) for k in self.runs},
+                           "once_running": self.fits(),
                            "crossover": self.crossover(self.ray_start_s),
                            "crossover_joined": self.crossover(0.0)}, indent=2)

@@ -78,7 +78,8 @@ def predict_benchmark(*, images: int = 20_000, small: int = 1_000, model: str | 
                     ["--engine", "ray", "--replicas", str(replicas)]
                 runs[name + suffix] = best(runs.get(name + suffix), timed(
                     ["predict", model, str(source), "--out", str(root / f"{name}.csv"),
-                     "--batch-size", str(batch_size), *engine], count, REPLICA_TITLES))
+                     "--batch-size", str(batch_size), *engine], count,
+                    REPLICA_TITLES if replicas else ()))
     return SideBySide(f"tlray predict of {images:,} 28x28 grey PNGs with {model}",
                       ray.cluster_resources().get("CPU", 0.0), ray_start_s, runs,
                       ray_side="ray-2")

@@ -58,7 +58,7 @@ def prepare_benchmark(*, images: int = 20_000, side: int = 96, spread: int = 16,
                 shutil.rmtree(dest, ignore_errors=True)
                 runs[engine + suffix] = best(runs.get(engine + suffix), timed(
                     ["prepare", str(folder), str(dest), "--image-size", str(image_size),
-                     "--engine", engine], count, TASK_TITLES))
+                     "--engine", engine], count, TASK_TITLES if engine == "ray" else ()))
                 shutil.rmtree(dest, ignore_errors=True)
     cpus = ray.cluster_resources().get("CPU", 0.0) if "ray" in engines else 0.0
     return SideBySide(f"tlray prepare of {images:,} RGB PNGs ({side} +- {spread} px, resized "
