@@ -164,13 +164,17 @@ def check_image_model(info, model_uri: str) -> list[str]:
     return [str(n) for n in names]
 
 
-def load_model(resolved_uri: str, model_uri: str, device: str = "cpu"):
-    """The model's pyfunc, its network on `device` ("cpu" or "cuda")."""
+def load_model(resolved_uri: str, model_uri: str, device: str = "cpu", *,
+               quiet: bool = False):
+    """The model's pyfunc, its network on `device` ("cpu" or "cuda"). `quiet` skips MLflow's
+    check of the model's pip requirements against this environment (~1.5 s, and a warning
+    a person needs once, not from every replica)."""
     import mlflow.pyfunc
 
     try:
         model = mlflow.pyfunc.load_model(
-            resolved_uri, model_config={"device": device} if device != "cpu" else None)
+            resolved_uri, model_config={"device": device} if device != "cpu" else None,
+            suppress_warnings=quiet)
     except Exception as e:
         raise TlrayError(f"model {model_uri} exists but could not be loaded ({type(e).__name__}: "
                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None

@@ -36,7 +36,8 @@ class Replica:
         # the first block, as the exception itself (from a constructor, Ray would turn it
         # into an "actor died" with the message as text).
         try:
-            self.model, self.cannot_load = load_model(model_uri, shown_uri, device), None
+            self.model = load_model(model_uri, shown_uri, device, quiet=True)
+            self.cannot_load = None
         except TlrayError as e:
             self.model, self.cannot_load = None, e
 
