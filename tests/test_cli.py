@@ -134,8 +134,12 @@ def _commands_of(module: Path) -> list[tuple[str, ...]]:
         return [("prepare",)]
     if rel.startswith("serve/predict"):
         return [("predict",)]
+    if rel in ("bench/prepare.py", "bench/predict.py"):  # they run the command they time
+        command = rel.removeprefix("bench/").removesuffix(".py")
+        return [("benchmark", command), (command,)]
     if rel.startswith(("bench/", "cli/bench")):
-        return [("benchmark", "train"), ("benchmark", "sweep"), ("benchmark", "ingest")]
+        return [("benchmark", "train"), ("benchmark", "sweep"), ("benchmark", "ingest"),
+                ("benchmark", "prepare"), ("benchmark", "predict")]
     if rel.startswith("cli/data_commands"):
         return [("prepare",), ("inspect",), ("augment-preview",)]
     if rel.startswith("cli/predict"):

@@ -393,15 +393,15 @@ def test_interrupted_prepare_keeps_previous_dataset(tmp_path):
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     src = from_arrays(images[::-1].copy(), np.arange(400) % 4)
-    real_load, calls = src.load, []
+    real_part, calls = src.part, []
 
-    def dying_load(indices):
+    def dying_part(indices):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of writing
-        return real_load(indices)
+        return real_part(indices)
 
-    src.load = dying_load
+    src.part = dying_part
     with pytest.raises(KeyboardInterrupt):
         prepare(src, out, rows_per_shard=50, progress=False)
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -431,6 +431,8 @@ def test_option_parsing():
         prepare("builtin:mnist", "/tmp/never", fractions={"train": 0.5, "val": 0.1})
     with pytest.raises(TlrayError, match="unknown split"):
         prepare("builtin:mnist", "/tmp/never", fractions={"train": 0.5, "holdout": 0.5})
+    with pytest.raises(TlrayError, match="--engine must be one of auto, local, ray"):
+        prepare("builtin:mnist", "/tmp/never", engine="spark")
 
 
 def test_sample_per_class(tmp_path):
@@ -438,3 +440,27 @@ def test_sample_per_class(tmp_path):
     images, labels = sample_per_class(info, per_class=2)
     assert images.shape == (20, 28, 28, 1)
     assert labels.tolist() == [c for c in range(10) for _ in range(2)]
+
+
+def test_a_store_that_cannot_rename_folders_gets_the_dataset_copied_into_place(tmp_path):
+    """Object stores have no folders to rename: `atomic.commit` copies each object (and
+    dataset.json last). pyarrow's SubTreeFileSystem over a local folder takes that path here
+    (only the local filesystem is trusted to rename), with real files."""
+    import pyarrow.fs as pafs
+
+    from tlray.data import atomic
+
+    info = prepare("builtin:mnist", tmp_path / "first", rows_per_shard=2000, progress=False)
+    store = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    (tmp_path / "dest").mkdir()
+    (tmp_path / "dest" / "stale.txt").write_text("the previous version")
+    tmp = atomic.begin(store, "dest", folder=True)
+    for path in sorted((tmp_path / "first").rglob("*")):
+        if path.is_file():
+            rel = path.relative_to(tmp_path / "first").as_posix()
+            store.create_dir(f"{tmp}/{rel}".rsplit("/", 1)[0])
+            store.copy_file(f"first/{rel}", f"{tmp}/{rel}")
+    atomic.commit(store, tmp, "dest", last="dataset.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "first"]
+    assert load_info(tmp_path / "dest").fingerprint == info.fingerprint
+    assert not (tmp_path / "dest" / "stale.txt").exists()

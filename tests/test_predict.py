@@ -1,9 +1,8 @@
 """tlray.serve.predict against a real SQLite MLflow store and real logged tlray models (no mocks).
 
-The models are tiny but real: logits are a function of an image's mean brightness, so the
-right answer is known for every generated image (class k = brightness near k*100) and a
-wrong channel conversion, normalisation or row order shows up as a wrong label. predict
-itself only hands images to the model's pyfunc, which does the conversions.
+The models are tiny but real (`brightness_models`): the right answer is known for every
+generated image. predict itself only hands images to the model's pyfunc, which does the
+conversions.
 """
 
 from __future__ import annotations
@@ -20,36 +19,15 @@ import pytest
 import torch
 from PIL import Image
 
+from brightness_models import SIZE, Brightness, bright_images, log_champion, png
+
 from tlray.data import arrays
 from tlray.data import dataset as datasets
 from tlray.data.prepare import prepare
 from tlray.errors import TlrayError
-from tlray.serve import log_model as logged_model
-from tlray.serve.predict import predict, write_csv_atomic
-from tlray.track import registry
+from tlray.serve.predict import predict
+from tlray.serve.predict_output import write_csv_atomic
 from tlray.track.runs import start_run
-
-CLASSES = ["0", "1", "2"]  # the class names `prepare` gives Kaggle labels 0, 1, 2
-SIZE = [12, 12]  # model input size; the generated images are other sizes (8x8, 10x10, ...)
-
-
-class Brightness(torch.nn.Module):
-    """Class k for an image whose mean brightness is nearest k*100 (any channel count)."""
-
-    def __init__(self, mean: float, std: float):
-        super().__init__()
-        centres = [(k * 100 / 255 - mean) / std for k in range(len(CLASSES))]
-        self.register_buffer("centres", torch.tensor(centres))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = x.mean(dim=(1, 2, 3))
-        return -((m[:, None] - self.centres[None, :]) ** 2) * 20.0
-
-
-def _preprocess(channels: int) -> dict:
-    return {"mean": [0.5] * channels, "std": [0.5] * channels, "size": SIZE,
-            "channels": channels}
-
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory):
@@ -62,11 +40,7 @@ def store(tmp_path_factory: pytest.TempPathFactory):
         uris = {}
         with start_run("predict-tests") as run:
             for name, channels in (("bright", 1), ("bright-rgb", 3)):
-                example = _images([0, 200], (8, 8, channels))
-                uri = logged_model.log_model(Brightness(0.5, 0.5), example, CLASSES,
-                                             _preprocess(channels), name=name).model_uri
-                registry.register_champion(uri, name, "test_acc", 1.0)
-                uris[name] = uri
+                uris[name] = log_champion(name, channels)
             uris["bare"] = mlflow.pytorch.log_model(
                 Brightness(0.5, 0.5), name="bare", pip_requirements=["torch"],
                 input_example=np.zeros((2, 1, *SIZE), np.float32)).model_uri
@@ -81,13 +55,6 @@ def work(store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def _images(levels: list[int], shape=(8, 8, 1), seed: int = 0) -> np.ndarray:
-    """uint8 images of brightness near each level (+-15 noise)."""
-    rng = np.random.default_rng(seed)
-    noise = rng.integers(-15, 16, (len(levels), *shape))
-    return np.clip(np.array(levels)[:, None, None, None] + noise, 0, 255).astype(np.uint8)
-
-
 def _write_pixel_csv(path: Path, images: np.ndarray, labels: list[int] | None = None) -> Path:
     flat = images.reshape(len(images), -1)
     with open(path, "w", newline="") as f:
@@ -99,11 +66,6 @@ def _write_pixel_csv(path: Path, images: np.ndarray, labels: list[int] | None = 
     return path
 
 
-def _png(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
-
-
 def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name)
 
@@ -113,7 +75,7 @@ def _leftovers(folder: Path) -> list[str]:
 
 def test_kaggle_test_csv_writes_a_submission(work: Path, capsys) -> None:
     levels = [200, 0, 100, 100, 0, 200, 200, 0, 100]
-    source = _write_pixel_csv(work / "test.csv", _images(levels))
+    source = _write_pixel_csv(work / "test.csv", bright_images(levels))
 
     # batch 4: the last batch holds one image (the pt2 batch dimension is dynamic)
     frame = predict("models:/bright@champion", source, batch_size=4)
@@ -136,7 +98,7 @@ def test_kaggle_test_csv_writes_a_submission(work: Path, capsys) -> None:
 def test_grey_csv_on_an_rgb_model_and_probs_format(work: Path) -> None:
     """Grey pixels are repeated into the 3 channels an RGB model expects."""
     levels = [0, 100, 200, 100]
-    source = _write_pixel_csv(work / "test.csv", _images(levels, seed=1))
+    source = _write_pixel_csv(work / "test.csv", bright_images(levels, seed=1))
     frame = predict("bright-rgb", source, format="probs", out=work / "out" / "p.csv",
                     verbose=False)  # a bare name means its @champion
 
@@ -152,7 +114,7 @@ def test_grey_csv_on_an_rgb_model_and_probs_format(work: Path) -> None:
 
 def test_labelled_csv_keeps_labels_and_reports_accuracy(work: Path) -> None:
     levels = [0, 100, 200, 200]
-    source = _write_pixel_csv(work / "train.csv", _images(levels), labels=[0, 1, 2, 1])
+    source = _write_pixel_csv(work / "train.csv", bright_images(levels), labels=[0, 1, 2, 1])
     frame = predict("models:/bright/1", source, verbose=False)
     assert frame.attrs["path"] == str(work / "predictions.csv")  # not a Kaggle test.csv
     assert frame["label"].tolist() == ["0", "1", "2", "1"]
@@ -166,10 +128,10 @@ def test_kaggle_dataset_predict_split_is_a_submission_in_test_csv_order(work: Pa
     kaggle = work / "digit-recognizer"
     kaggle.mkdir()
     train_levels = [0, 100, 200] * 10
-    _write_pixel_csv(kaggle / "train.csv", _images(train_levels),
+    _write_pixel_csv(kaggle / "train.csv", bright_images(train_levels),
                      labels=[v // 100 for v in train_levels])
     test_levels = [100, 200, 0, 0, 200, 100, 100]
-    _write_pixel_csv(kaggle / "test.csv", _images(test_levels, seed=2))
+    _write_pixel_csv(kaggle / "test.csv", bright_images(test_levels, seed=2))
     dest = work / "prepared"
     prepare(str(kaggle), dest, rows_per_shard=3, progress=False)  # 3 predict shards
 
@@ -210,13 +172,13 @@ def test_rgb_dataset_on_a_grey_model_uses_luminance(work: Path) -> None:
 
 def test_image_folder_with_class_folders_and_mixed_sizes(work: Path) -> None:
     folder = work / "images" / "wrapper"  # a single wrapping folder is looked through
-    _png(folder / "0" / "a.png", _images([0], (10, 10, 1))[0])
-    _png(folder / "1" / "b.png", _images([100], (20, 14, 3))[0])
+    png(folder / "0" / "a.png", bright_images([0], (10, 10, 1))[0])
+    png(folder / "1" / "b.png", bright_images([100], (20, 14, 3))[0])
     red = np.zeros((9, 9, 4), np.uint8)  # RGBA: opaque red on a grey model, L = 76 -> "1"
     red[..., 0], red[..., 3] = 255, 255
     Image.fromarray(red, "RGBA").save(folder / "1" / "red.png")
-    _png(folder / "2" / "c.jpg", _images([200], (12, 12, 3))[0])
-    _png(folder / "unsorted" / "d.png", _images([200], (8, 8, 1))[0])
+    png(folder / "2" / "c.jpg", bright_images([200], (12, 12, 3))[0])
+    png(folder / "unsorted" / "d.png", bright_images([200], (8, 8, 1))[0])
     (folder / "2" / "Thumbs.db").write_bytes(b"junk")
     (folder / "README.txt").write_text("not an image")
 
@@ -239,19 +201,40 @@ def test_image_folder_with_class_folders_and_mixed_sizes(work: Path) -> None:
     assert single.to_dict("list") == {"ImageId": [1], "Label": ["0"]}
 
 
-def test_flat_image_folder(work: Path) -> None:
+def test_flat_image_folder_as_csv_and_as_parquet_shards(work: Path) -> None:
     for name, level in (("x.png", 200), ("y.bmp", 0), ("z.jpeg", 100)):
-        _png(work / "flat" / name, _images([level], (16, 16, 3))[0])
+        png(work / "flat" / name, bright_images([level], (16, 16, 3))[0])
     frame = predict("models:/bright-rgb@champion", work / "flat", verbose=False)
     assert frame.columns.tolist() == ["id", "class", "prob_0", "prob_1", "prob_2"]
     assert dict(zip(frame["id"], frame["class"])) == {"x.png": "2", "y.bmp": "0", "z.jpeg": "1"}
+
+    predict("models:/bright-rgb@champion", work / "flat", out=work / "answers.parquet",
+            verbose=False)
+    assert sorted(p.name for p in (work / "answers.parquet").iterdir()) == ["part-00000.parquet"]
+    shards = pd.read_parquet(work / "answers.parquet")
+    pd.testing.assert_frame_equal(shards, pd.read_csv(work / "predictions.csv", dtype={
+        "class": str}), check_exact=False, atol=1e-6)
+
+
+def test_unreadable_images_are_named_together_and_nothing_is_written(work: Path) -> None:
+    png(work / "dump" / "a.png", bright_images([0], (8, 8, 1))[0])
+    (work / "dump" / "b.png").write_text("not a picture")
+    png(work / "dump" / "c.png", bright_images([200], (40, 40, 3))[0])
+    (work / "dump" / "c.png").write_bytes((work / "dump" / "c.png").read_bytes()[:90])
+    with pytest.raises(TlrayError) as error:
+        predict("models:/bright@champion", work / "dump", batch_size=2, verbose=False)
+    lines = str(error.value).splitlines()
+    assert lines[0].endswith("2 problem(s), nothing was written:")
+    assert [line.split(":")[0].strip() for line in lines[1:]] == ["b.png", "c.png"]
+    assert all("cannot decode" in line for line in lines[1:])
+    assert sorted(p.name for p in work.iterdir()) == ["dump"]
 
 
 # --------------------------------------------------------------------------- bad input
 
 
 def test_unknown_models_name_what_exists(work: Path, store) -> None:
-    source = _write_pixel_csv(work / "test.csv", _images([0]))
+    source = _write_pixel_csv(work / "test.csv", bright_images([0]))
     cases = {
         "models:/nope@champion": r"no registered model named 'nope' in the tracking "
                                  r"store sqlite:///.*bright, bright-rgb",
@@ -271,7 +254,7 @@ def test_unknown_models_name_what_exists(work: Path, store) -> None:
 
 
 def test_a_model_that_takes_tensors_is_refused(work: Path, store) -> None:
-    source = _write_pixel_csv(work / "test.csv", _images([0]))
+    source = _write_pixel_csv(work / "test.csv", bright_images([0]))
     with pytest.raises(TlrayError, match=r"not a tlray image classifier .*pytorch.*no "
                                          r"class_names metadata.*--model.weights="):
         predict(store["bare"], source, verbose=False)
@@ -279,7 +262,7 @@ def test_a_model_that_takes_tensors_is_refused(work: Path, store) -> None:
 
 
 def test_bad_sources_and_options_fail_before_writing(work: Path) -> None:
-    good = _write_pixel_csv(work / "test.csv", _images([0]))
+    good = _write_pixel_csv(work / "test.csv", bright_images([0]))
     (work / "empty").mkdir()
     (work / "empty" / "notes.txt").write_text("no images here")
     (work / "bad.csv").write_text("pixel0,pixel1,pixel2\n1,2,3\n")
@@ -292,6 +275,10 @@ def test_bad_sources_and_options_fail_before_writing(work: Path) -> None:
         ((champion, good), {"split": "test"}, r"--split 'test' applies to prepared datasets"),
         ((champion, good), {"format": "json"}, r"--format must be one of"),
         ((champion, good), {"batch_size": 0}, r"--batch-size must be a positive integer"),
+        ((champion, good), {"engine": "spark"}, r"--engine must be one of auto, local, ray"),
+        ((champion, good), {"replicas": 2}, r"--replicas is for --engine ray"),
+        ((champion, good), {"engine": "ray", "cpus_per_replica": 0},
+         r"--cpus-per-replica must be more than 0"),
         ((champion, good), {"out": work / "outdir"}, r"is a directory"),
         (("models:/nope@champion", work / "missing"), {}, r"does not exist"),  # source first
     ]
@@ -299,6 +286,14 @@ def test_bad_sources_and_options_fail_before_writing(work: Path) -> None:
         with pytest.raises(TlrayError, match=expected):
             predict(*args, verbose=False, **kwargs)
     assert sorted(p.name for p in work.iterdir()) == ["bad.csv", "empty", "outdir", "test.csv"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error of a machine without a GPU")
+def test_gpu_on_a_machine_without_one_is_one_clear_error(work: Path) -> None:
+    source = _write_pixel_csv(work / "test.csv", bright_images([0]))
+    with pytest.raises(TlrayError, match=r"--gpu: this machine has no CUDA GPU"):
+        predict("models:/bright@champion", source, gpu=True, verbose=False)
+    assert sorted(p.name for p in work.iterdir()) == ["test.csv"]
 
 
 def test_write_is_atomic(work: Path) -> None:

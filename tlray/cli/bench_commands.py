@@ -1,4 +1,5 @@
-"""`tlray benchmark ingest|train|sweep`: each times tlray against a baseline in the same run."""
+"""`tlray benchmark ingest|train|sweep|prepare|predict`: each times tlray against a baseline in
+the same run."""
 
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_sweep_options(bsub.add_parser(
         "sweep", help="a whole sweep under two values of one setting (default: with vs "
                       "without the frozen-backbone feature cache)"))
+    add_prepare_options(bsub.add_parser("prepare", help="tlray prepare of an image folder: "
+                                                        "in this process vs Ray tasks"))
+    add_predict_options(bsub.add_parser("predict", help="tlray predict of an image folder: the "
+                                                        "local loop vs the Ray pipeline"))
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +72,74 @@ def add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
     add_settings(p, short_flags=False)
     p.set_defaults(run=sweep_command)
+
+
+def add_prepare_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", type=int, default=20_000, help="PNGs in the synthetic folder "
+                                                               "(default 20,000)")
+    p.add_argument("--side", type=int, default=96, help="their side in px (default 96)")
+    p.add_argument("--spread", type=int, default=16, help="sides vary by up to this many px "
+                                                          "(default 16)")
+    p.add_argument("--image-size", type=int, default=64, help="prepared size (default 64)")
+    p.add_argument("--small", type=int, default=2_000,
+                   help="also time this many images, for each side's start-up cost and the "
+                        "crossover (0: skip; default 2,000)")
+    p.add_argument("--engines", type=_engines, default=("local", "ray"),
+                   help="local,ray (default) or one of them")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of each side, taking turns; the fastest counts (default 3)")
+    p.add_argument("--workdir", help="where the synthetic folder is kept between runs "
+                                     "(default: a new temporary directory)")
+    p.add_argument("--json", action="store_true", help="also print the results as JSON")
+    p.set_defaults(run=prepare_command)
+
+
+def add_predict_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", type=int, default=20_000, help="PNGs scored (default 20,000)")
+    p.add_argument("--small", type=int, default=1_000,
+                   help="also time this many images, for each side's start-up cost and the "
+                        "crossover (0: skip; default 1,000)")
+    p.add_argument("--model", help="an MLflow model URI to score with (default: a "
+                                   "tf_efficientnet_lite0 at 32 px, logged by the benchmark)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=2,
+                   help="runs of each side, taking turns; the fastest counts (default 2)")
+    p.add_argument("--workdir", help="where the images and the model are kept between runs "
+                                     "(default: a new temporary directory)")
+    p.add_argument("--json", action="store_true", help="also print the results as JSON")
+    p.set_defaults(run=predict_command)
+
+
+def prepare_command(args: argparse.Namespace) -> int:
+    from tlray.bench.prepare import prepare_benchmark
+
+    result = prepare_benchmark(images=args.images, side=args.side, spread=args.spread,
+                               image_size=args.image_size, small=args.small,
+                               engines=args.engines, repeats=args.repeats,
+                               workdir=args.workdir)
+    print(result.format(workers="task"))
+    if args.json:
+        print(result.json())
+    return 0
+
+
+def _engines(text: str) -> tuple[str, ...]:
+    engines = tuple(e.strip() for e in text.split(",") if e.strip())
+    if not engines or set(engines) - {"local", "ray"}:
+        raise argparse.ArgumentTypeError(f"expected local, ray or local,ray; got {text!r}")
+    return engines
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    from tlray.bench.predict import predict_benchmark
+
+    result = predict_benchmark(images=args.images, small=args.small, model=args.model,
+                               batch_size=args.batch_size, repeats=args.repeats,
+                               workdir=args.workdir)
+    print(result.format(workers="replica"))
+    if args.json:
+        print(result.json())
+    return 0
 
 
 def ingest_command(args: argparse.Namespace) -> int:

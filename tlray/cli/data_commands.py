@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from tlray.data.prepare import ENGINES, RAY_FROM_IMAGES
+
     p = sub.add_parser("prepare", help="validate a labelled image source and write it as a "
                                        "sharded Parquet dataset")
     p.add_argument("source", help="Kaggle CSV dir or train.csv, MNIST IDX dir, image folder or "
@@ -33,6 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="leave out undecodable images (each is listed) instead of failing")
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
     p.add_argument("--name", help="dataset name (default: from the destination)")
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help=f"where images are decoded and shards written: local (this process), "
+                        f"ray (Ray tasks on the cluster's CPUs), auto (default: ray for image "
+                        f"folders and zips of {RAY_FROM_IMAGES:,} images or more)")
     p.set_defaults(run=_prepare)
 
     p = sub.add_parser("inspect", help="counts per split and class, and a sample grid PNG")
@@ -57,12 +63,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _prepare(args) -> int:
     from tlray.data.prepare import parse_fractions, parse_image_size, prepare
+    from tlray.train.cluster import init_ray
 
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     info = prepare(args.source, args.dest, fractions=parse_fractions(args.split), seed=args.seed,
                    image_size=parse_image_size(args.image_size), mode=args.mode,
                    classes=classes, rows_per_shard=args.rows_per_shard,
-                   skip_corrupt=args.skip_corrupt, force=args.force, name=args.name)
+                   skip_corrupt=args.skip_corrupt, force=args.force, name=args.name,
+                   engine=args.engine, connect=init_ray)
     print(describe_dataset(info))
     return 0
 

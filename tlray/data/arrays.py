@@ -16,13 +16,11 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from PIL import Image
 
-from tlray.data.preprocess import to_mode
+from tlray.data.pixels import resize_pixels, to_mode
 from tlray.data.source_images import (
     BUILTIN_MNIST,
     UNLABELLED,
-    Skip,
     SourceImages,
-    resize_pixels,
 )
 from tlray.errors import TlrayError
 
@@ -64,12 +62,19 @@ def _with_transform(src: _ArraySource, image_size, mode, classes) -> SourceImage
         height, width = image_size
         images = np.stack([resize_pixels(im, image_size) for im in images])
     out_mode = "L" if images.shape[-1] == 1 else "RGB"
-
-    def load(indices: np.ndarray) -> tuple[np.ndarray, list[Skip]]:
-        return images[indices], []
-
     return SourceImages(src.kind, src.uri, src.fingerprint, class_names, labels, src.ids,
-                        src.fixed_split, out_mode, int(height), int(width), load)
+                        src.fixed_split, out_mode, int(height), int(width),
+                        lambda indices: ArrayPart(images[indices]))
+
+
+@dataclass
+class ArrayPart:
+    """Items of an array source: their pixels, already in memory."""
+
+    images: np.ndarray
+
+    def load(self) -> tuple[np.ndarray, list[tuple[int, str]]]:
+        return self.images, []
 
 
 def _index_labels(raw: np.ndarray, classes: list[str] | None,
@@ -196,9 +201,15 @@ IDX_FILES = {
 }
 
 
+def idx_names(stem: str) -> list[str]:
+    """The names an IDX file goes by: `train-images-idx3-ubyte`, `train-images.idx3-ubyte`,
+    either gzipped."""
+    dotted = stem.replace("-idx", ".idx")
+    return [stem, stem + ".gz", dotted, dotted + ".gz"]
+
+
 def _find_idx(root: Path, stem: str) -> Path | None:
-    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"),
-                 stem.replace("-idx", ".idx") + ".gz"):
+    for name in idx_names(stem):
         if (root / name).is_file():
             return root / name
     return None

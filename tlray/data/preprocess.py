@@ -17,17 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-MODES = {1: "L", 3: "RGB"}  # channels -> PIL mode of the images a model is trained on
-
-
-def to_mode(im: Image.Image, mode: str) -> np.ndarray:
-    """A decoded image as uint8 pixels in `mode` ("L" or "RGB"), as `tlray prepare` stores
-    them: transparent pixels become white in RGB, as image viewers show them."""
-    if im.mode in ("RGBA", "LA", "P") and mode == "RGB":
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(bg, rgba)
-    return np.asarray(im.convert(mode), dtype=np.uint8)
+from tlray.data.pixels import MODES, to_mode  # noqa: F401  (re-exported for the pyfunc)
 
 
 def to_channels(images: np.ndarray, channels: int) -> np.ndarray:

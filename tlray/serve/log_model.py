@@ -41,8 +41,8 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]  # tlray/
 MODEL_CODE = PACKAGE_DIR / "serve" / "model_code.py"
 # What of tlray a logged model needs to serve, shipped inside it (`code/tlray/`): the pyfunc,
 # the preprocessing it shares with training, and the (import-free) package files above them.
-SHIPPED_MODULES = ("__init__.py", "data/__init__.py", "data/preprocess.py",
-                   "serve/__init__.py", "serve/pyfunc.py")
+SHIPPED_MODULES = ("__init__.py", "data/__init__.py", "data/preprocess.py", "data/pixels.py",
+                   "serve/__init__.py", "serve/columns.py", "serve/pyfunc.py")
 REQUIREMENTS = ("torch", "mlflow", "numpy", "pandas", "pillow")
 
 _log = logging.getLogger(__name__)
@@ -79,7 +79,9 @@ def log_model(network: torch.nn.Module, example_images: np.ndarray, class_names:
            "size": [int(s) for s in preprocess["size"]],
            "channels": int(preprocess["channels"]),
            "tta": str(preprocess.get("tta", "none"))}
-    config = {"class_names": [str(c) for c in class_names], **pre}
+    # "device" is here so that a loader can override it (`mlflow.pyfunc.load_model(uri,
+    # model_config={"device": "cuda"})`: MLflow overrides only keys the logged config has).
+    config = {"class_names": [str(c) for c in class_names], **pre, "device": "cpu"}
     cpu = copy.deepcopy(_unwrap(network)).to("cpu").eval()
     tensors = to_model_input(torch.from_numpy(images.copy()), pre["mean"], pre["std"],
                              pre["size"])

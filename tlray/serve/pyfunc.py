@@ -43,18 +43,17 @@ from tlray.data.preprocess import (
     to_model_input,
     tta_probabilities,
 )
+from tlray.serve.columns import (  # noqa: F401  (the names, for this module's users)
+    IMAGE_COLUMN,
+    LABEL_COLUMN,
+    PROB_PREFIX,
+    probability_columns,
+)
 
 NETWORK = "network"  # the artifact: a folder holding the exported network, model.pt2
 NETWORK_FILE = "model.pt2"
-IMAGE_COLUMN = "image"
-LABEL_COLUMN = "label"
-PROB_PREFIX = "prob_"
 BATCH = 256  # images per forward pass: memory stays bounded for any request size
 _CHANNELS = (1, 3, 4)
-
-
-def probability_columns(class_names: list[str]) -> list[str]:
-    return [f"{PROB_PREFIX}{name}" for name in class_names]
 
 
 def bad_input(message: str) -> MlflowException:
@@ -73,8 +72,11 @@ class ImageClassifier(PythonModel):
         self.mean = tuple(float(m) for m in config["mean"])
         self.std = tuple(float(s) for s in config["std"])
         self.tta = str(config.get("tta", "none"))  # averaged as the test split was
+        # The network is exported from CPU weights; a loader may ask for another device
+        # (`tlray predict --gpu`). Models logged before the setting existed run on the CPU.
+        self.device = torch.device(str(config.get("device", "cpu")))
         path = Path(context.artifacts[NETWORK]) / NETWORK_FILE
-        self.network = torch.export.load(str(path)).module()
+        self.network = torch.export.load(str(path)).module().to(self.device)
 
     # With the model's signature (a tensor of objects) MLflow hands over an array; the hint
     # is one of those MLflow makes no signature of its own from.
@@ -92,9 +94,9 @@ class ImageClassifier(PythonModel):
         for members in by_shape.values():
             for start in range(0, len(members), BATCH):
                 rows = members[start:start + BATCH]
-                batch = torch.from_numpy(np.stack([images[i] for i in rows]))
+                batch = torch.from_numpy(np.stack([images[i] for i in rows])).to(self.device)
                 x = to_model_input(batch, self.mean, self.std, self.size)
-                out[rows] = tta_probabilities(self.network, x, self.tta).numpy()
+                out[rows] = tta_probabilities(self.network, x, self.tta).cpu().numpy()
         return out
 
 

@@ -22,9 +22,6 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from tlray.errors import Paused, TlrayError, traceback_text
 from tlray.track.store import configure, default_artifact_location, ui_command
-# `tlray.serve.predict` still calls `runs.configure()` and `runs.tracking_uri()`: once it
-# imports them from `tlray.track.store`, drop this line.
-from tlray.track.store import tracking_uri  # noqa: F401
 
 _log = logging.getLogger(__name__)
 
