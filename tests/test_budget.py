@@ -158,17 +158,17 @@ def test_a_plan_fits_its_budget_and_grows_with_it():
 
 
 def test_every_freeze_choice_is_tried_and_twice_when_affordable():
-    small, large = (plan_sweep(b, COSTS, CHOICES, 2, 6) for b in (90, 180))
+    small, large = (plan_sweep(b, COSTS, CHOICES, 2, 6) for b in (120, 240))
     assert set(small.kinds) == set(CHOICES)
     assert all(large.kinds.count(c) >= 2 for c in CHOICES)
     assert 2 * large.epochs >= 6  # survivors train at least half the recipe's epochs
 
 
 def test_a_second_pass_over_the_choices_comes_before_the_recipes_epochs():
-    """2m buys 5 trials of 4 epochs; the recipe's 6 epochs would leave fewer trials."""
-    plan = plan_sweep(120, COSTS, CHOICES, 2, 6)
-    at_six = plan_sweep(120, COSTS, CHOICES, 2, 6, epochs=6)
-    assert (plan.trials, plan.epochs) == (5, 4) and at_six.trials < plan.trials
+    """200 s buy 6 trials of 4 epochs; the recipe's 6 epochs would leave fewer trials."""
+    plan = plan_sweep(200, COSTS, CHOICES, 2, 6)
+    at_six = plan_sweep(200, COSTS, CHOICES, 2, 6, epochs=6)
+    assert (plan.trials, plan.epochs) == (6, 4) and at_six.trials < plan.trials
 
 
 def test_but_not_below_half_the_recipes_epochs():
@@ -195,6 +195,16 @@ def test_asha_stops_something_once_there_are_three_trials():
                                                 plan.reduction_factor))
 
 
+@pytest.mark.parametrize("budget_s", [120, 180, 600, 3600])
+def test_no_rung_judges_a_head_first_schedule_before_its_last_phase(budget_s):
+    """all:2,0@0.5 trains its head alone for 2 epochs: a rung at 1 or 2 would compare a
+    linear probe with trials fine-tuning from the start."""
+    plan = plan_sweep(budget_s, COSTS, CHOICES, 2, 6)
+    assert plan.rungs and min(plan.rungs) >= 3, plan
+    if budget_s == 180:  # tight: depths alone are judged sooner
+        assert min(plan_sweep(budget_s, COSTS, ["0", "3", "all"], 2, 6).rungs) < 3
+
+
 def test_when_not_every_choice_fits_the_cheapest_are_tried():
     plan = plan_sweep(60, COSTS, CHOICES, 2, 6)
     assert plan.trials < len(CHOICES) and "0" not in plan.kinds  # freeze 0 costs most
@@ -202,11 +212,11 @@ def test_when_not_every_choice_fits_the_cheapest_are_tried():
 
 
 def test_the_plan_line_says_what_and_why():
-    plan = plan_sweep(180, COSTS, CHOICES, 2, 6)
+    plan = plan_sweep(240, COSTS, CHOICES, 2, 6)
     summary, why = plan_lines(plan)
     assert re.fullmatch(r"plan: \d+ trials over 3 freeze choices, 6 epochs each, rungs at "
                         r"[\d, and]+ epochs \(ASHA keeps 1/[23]\), 2 at a time, about "
-                        r"\dm\d\ds of a 3m budget", summary), summary
+                        r"\dm\d\ds of a 4m budget", summary), summary
     assert "an epoch ~16s at freeze 0" in why and "ASHA expected to stop" in why
 
 

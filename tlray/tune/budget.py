@@ -7,7 +7,8 @@ makes them (tlray.tune.asha). Among those predicted to end within the budget les
 survivors still train at least half the recipe's epochs; the recipe's full epochs for
 survivors; more trials (Hyperband's lesson: breadth with early stopping beats a few long
 trials); ASHA stopping something once there are 3 trials; then the gentlest stopping the
-slack buys (a later first rung, then a smaller rf). A depth trains from the feature cache
+slack buys (a later first rung, then a smaller rf). No rung comes before a head-first
+schedule has begun its last phase. A depth trains from the feature cache
 when the epoch time the cache saves over the plan pays for its build. When fewer trials
 than freeze choices fit, the cheapest choices are the ones tried. Trials run on every
 slot (at most one a trial): the costs are measured at that concurrency, and the plan
@@ -174,8 +175,12 @@ class _Ask:
         kinds = self._kinds(trials, max_t)
         if kinds is None:
             return []
+        # ASHA's first rung comes after every schedule's last phase has begun: at the end
+        # of a head-first schedule's head phase it is a linear probe, and a rung there stops
+        # it against trials that have been fine-tuning all along (seen on the digits).
+        first = max(min_epochs(k) for k in kinds)
         options = [(max_t, NO_STOPPING_RF)]
-        options += [(g, rf) for rf in REDUCTION_FACTORS for g in range(1, max_t)]
+        options += [(g, rf) for rf in REDUCTION_FACTORS for g in range(first, max_t)]
         return [self.candidate(kinds, max_t, g, rf) for g, rf in options]
 
     def _kinds(self, trials: int, max_t: int) -> tuple[str, ...] | None:
