@@ -132,7 +132,7 @@ def test_augmented_batches_run_on_whatever_device_they_are_on():
 
 def test_auto_picks_the_preset_that_suits_the_data_and_says_why(tmp_path):
     from tlray.bench.standins import cells, photos
-    from tlray.data.arrays import builtin_mnist_arrays, from_arrays
+    from tlray.data.pixel_sources import builtin_mnist_arrays, from_arrays
     from tlray.data.augment_choice import choose_augmentation
     from tlray.data.prepare import prepare
 

@@ -129,7 +129,7 @@ def _messages(path: Path) -> list[str]:
 def _commands_of(module: Path) -> list[tuple[str, ...]]:
     """The commands whose runs can print this module's messages."""
     rel = module.relative_to(ROOT / "tlray").as_posix()
-    if rel in ("data/prepare.py", "data/sources.py", "data/arrays.py", "data/folders.py",
+    if rel in ("data/prepare.py", "data/sources.py", "data/pixel_sources.py", "data/folders.py",
                "data/source_images.py", "data/dataset.py"):
         return [("prepare",)]
     if rel.startswith("serve/predict"):

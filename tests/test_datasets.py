@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tlray.data.arrays import from_arrays
+from tlray.data.pixel_sources import from_arrays
 from tlray.data.dataset import decode_images, load_info, sample_per_class
 from tlray.data.prepare import parse_fractions, parse_image_size, prepare
 from tlray.errors import TlrayError

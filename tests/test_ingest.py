@@ -11,7 +11,7 @@ import pytest
 import ray.cloudpickle
 import torch
 
-from tlray.data.arrays import from_arrays
+from tlray.data.pixel_sources import from_arrays
 from tlray.data.dataset import read_shard
 from tlray.data.ingest import worker_split_config, iter_image_batches, read_split
 from tlray.data.prepare import prepare

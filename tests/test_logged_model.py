@@ -207,7 +207,7 @@ def test_champion_moves_only_on_better_metric(tlray_home: Path) -> None:
 
 def test_runs_record_their_splits_and_the_models_metrics(tlray_home: Path,
                                                        tmp_path: Path) -> None:
-    from tlray.data.arrays import from_arrays
+    from tlray.data.pixel_sources import from_arrays
     from tlray.data.prepare import prepare
 
     info = prepare(from_arrays(_pixels((30, 6, 6, 1)), np.repeat([0, 1, 2], 10)),

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tlray import config
-from tlray.data.arrays import builtin_mnist_arrays, from_arrays
+from tlray.data.pixel_sources import builtin_mnist_arrays, from_arrays
 from tlray.data.prepare import prepare
 from tlray.train import checkpoint
 from tlray.train.loop import run_worker

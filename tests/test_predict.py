@@ -21,7 +21,7 @@ from PIL import Image
 
 from brightness_models import SIZE, Brightness, bright_images, log_champion, png
 
-from tlray.data import arrays
+from tlray.data.pixel_sources import from_arrays
 from tlray.data import dataset as datasets
 from tlray.data.prepare import prepare
 from tlray.errors import TlrayError
@@ -154,7 +154,7 @@ def test_rgb_dataset_on_a_grey_model_uses_luminance(work: Path) -> None:
     white = np.full((10, 6, 6, 3), 255, np.uint8)
     black = np.zeros((10, 6, 6, 3), np.uint8)
     labels = np.repeat([1, 2, 0], 10)
-    src = arrays.from_arrays(np.concatenate([red, white, black]), labels)
+    src = from_arrays(np.concatenate([red, white, black]), labels)
     dest = work / "colours"
     prepare(src, dest, progress=False)
 

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from tlray.data.arrays import from_arrays
+from tlray.data.pixel_sources import from_arrays
 from tlray.data.dataset import DatasetInfo
 from tlray.data.ingest import decode_images, iter_image_batches, read_split
 from tlray.data.prepare import prepare

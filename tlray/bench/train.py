@@ -197,7 +197,7 @@ def train_benchmark(*, backbone: str | None = None, weights: str | None = None,
         notice_checks: also time what asking Ray Train for a preemption notice costs: the
             tlray run never asks, and a second one asks after every step.
     """
-    from tlray.data.arrays import from_arrays
+    from tlray.data.pixel_sources import from_arrays
     from tlray.data.prepare import prepare
     from tlray.train.cluster import init_ray
 

@@ -1,7 +1,7 @@
 """What every raw source becomes: `SourceImages` (labels and provenance for every item up
 front, pixels on demand, part by part), what is wrong with its items (`SourceProblems`) and
 the items it left out (`Skip`), and the names shared by the readers of each kind of source
-(`tlray.data.arrays`, `tlray.data.folders`)."""
+(`tlray.data.pixel_sources`, `tlray.data.folders`)."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from tlray.data.arrays import (
+from tlray.data.pixel_sources import (
     IDX_FILES,
     _builtin_mnist,
     _kaggle_csv,

@@ -146,12 +146,12 @@ class PixelReader:
 
 def _csv_inputs(path: Path) -> Inputs:
     """A pixel CSV through the same reader (and validation) as `tlray prepare`."""
-    from tlray.data import arrays
+    from tlray.data import pixel_sources
 
     with open(path, newline="") as f:
         header = next(csv.reader(f), None)
     labelled = bool(header) and header[0] == "label"
-    images, raw = arrays.read_pixel_csv(path, labelled=labelled)
+    images, raw = pixel_sources.read_pixel_csv(path, labelled=labelled)
     refs = pa.table({"image": encode_arrays(images),
                      "id": [f"{path.name}:row {i + 1}" for i in range(len(images))],
                      "label": pa.array([str(int(v)) for v in raw] if labelled

@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from tlray.errors import TlrayError
+from tlray.serve.columns import probability_columns
 from tlray.track import metrics
 from tlray.track.metrics import is_better, reaches
 from tlray.train.protocol import EpochMetrics, Report
@@ -164,7 +165,7 @@ def save_final(d: Path, model, state: TrainingState, report: Report, test, class
     ids, labels, probs = test.predictions
     table = {"id": ids, "label": [classes[i] for i in labels],
              "class": [classes[i] for i in probs.argmax(1)],
-             **{f"prob_{c}": probs[:, k] for k, c in enumerate(classes)}}
+             **dict(zip(probability_columns(classes), probs.T))}
     pd.DataFrame(table).to_csv(d / TEST_PREDICTIONS, index=False, float_format="%.9g")
     images, labels, preds = test.samples
     if images is not None:

@@ -1,5 +1,6 @@
-"""Array sources, held in memory after validation: Kaggle digit-recognizer CSVs, MNIST IDX
-files, the built-in MNIST subset, and arrays handed over directly (`from_arrays`)."""
+"""Sources whose images are pixel arrays, held in memory after validation: Kaggle
+digit-recognizer CSVs, MNIST IDX files, the built-in MNIST subset, and arrays handed over
+directly (`from_arrays`). Image folders and zips are `tlray.data.folders`."""
 
 from __future__ import annotations
 
