@@ -245,6 +245,14 @@ def test_a_budget_too_small_says_the_smallest_that_fits():
     assert plan_sweep(40, COSTS, ["0", "3"], 2, 6).kinds == ("3",)
 
 
+def test_a_recipes_budget_too_small_for_this_machine_runs_the_smallest_sweep_and_says_so():
+    plan = plan_sweep(36, COSTS, ["0", "3"], 2, 6, strict=False)
+    assert (plan.kinds, plan.epochs, plan.predicted_s, plan.fits) == (("3",), 1, 33, False)
+    assert plan_lines(plan)[-1] == ("plan: about 33s is over the 36s budget (less its 10% "
+                                    "margin): trials that cannot end in time will not start "
+                                    "(--tune.budget=40s fits this plan)")
+
+
 def test_the_cache_is_chosen_only_when_its_build_pays_within_the_budget():
     """Trained from the cache, an epoch at freeze 3 saves 5 s; its build costs 40 s. 150 s
     buys 7 epochs at freeze 3 (35 s saved: no cache), 200 s buys 10 (50 s: the cache)."""

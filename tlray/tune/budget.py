@@ -96,7 +96,8 @@ class SweepPlan:
 
 def plan_sweep(budget_s: float, costs: Costs, choices: Sequence[str], slots: int,
                recipe_epochs: int, *, num_samples: int | None = None,
-               epochs: int | None = None, design: Design | None = None) -> SweepPlan:
+               epochs: int | None = None, design: Design | None = None,
+               strict: bool = True) -> SweepPlan:
     """The plan for a sweep that must end within `budget_s` (the module docstring's rule).
 
     Args:
@@ -107,13 +108,17 @@ def plan_sweep(budget_s: float, costs: Costs, choices: Sequence[str], slots: int
             win over the plan, and the plan says so.
         design: trials -> their freeze choices in start order (the stratified design's);
             round-robin when not given.
+        strict: refuse a budget under the smallest sweep (the user's own budget); else
+            plan that smallest sweep, over the budget (a recipe's on a slower machine).
     Raises:
-        TlrayError: the budget is under one trial of one epoch; it says what would fit.
+        TlrayError: strict, and the budget is under one trial of one epoch; it says what
+            would fit.
     """
     choices = tuple(choices)
     ask = _Ask(budget_s, costs, choices, max(1, slots), recipe_epochs,
                design or (lambda n: [choices[i % len(choices)] for i in range(n)]))
-    ask.check_not_too_small()
+    if strict:
+        ask.check_not_too_small()
     own = ask.best()
     if num_samples is None and epochs is None:
         return own
@@ -148,7 +153,7 @@ class _Ask:
             fitting += [p for p in plans if p.fits]
         if fitting:
             return max(fitting, key=self._rank)
-        return min(tried, key=lambda p: p.predicted_s)
+        return min(tried or [self.smallest()], key=lambda p: p.predicted_s)
 
     def _rank(self, plan: SweepPlan) -> tuple:
         """Higher is better: the module docstring's order of preference, then the
@@ -205,11 +210,15 @@ class _Ask:
                          tuple(rung_list), tuple(stops), self.slots, cached, predicted,
                          self.costs, self.recipe_epochs)
 
+    def smallest(self) -> SweepPlan:
+        """One trial of the cheapest choice, as short as it can be."""
+        return min((self.candidate((c,), min_epochs(c), min_epochs(c), NO_STOPPING_RF)
+                    for c in self.choices), key=lambda p: p.predicted_s)
+
     def check_not_too_small(self) -> None:
-        """Raises when not even one trial of the cheapest choice, as short as it can be,
-        fits: the error says the smallest budget that does."""
-        smallest = min((self.candidate((c,), min_epochs(c), min_epochs(c), NO_STOPPING_RF)
-                        for c in self.choices), key=lambda p: p.predicted_s)
+        """Raises when not even the smallest sweep fits: the error says the smallest
+        budget that does."""
+        smallest = self.smallest()
         if not smallest.fits:
             (kind,), epochs = smallest.kinds, smallest.epochs
             raise too_small(self.budget_s, smallest.predicted_s,
@@ -230,9 +239,11 @@ def plan_lines(plan: SweepPlan) -> list[str]:
     lines = [_summary(plan), f"plan: from measured costs: {_costs_said(plan)}"]
     lines += [f"plan: {said}" for said in plan.overrides]
     if not plan.fits:
+        needed = round_up_span(plan.predicted_s / (1 - MARGIN))
         lines.append(f"plan: about {format_span(plan.predicted_s)} is over the "
                      f"{format_span(plan.budget_s)} budget (less its {MARGIN:.0%} margin): "
-                     f"trials that cannot end in time will not start")
+                     f"trials that cannot end in time will not start (--tune.budget="
+                     f"{format_span(needed)} fits this plan)")
     return lines
 
 

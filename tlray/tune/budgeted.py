@@ -50,7 +50,10 @@ def plan_to_budget(plan: Plan, choices: list[str], fixed: frozenset[str],
     budget_plan = plan_sweep(
         budget_s, costs, choices, slots(cfg), cfg.train.epochs,
         num_samples=cfg.tune.num_samples if "tune.num_samples" in fixed else None,
-        epochs=cfg.train.epochs if "train.epochs" in fixed else None, design=design)
+        epochs=cfg.train.epochs if "train.epochs" in fixed else None, design=design,
+        # A budget the user gave is refused when too small; a recipe's, on a machine slower
+        # than the one it was written for, runs its smallest sweep and says so.
+        strict="tune.budget" in fixed)
     for line in plan_lines(budget_plan):
         print(line, flush=True)
     kept = [c for c in choices if c in budget_plan.kinds]
