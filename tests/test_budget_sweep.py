@@ -11,10 +11,12 @@ import pytest
 from mlflow import MlflowClient
 
 from tlray import config
+from tlray.errors import TlrayError
+from tlray.train.plan import preflight
 from tlray.tune import sweep
 from tlray.tune.budget import plan_sweep
 from tlray.tune.budget_guard import BudgetGuard
-from tlray.tune.budgeted import trials_in_time_left
+from tlray.tune.budgeted import plan_to_budget, trials_in_time_left
 from tlray.tune.makespan import Costs
 
 COSTS = Costs(epoch_s={"0": 10.0, "all": 4.0}, trial_s=3.0, finish_s=5.0, setup_s=10.0,
@@ -120,3 +122,18 @@ def test_a_trials_start_and_end_are_measured_and_replace_the_estimates():
     costs = guard.costs()
     assert (costs.trial_s, costs.finish_s) == (5.0, 9.0)
     assert costs.epoch_s["0"] == 11.0 and costs.epoch_s["all"] == COSTS.epoch_s["all"]
+
+
+def test_a_budget_too_small_is_refused_when_the_user_gave_it_and_planned_when_a_recipe_did(
+        mnist, capsys):
+    """Planned from costs measured on this machine: 5 s cannot hold even a sweep's start."""
+    cfg = config.load(None, SMALL + [f"--data.dataset={mnist.uri}", "--tune.budget=5s"])
+    plan = preflight(cfg, plan_cache=False)
+    with pytest.raises(TlrayError, match=r"--tune\.budget=5s is too small: .* the smallest "
+                                         r"budget that fits is --tune\.budget="):
+        plan_to_budget(plan, ["0", "all"], frozenset({"tune.budget"}), time.time())
+    _, kept, smallest = plan_to_budget(plan, ["0", "all"], frozenset(), time.time())
+    assert (smallest.trials, smallest.epochs, smallest.fits) == (1, 1, False)
+    assert kept == ["all"]  # the cheaper choice
+    assert re.search(r"^plan: about \S+ is over the 5s budget .* \(--tune\.budget=\S+ fits "
+                     r"this plan\)$", capsys.readouterr().out, re.M)
