@@ -81,33 +81,35 @@ def add_prepare_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spread", type=int, default=16, help="sides vary by up to this many px "
                                                           "(default 16)")
     p.add_argument("--image-size", type=int, default=64, help="prepared size (default 64)")
-    p.add_argument("--small", type=int, default=2_000,
-                   help="also time this many images, for each side's start-up cost and the "
-                        "crossover (0: skip; default 2,000)")
     p.add_argument("--engines", type=_engines, default=("local", "ray"),
                    help="local,ray (default) or one of them")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="runs of each side, taking turns; the fastest counts (default 3)")
-    p.add_argument("--workdir", help="where the synthetic folder is kept between runs "
-                                     "(default: a new temporary directory)")
-    p.add_argument("--json", action="store_true", help="also print the results as JSON")
+    _add_side_by_side_options(p, small=2_000, repeats=3, kept="the synthetic folder is")
     p.set_defaults(run=prepare_command)
 
 
 def add_predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=20_000, help="PNGs scored (default 20,000)")
-    p.add_argument("--small", type=int, default=1_000,
-                   help="also time this many images, for each side's start-up cost and the "
-                        "crossover (0: skip; default 1,000)")
     p.add_argument("--model", help="an MLflow model URI to score with (default: a "
                                    "tf_efficientnet_lite0 at 32 px, logged by the benchmark)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=2,
-                   help="runs of each side, taking turns; the fastest counts (default 2)")
-    p.add_argument("--workdir", help="where the images and the model are kept between runs "
-                                     "(default: a new temporary directory)")
-    p.add_argument("--json", action="store_true", help="also print the results as JSON")
+    _add_side_by_side_options(p, small=1_000, repeats=2,
+                              kept="the images and the model are")
     p.set_defaults(run=predict_command)
+
+
+def _add_side_by_side_options(p: argparse.ArgumentParser, *, small: int, repeats: int,
+                              kept: str) -> None:
+    """The options the prepare and predict benchmarks share: a small run beside the large
+    one, repeats taking turns, a kept work directory, JSON."""
+    p.add_argument("--small", type=int, default=small,
+                   help="also time this many images, for each side's start-up cost and the "
+                        f"crossover (0: skip; default {small:,})")
+    p.add_argument("--repeats", type=int, default=repeats,
+                   help=f"runs of each side, taking turns; the fastest counts (default "
+                        f"{repeats})")
+    p.add_argument("--workdir", help=f"where {kept} kept between runs (default: a new "
+                                     "temporary directory)")
+    p.add_argument("--json", action="store_true", help="also print the results as JSON")
 
 
 def prepare_command(args: argparse.Namespace) -> int:
