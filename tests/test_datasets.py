@@ -13,9 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tlray.data.pixel_sources import from_arrays
 from tlray.data.dataset import decode_images, load_info, sample_per_class
-from tlray.data.prepare import parse_fractions, parse_image_size, prepare
+from tlray.data.pixel_sources import from_arrays
+from tlray.data.prepare import (
+    RAY_FROM_IMAGES,
+    executor_for,
+    parse_fractions,
+    parse_image_size,
+    prepare,
+)
 from tlray.errors import TlrayError
 
 
@@ -464,3 +470,15 @@ def test_a_store_that_cannot_rename_folders_gets_the_dataset_copied_into_place(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "first"]
     assert load_info(tmp_path / "dest").fingerprint == info.fingerprint
     assert not (tmp_path / "dest" / "stale.txt").exists()
+
+
+def test_auto_uses_ray_from_the_measured_crossover_sooner_on_a_running_cluster(monkeypatch):
+    """A process that has not joined Ray, with no RAY_ADDRESS, would start Ray itself."""
+    import sys
+
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert executor_for("auto").from_images == RAY_FROM_IMAGES.starting
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # as under `ray job submit`
+    assert executor_for("auto").from_images == RAY_FROM_IMAGES.running
+    assert RAY_FROM_IMAGES.running < RAY_FROM_IMAGES.starting

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help=f"where images are decoded and shards written: local (this process), "
                         f"ray (Ray tasks on the cluster's CPUs), auto (default: ray for image "
-                        f"folders and zips of {RAY_FROM_IMAGES:,} images or more)")
+                        f"folders and zips from {RAY_FROM_IMAGES.said()})")
     p.set_defaults(run=_prepare)
 
     p = sub.add_parser("inspect", help="counts per split and class, and a sample grid PNG")

@@ -34,7 +34,7 @@ def add_predict_options(parser: argparse.ArgumentParser, engine: str = "auto") -
     parser.add_argument("--engine", choices=ENGINES, default=engine,
                         help=f"where to score: local (this process), ray (a pool of model "
                              f"replicas on the Ray cluster) or auto (ray from "
-                             f"{RAY_FROM_IMAGES:,} images); default {engine}")
+                             f"{RAY_FROM_IMAGES.said()}); default {engine}")
     parser.add_argument("--replicas", type=int, help="model replicas on Ray (default: the "
                                                      "cluster's CPUs / --cpus-per-replica, or "
                                                      "its GPUs with --gpu)")

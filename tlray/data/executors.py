@@ -15,13 +15,35 @@ that module should not import torch (each task's process would then carry it).
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 from tlray.errors import TlrayError
 
 Job = tuple  # the arguments of one call
+
+
+class RayPaysFrom(NamedTuple):
+    """From how many images Ray finishes first on one 2-core machine (the crossovers
+    `tlray benchmark prepare|predict` print): with a cluster already running, and where the
+    command must start Ray itself. A cluster of several machines pays sooner; `--engine ray`
+    says so."""
+
+    running: int
+    starting: int
+
+    def now(self) -> int:
+        """The crossover that applies to this process: a cluster counts as running when
+        `RAY_ADDRESS` names one (as under `ray job submit`) or this process is connected."""
+        ray = sys.modules.get("ray")
+        connected = ray is not None and ray.is_initialized()
+        return self.running if connected or os.environ.get("RAY_ADDRESS") else self.starting
+
+    def said(self) -> str:
+        return f"{self.running:,} images with a Ray cluster running, else {self.starting:,}"
 
 
 class InProcess:

@@ -34,7 +34,7 @@ from tlray.data.dataset import (
     join_uri,
     load_info,
 )
-from tlray.data.executors import Auto, InProcess, OnRay
+from tlray.data.executors import Auto, InProcess, OnRay, RayPaysFrom
 from tlray.data.shards import ShardJob, ShardWritten, plan_shards, write_shard
 from tlray.data.source_images import BUILTIN_MNIST, SourceImages
 from tlray.data.sources import open_source
@@ -43,10 +43,11 @@ from tlray.errors import TlrayError
 
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 ENGINES = ("auto", "local", "ray")
-# `engine="auto"` decodes a source of this many images or more in Ray tasks. Measured with
-# `tlray benchmark prepare` (see its module docstring): below it, starting Ray costs more than
-# the second core saves.
-RAY_FROM_IMAGES = 20_000
+# `engine="auto"` decodes a folder or zip of this many images or more in Ray tasks. Measured
+# with `tlray benchmark prepare` on the 2-core laptop (20,000 RGB PNGs, 96 -> 64 px): the
+# in-process path decodes on both cores already (1,500-1,600 img/s, Ray 1,650 once running),
+# so Ray finishes first only from ~280,000 images with Ray running, ~990,000 starting it.
+RAY_FROM_IMAGES = RayPaysFrom(running=280_000, starting=1_000_000)
 
 
 def default_path(name: str) -> Path:
@@ -167,7 +168,7 @@ def executor_for(engine: str, connect=None):
         return InProcess()
     if engine == "ray":
         return OnRay(connect)
-    return Auto(InProcess(), OnRay(connect), RAY_FROM_IMAGES)
+    return Auto(InProcess(), OnRay(connect), RAY_FROM_IMAGES.now())
 
 
 def _existing(fs, root: str, dest: str, force: bool) -> DatasetInfo | None:

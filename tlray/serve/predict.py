@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from tlray.data.executors import join_or_start_ray
+from tlray.data.executors import RayPaysFrom, join_or_start_ray
 from tlray.data.sources import locate
 from tlray.errors import TlrayError
 from tlray.serve.predict_inputs import SOURCES, Inputs, open_inputs
@@ -47,9 +47,9 @@ from tlray.serve.predict_scoring import score
 # its parser); the model's pyfunc is loaded when a prediction starts.
 ENGINES = ("auto", "local", "ray")
 # `engine="auto"` scores this many images or more on Ray. Measured with `tlray benchmark
-# predict` (see its module docstring): below it, starting Ray and the replicas costs more than
-# the pipeline saves.
-RAY_FROM_IMAGES = 20_000
+# predict` on the 2-core laptop (28x28 PNGs, 2 replicas at 1.06x the local loop once
+# running): Ray finishes first from ~95,000 images with Ray running, ~148,000 starting it.
+RAY_FROM_IMAGES = RayPaysFrom(running=100_000, starting=150_000)
 
 
 def predict(
@@ -112,8 +112,8 @@ def predict(
     inputs = open_inputs(where, split, class_names)
     fmt = format if format != "auto" else ("kaggle" if inputs.kaggle else "probs")
     path = check_out(out if out is not None else Path.cwd() / DEFAULT_OUT[fmt])
-    on_ray = engine == "ray" or (engine == "auto" and (replicas is not None
-                                                       or inputs.rows >= RAY_FROM_IMAGES))
+    on_ray = engine == "ray" or (engine == "auto" and (
+        replicas is not None or inputs.rows >= RAY_FROM_IMAGES.now()))
     resolved = info.model_uri or model_uri
 
     if on_ray:  # before the progress bar starts: joining prints Ray's own lines
