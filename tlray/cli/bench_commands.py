@@ -119,8 +119,13 @@ def prepare_command(args: argparse.Namespace) -> int:
                                image_size=args.image_size, small=args.small,
                                engines=args.engines, repeats=args.repeats,
                                workdir=args.workdir)
-    print(result.format(workers="task"))
-    if args.json:
+    return _report(result, "task", args.json)
+
+
+def _report(result, workers: str, as_json: bool) -> int:
+    """A side-by-side benchmark's table (its Ray processes called `workers`), then JSON."""
+    print(result.format(workers=workers))
+    if as_json:
         print(result.json())
     return 0
 
@@ -138,10 +143,7 @@ def predict_command(args: argparse.Namespace) -> int:
     result = predict_benchmark(images=args.images, small=args.small, model=args.model,
                                batch_size=args.batch_size, repeats=args.repeats,
                                workdir=args.workdir)
-    print(result.format(workers="replica"))
-    if args.json:
-        print(result.json())
-    return 0
+    return _report(result, "replica", args.json)
 
 
 def ingest_command(args: argparse.Namespace) -> int:
