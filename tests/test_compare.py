@@ -20,7 +20,7 @@ from tlray.errors import TlrayError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--model.backbone=test_efficientnet", "--model.weights=none", "--data.image_size=32",
-         "--data.batch_size=64", "--scaling.num_workers=2", "--scaling.cpus_per_worker=0.5",
+         "--data.batch_size=64", "--scaling.num_workers=1", "--scaling.cpus_per_worker=0.5",
          "--train.epochs=1", "--tracking.log_model=false"]
 
 

@@ -77,6 +77,7 @@ def worker_split_config(lockstep: Iterable[str] = (), in_memory: Iterable[str] =
       rows, so all of them reach every step together and a check across workers at a step
       (a preemption notice, a mid-epoch checkpoint) is safe; at most workers - 1 rows of
       an epoch are left out.
+    - One worker reads the whole dataset itself: no split, no coordinator actor.
     - Dealt by position (`in_memory`: lockstep datasets already in Ray's object store): a
       run restarted with as many workers gives each the same rows, so it can resume inside
       an epoch exactly. Streamed ones are dealt as workers ask.
@@ -99,7 +100,9 @@ def worker_split_config(lockstep: Iterable[str] = (), in_memory: Iterable[str] =
                     ds.set_name(name)
                 hints = worker_node_ids if self._enable_shard_locality else None
                 equal = name in lockstep and world_size > 1
-                if equal and name in in_memory:  # its blocks are already somewhere
+                if world_size == 1:  # the whole dataset, without a coordinator actor
+                    parts = [ds.iterator()]
+                elif equal and name in in_memory:  # its blocks are already somewhere
                     parts = [p.iterator() for p in ds.split(world_size, equal=True)]
                 else:
                     parts = ds.streaming_split(world_size, equal=equal, locality_hints=hints)
