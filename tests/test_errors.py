@@ -15,7 +15,6 @@ from cluster_helpers import ctrl_c_as_in_a_terminal, driver_env
 
 from tlray.data.prepare import prepare
 
-pytestmark = pytest.mark.ray
 
 SMALL = ["--backbone", "test_efficientnet", "--weights", "none", "--image-size", "32",
          "--scaling.num_workers", "1", "--scaling.cpus_per_worker", "0.5",
@@ -47,12 +46,19 @@ def test_an_internal_error_keeps_its_cause_and_a_users_is_one_line(ray_cluster, 
     trace = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/error.txt")
     assert "KeyError" in trace and "faults.py" in trace and "train_loop_per_worker" in trace
 
-    missing = tlray(["train", "--data", str(tlray_home / "nowhere"), *SMALL], ray_cluster,
-                    tlray_home)
+
+@pytest.mark.parametrize("command", ["train", "tune", "compare", "lr-find"])
+def test_a_missing_dataset_is_one_line_before_torch_ray_or_mlflow_load(command, tmp_path):
+    code = ("import sys; from tlray.cli.main import main; rc = main(sys.argv[1:]); "
+            "print(sorted({'torch', 'ray', 'mlflow', 'timm'} & set(sys.modules))); sys.exit(rc)")
+    missing = subprocess.run([sys.executable, "-c", code, command, "--data",
+                              str(tmp_path / "nowhere")], capture_output=True, text=True,
+                             env={**os.environ, "TLRAY_HOME": str(tmp_path)}, timeout=120)
     assert missing.returncode == 2
     assert missing.stderr.startswith("tlray: error: source") and "does not exist" in \
         missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
+    assert missing.stdout.strip() == "[]"  # it failed before loading any of them
 
 
 def test_ctrl_c_ends_a_training_run_with_one_line_and_status_130(ray_cluster, tlray_home):

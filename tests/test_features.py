@@ -23,7 +23,8 @@ from tlray.model import feature_cache as features
 from tlray.model.build import build_model
 from tlray.model.cut import cut_model
 from tlray.model.freeze import freeze_groups, model_groups
-from tlray.train.plan import check_model, preflight, resolve_dataset
+from tlray.data.prepare import resolve_dataset
+from tlray.train.plan import check_model, preflight
 from tlray.train.run import train
 
 CASES = [("tf_efficientnet_lite0", "packaged", "3", "blocks.1"),

@@ -113,7 +113,7 @@ def sweep_benchmark(overrides: list[str] | None = None, config_path: str | None 
                     ) -> SweepBenchResult:
     """Runs the sweep (default: the `mnist` recipe on the built-in digits) twice,
     once per value of `compare` (`section.key=CANDIDATE,BASELINE`)."""
-    from tlray.train.plan import resolve_dataset
+    from tlray.data.prepare import resolve_dataset
     from tlray.tune import sweep
 
     key, values = parse_compare(compare)
@@ -216,7 +216,7 @@ def regret_benchmark(overrides: list[str] | None = None, config_path: str | None
     Trials the sweep ran to the end keep their results (a seeded one-worker run repeats
     exactly), so only the stopped ones are trained again.
     """
-    from tlray.train.plan import resolve_dataset
+    from tlray.data.prepare import resolve_dataset
     from tlray.tune import sweep
 
     # The sides run the trials they are given: no budget plan, which would size each anew.

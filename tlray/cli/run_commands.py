@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from tlray.cli.settings import add_settings, config_from_args, given_settings
-from tlray.config import Config, dump_yaml
+from tlray.config import Config, dump_yaml, with_overrides
 
 COMPARE_SMOKE = ("train.epochs=1", "data.image_size=32", "scaling.num_workers=2",
                  "scaling.cpus_per_worker=0.5")
@@ -55,12 +55,19 @@ def add_compare_options(p: argparse.ArgumentParser) -> None:
 
 def resolved(args: argparse.Namespace, defaults: list[str] | None = None,
              chosen: list[str] | None = None, recipe=None) -> Config | None:
-    """The command's config; None (after printing it) with --print-config."""
+    """The command's config, its dataset found (or prepared); None (after printing the
+    config) with --print-config.
+
+    The dataset is resolved here, before the run's modules import torch, timm, Ray and
+    MLflow: a wrong path then fails in a second instead of six.
+    """
     cfg = config_from_args(args, defaults, chosen, recipe)
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return None
-    return cfg
+    from tlray.data.prepare import resolve_dataset
+
+    return with_overrides(cfg, **{"data.dataset": resolve_dataset(cfg.data.dataset).uri})
 
 
 def train_command(args: argparse.Namespace, defaults: list[str] | None = None,

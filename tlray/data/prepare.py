@@ -254,3 +254,15 @@ def _default_name(source: str) -> str:
     if source in (BUILTIN_MNIST, "builtin"):
         return "mnist-builtin"
     return Path(source.rstrip("/")).stem or "dataset"
+
+
+def resolve_dataset(spec: str, *, progress: bool = True) -> DatasetInfo:
+    """A prepared dataset directory as is; anything else is treated as a source and prepared
+    (idempotently) under $TLRAY_HOME/datasets."""
+    if "://" in spec or (Path(spec).expanduser() / "dataset.json").exists():
+        info = load_info(spec)
+        if info.features is not None:
+            raise TlrayError(f"{spec} is a feature cache of {info.source['uri']}, not a dataset "
+                             f"of images; train on that dataset (its cache is found by itself)")
+        return info
+    return prepare(spec, progress=progress)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -23,8 +22,8 @@ from tlray.config import Config
 from tlray.config.augmentation import AUTO
 from tlray.config.augmentation import from_config as augmentation_from_config
 from tlray.data.augment_choice import choose_augmentation
-from tlray.data.dataset import DatasetInfo, load_info
-from tlray.data.prepare import prepare
+from tlray.data.dataset import DatasetInfo
+from tlray.data.prepare import resolve_dataset
 from tlray.errors import TlrayError
 from tlray.model import feature_cache
 from tlray.model.build import ModelInfo, build_for_run
@@ -84,18 +83,6 @@ def preflight(cfg: Config, *, dataset: DatasetInfo | None = None, plan_cache: bo
                    if plan_cache else (None, "decided by each trial"))
     return Plan(config=cfg, dataset=info, model=minfo, cache=cache, cache_note=note,
                 tracking_uri=uri, augment_note=augment_note, fault=faults.from_env())
-
-
-def resolve_dataset(spec: str, *, progress: bool = True) -> DatasetInfo:
-    """A prepared dataset directory as is; anything else is treated as a source and prepared
-    (idempotently) under $TLRAY_HOME/datasets."""
-    if "://" in spec or (Path(spec).expanduser() / "dataset.json").exists():
-        info = load_info(spec)
-        if info.features is not None:
-            raise TlrayError(f"{spec} is a feature cache of {info.source['uri']}, not a dataset "
-                             f"of images; train on that dataset (its cache is found by itself)")
-        return info
-    return prepare(spec, progress=progress)
 
 
 def resolve_augmentation(cfg: Config, info: DatasetInfo, *, say: bool = True
