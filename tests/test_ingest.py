@@ -22,27 +22,37 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers can't
 
 
 def collect_ids(cfg):
-    """A Train worker that records which rows it saw, epoch by epoch."""
+    """A Train worker that records which rows of each dataset it saw, epoch by epoch."""
     import ray.train
 
     ctx = ray.train.get_context()
-    shard = ray.train.get_dataset_shard("train")
-    seen = []
-    for _ in range(cfg["epochs"]):
-        ids, sizes = [], []
-        for images, labels, batch_ids in iter_image_batches(shard, cfg["shape"], 7,
-                                                            shuffle=torch.Generator(),
-                                                            with_ids=True):
-            assert images.dtype == torch.uint8 and tuple(images.shape[1:]) == cfg["shape"]
-            assert labels.dtype == torch.int64 and len(labels) == len(images)
-            ids += batch_ids
-            sizes.append(len(batch_ids))
-        assert all(size == 7 for size in sizes[:-1]) and 0 < sizes[-1] <= 7
-        seen.append(ids)
+    seen = {}
+    for name in cfg["names"]:
+        shard = ray.train.get_dataset_shard(name)
+        seen[name] = []
+        for _ in range(cfg["epochs"]):
+            ids, sizes = [], []
+            for images, labels, batch_ids in iter_image_batches(shard, cfg["shape"], 7,
+                                                                shuffle=torch.Generator(),
+                                                                with_ids=True):
+                assert images.dtype == torch.uint8 and tuple(images.shape[1:]) == cfg["shape"]
+                assert labels.dtype == torch.int64 and len(labels) == len(images)
+                ids += batch_ids
+                sizes.append(len(batch_ids))
+            assert all(size == 7 for size in sizes[:-1]) and 0 < sizes[-1] <= 7
+            seen[name].append(ids)
     Path(cfg["out"], f"rank{ctx.get_world_rank()}.json").write_text(json.dumps(seen))
 
 
-def test_two_workers_see_every_row_exactly_once_per_epoch(ray_cluster, tmp_path):
+def test_two_workers_split_every_row_once_lockstep_ones_evenly_and_held_ones_the_same_again(
+        ray_cluster, tmp_path):
+    """Three ways to deal one dataset to two real Train workers, in one run:
+    - `every` (validation, test): every row exactly once per epoch;
+    - `held` and `streamed` in lockstep (training): every worker as many rows, so the same
+      steps, at most workers - 1 rows of an epoch left out;
+    - `held` (in memory) is dealt by position: a restarted run with as many workers gives
+      every worker the same rows again.
+    """
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -51,56 +61,34 @@ def test_two_workers_see_every_row_exactly_once_per_epoch(ray_cluster, tmp_path)
     info = prepare(from_arrays(rng.integers(0, 256, (n, 6, 6, 3), dtype=np.uint8),
                                np.arange(n) % 3), tmp_path / "ds", fractions={"train": 1.0},
                    rows_per_shard=20, progress=False)
-    trainer = TorchTrainer(
-        collect_ids,
-        train_loop_config={"epochs": 2, "shape": info.image_shape, "out": str(tmp_path)},
-        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-        run_config=RunConfig(storage_path=str(tmp_path / "ray")),
-        datasets={"train": read_split(info, "train", shuffle=True)},
-        dataset_config=worker_split_config())
-    trainer.fit()
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    def run(out: Path, names: list[str]) -> list[dict]:
+        datasets = {"every": lambda: read_split(info, "train", shuffle=True),
+                    "held": lambda: read_split(info, "train", shuffle=True, seed=3, cache=True),
+                    "streamed": lambda: read_split(info, "train", shuffle=True, seed=3)}
+        out.mkdir()
+        TorchTrainer(
+            collect_ids, train_loop_config={"epochs": 2, "shape": info.image_shape,
+                                            "out": str(out), "names": names},
+            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+            run_config=RunConfig(storage_path=str(tmp_path / "ray")),
+            datasets={name: datasets[name]() for name in names},
+            dataset_config=worker_split_config(lockstep=["held", "streamed"],
+                                               in_memory=["held"])).fit()
+        return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    first = run(tmp_path / "run0", ["every", "held", "streamed"])
     every_row = {f"arrays:{i}" for i in range(n)}
-    for epoch in range(2):
-        a, b = ranks[0][epoch], ranks[1][epoch]
+    for a, b in zip(first[0]["every"], first[1]["every"]):  # each epoch
         assert len(a) > 0 and len(b) > 0
         assert not set(a) & set(b)  # disjoint
         assert len(a) + len(b) == n and set(a) | set(b) == every_row  # complete, no repeats
-
-
-@pytest.mark.parametrize("in_memory", [True, False])
-def test_lockstep_workers_get_as_many_rows_and_held_ones_the_same_again(
-        ray_cluster, tmp_path, in_memory):
-    # Lockstep: every worker the same number of rows (so the same steps), at most
-    # workers - 1 rows of an epoch left out. Held in memory, they are dealt by position:
-    # a restarted run with as many workers gives every worker the same rows again.
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    rng = np.random.default_rng(0)
-    n = 203
-    info = prepare(from_arrays(rng.integers(0, 256, (n, 6, 6, 3), dtype=np.uint8),
-                               np.arange(n) % 3), tmp_path / "ds", fractions={"train": 1.0},
-                   rows_per_shard=20, progress=False)
-    runs = []
-    for attempt in range(2 if in_memory else 1):
-        out = tmp_path / f"run{attempt}"
-        out.mkdir()
-        TorchTrainer(
-            collect_ids,
-            train_loop_config={"epochs": 2, "shape": info.image_shape, "out": str(out)},
-            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-            run_config=RunConfig(storage_path=str(tmp_path / "ray")),
-            datasets={"train": read_split(info, "train", shuffle=True, seed=3,
-                                          cache=in_memory)},
-            dataset_config=worker_split_config(lockstep=["train"],
-                                               in_memory=["train"] if in_memory else [])).fit()
-        runs.append([json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)])
-    for a, b in zip(*runs[0]):  # each epoch: rank 0's rows, rank 1's
-        assert len(a) == len(b) == n // 2 and not set(a) & set(b)
-    if in_memory:
-        assert [sorted(r) for rank in runs[0] for r in rank] == \
-            [sorted(r) for rank in runs[1] for r in rank]
+    for name in ("held", "streamed"):
+        for a, b in zip(first[0][name], first[1][name]):
+            assert len(a) == len(b) == n // 2 and not set(a) & set(b), name
+    again = run(tmp_path / "run1", ["held"])
+    assert [sorted(ids) for rank in first for ids in rank["held"]] == \
+        [sorted(ids) for rank in again for ids in rank["held"]]
 
 
 @pytest.mark.parametrize("cache,shuffle,local", [(False, False, False), (True, False, True),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import glob
 import json
 import multiprocessing
-import os
 from pathlib import Path
 
 import mlflow
@@ -15,11 +14,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from lock_holders import hold_the_lock, wait_for_the_lock
 from tlray import config
 from tlray.config.schedule import Phase
 from tlray.data.dataset import sample_per_class
 from tlray.data.preprocess import to_model_input, tta_probabilities
-from tlray.model import feature_cache
 from tlray.model.build import build_model
 from tlray.model.freeze import model_groups
 from tlray.train.feeds import TrainFeed
@@ -38,31 +37,17 @@ SMALL = ["--model.backbone=test_efficientnet", "--model.weights=none", "--data.i
 # --------------------------------------------------------------------------- one build
 
 
-def _hold_the_lock(uri: str, held, release, die: bool) -> None:
-    with feature_cache.build_lock(uri):
-        held.set()
-        if die:
-            os._exit(1)  # a build that dies, lock in hand
-        release.wait()
-
-
-def _wait_for_the_lock(uri: str, waiting, got) -> None:
-    with feature_cache.build_lock(uri, on_wait=waiting.set):
-        got.set()
-
-
-WAIT_S = 300  # a bound, not a pause: each wait ends on its event (a spawned process imports
-#              torch and tlray first, slow on a loaded machine)
+WAIT_S = 300  # a bound, not a pause: each wait ends on its event (slow on a loaded machine)
 
 
 def test_one_build_per_cache_and_a_dead_build_blocks_nobody(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     uri = str(tmp_path / "feature_cache" / "abc")
     held, release, waiting, got = (ctx.Event() for _ in range(4))
-    first = ctx.Process(target=_hold_the_lock, args=(uri, held, release, False))
+    first = ctx.Process(target=hold_the_lock, args=(uri, held, release, False))
     first.start()
     assert held.wait(WAIT_S)
-    second = ctx.Process(target=_wait_for_the_lock, args=(uri, waiting, got))
+    second = ctx.Process(target=wait_for_the_lock, args=(uri, waiting, got))
     second.start()
     assert waiting.wait(WAIT_S)  # the second build waits for the first...
     assert not got.is_set()
@@ -71,11 +56,11 @@ def test_one_build_per_cache_and_a_dead_build_blocks_nobody(tmp_path):
     first.join(WAIT_S), second.join(WAIT_S)
 
     held, waiting, got = ctx.Event(), ctx.Event(), ctx.Event()
-    dying = ctx.Process(target=_hold_the_lock, args=(uri, held, None, True))
+    dying = ctx.Process(target=hold_the_lock, args=(uri, held, None, True))
     dying.start()
     dying.join(WAIT_S)
     assert held.is_set() and dying.exitcode == 1
-    after = ctx.Process(target=_wait_for_the_lock, args=(uri, waiting, got))
+    after = ctx.Process(target=wait_for_the_lock, args=(uri, waiting, got))
     after.start()
     assert got.wait(WAIT_S)  # the dead build's lock went with it
     after.join(WAIT_S)

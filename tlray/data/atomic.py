@@ -3,12 +3,16 @@ destination (`.NAME.tmp-XXXXXXXX`) and moved into place at the end, so a crash, 
 killed process never leaves half of one where the real one belongs.
 
 Used for prepared datasets (a folder) and for prediction outputs (a CSV file or a folder of
-Parquet shards), on a local disk or in an object store.
+Parquet shards), on a local disk or in an object store; `build_lock` keeps to one builder
+of an output that several processes may want at once (a feature cache).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -89,3 +93,30 @@ def remove_leftovers(dest: str) -> None:
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def build_lock(uri: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """One build per cache: an exclusive lock on a file beside it, held while it is built.
+
+    Runs that need the same cache at the same moment (a sweep's trials of one depth) wait
+    for the first one's build and then read it. The operating system releases the lock of
+    a process that dies, so a failed build blocks nobody. On storage without file locks
+    (s3://) nothing is held: such builds may run twice (the results are identical).
+    """
+    if "://" in uri:
+        yield
+        return
+    path = Path(uri).expanduser().absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -19,12 +19,9 @@ weights (a `models:/...@champion` alias that moved, a re-downloaded checkpoint).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -100,33 +97,6 @@ def load_front(uri: str, front: nn.Module) -> None:
     fs, path = filesystem(uri)
     with fs.open_input_stream(f"{path}/{FRONT_WEIGHTS}") as f:
         front.load_state_dict(load_safetensors(f.read()))
-
-
-@contextlib.contextmanager
-def build_lock(uri: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-    """One build per cache: an exclusive lock on a file beside it, held while it is built.
-
-    Runs that need the same cache at the same moment (a sweep's trials of one depth) wait
-    for the first one's build and then read it. The operating system releases the lock of
-    a process that dies, so a failed build blocks nobody. On storage without file locks
-    (s3://) nothing is held: such builds may run twice (the results are identical).
-    """
-    if "://" in uri:
-        yield
-        return
-    path = Path(uri).expanduser().absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait is not None:
-                on_wait()
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def cache_uri(root: str, key: str) -> str:

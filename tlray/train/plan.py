@@ -21,6 +21,7 @@ from tlray import paths
 from tlray.config import Config
 from tlray.config.augmentation import AUTO
 from tlray.config.augmentation import from_config as augmentation_from_config
+from tlray.data.atomic import build_lock
 from tlray.data.augment_choice import choose_augmentation
 from tlray.data.dataset import DatasetInfo
 from tlray.data.prepare import resolve_dataset
@@ -152,7 +153,7 @@ def plan_feature_cache(cfg: Config, info: DatasetInfo, model: torch.nn.Module,
                           "one)")
         splits, why = ("val",), f"validation only: {why} (training images are augmented)"
     if found is None:
-        with feature_cache.build_lock(uri, on_wait=lambda: print(
+        with build_lock(uri, on_wait=lambda: print(
                 f"feature cache: waiting for another run's build of the {why}", flush=True)):
             if feature_cache.existing(uri) is None:  # (the other run's build is done now)
                 print(f"feature cache: computing the {why} (freeze {cfg.model.freeze})",
