@@ -226,12 +226,17 @@ class _Ask:
                             f"{kind}, with the sweep's start and end,")
 
 
+def budget_that_fits(predicted_s: float) -> str:
+    """The smallest budget (as a user writes it) that holds a sweep of `predicted_s`, margin
+    included."""
+    return format_span(round_up_span(predicted_s / (1 - MARGIN)))
+
+
 def too_small(budget_s: float, fits_s: float, what: str) -> TlrayError:
     """The error for a budget under the smallest sweep, with the smallest budget that fits."""
-    needed = round_up_span(fits_s / (1 - MARGIN))
     return TlrayError(f"--tune.budget={format_span(budget_s)} is too small: {what} takes "
                       f"about {format_span(fits_s)}; the smallest budget that fits is "
-                      f"--tune.budget={format_span(needed)}")
+                      f"--tune.budget={budget_that_fits(fits_s)}")
 
 
 def plan_lines(plan: SweepPlan) -> list[str]:
@@ -239,11 +244,10 @@ def plan_lines(plan: SweepPlan) -> list[str]:
     lines = [_summary(plan), f"plan: from measured costs: {_costs_said(plan)}"]
     lines += [f"plan: {said}" for said in plan.overrides]
     if not plan.fits:
-        needed = round_up_span(plan.predicted_s / (1 - MARGIN))
         lines.append(f"plan: about {format_span(plan.predicted_s)} is over the "
                      f"{format_span(plan.budget_s)} budget (less its {MARGIN:.0%} margin): "
                      f"trials that cannot end in time will not start (--tune.budget="
-                     f"{format_span(needed)} fits this plan)")
+                     f"{budget_that_fits(plan.predicted_s)} fits this plan)")
     return lines
 
 
