@@ -27,7 +27,7 @@ def tlray(args, ray_cluster, home, **env):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_an_internal_error_keeps_its_cause_and_a_users_is_one_line(ray_cluster, tlray_home):
+def test_an_internal_error_keeps_its_cause_and_its_whole_traceback(ray_cluster, tlray_home):
     info = prepare("builtin:mnist", progress=False)
     failed = tlray(["train", "--data", info.uri, *SMALL, "--epochs", "1"], ray_cluster,
                    tlray_home,
