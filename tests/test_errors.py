@@ -89,3 +89,18 @@ def test_ctrl_c_ends_a_training_run_with_one_line_and_status_130(ray_cluster, tl
     assert stderr.strip().splitlines()[-1] == "tlray: interrupted"
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "KILLED"
+
+
+def test_a_test_fault_with_a_typo_fails_at_once_and_a_hold_waits_only_in_a_one_worker_run(
+        tmp_path, monkeypatch):
+    from tlray.train import faults
+
+    monkeypatch.setenv(faults.ENV, "hold:rank=0:step=3")  # a hold needs its until=PATH
+    with pytest.raises(ValueError, match="until=PATH"):
+        faults.from_env()
+    release = tmp_path / "go"
+    spec = f"hold:rank=0:step=3:until={release}"
+    # Two workers pass the step; one worker at another step or rank is not held either.
+    faults.maybe_fail(spec, rank=0, step=3, restart_key="run", world=2)
+    faults.maybe_fail(spec, rank=0, step=4, restart_key="run", world=1)
+    faults.maybe_fail(spec, rank=1, step=3, restart_key="run", world=1)

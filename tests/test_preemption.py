@@ -3,7 +3,9 @@ cluster_helpers).
 
 One run, `scaling.num_workers=1-2`, one worker per node (STRICT_SPREAD). It starts on the head
 alone with one worker. Once MLflow holds its epoch 1 (an observed event) a second node joins,
-and the run grows to two workers (restarted from its latest checkpoint). Once MLflow holds an
+and the run grows to two workers (restarted from its latest checkpoint). Its one worker waits
+after epoch 1 until then (a `hold` test fault, see tlray.train.faults): a node can take half a
+minute to come up, and a run that did not wait would train on to its end meanwhile. Once MLflow holds an
 epoch trained by both, the second node is drained as the autoscaler drains a reclaimed spot
 instance: reason preemption, with a deadline. The test waits for the run's record of the
 notice in MLflow (the just-in-time checkpoint is written with it), and at the deadline kills
@@ -31,7 +33,10 @@ pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[1]
 DEADLINE_S = 8  # the drain's notice: from the drain to the kill
-EPOCHS = 16  # ~2-4 s each at 32 px on 2 cores: still training after the node is gone
+# The drain comes after epoch 2, the first trained by two workers (4-8 s each at 32 px on 2
+# cores): 8 more epochs cannot end within the deadline, so the run trains on after the kill.
+EPOCHS = 10
+ROWS = 4000  # the built-in digits' train split
 
 
 @pytest.fixture
@@ -54,8 +59,11 @@ def cluster():
 
 
 def start_run(cluster: RayCluster, home: Path, tracking: str, *more: str) -> subprocess.Popen:
+    # One worker waits after its epoch 1 (step 63 of 63, then the first of epoch 2) until the
+    # test has seen two workers train.
+    hold = f"hold:rank=0:step={-(-ROWS // 64) + 1}:until={home / 'grown'}"
     env = {**cluster.env, "TLRAY_HOME": str(home), "MLFLOW_TRACKING_URI": tracking,
-           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TLRAY_TEST_FAULT": hold,
            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "tlray.cli", "train", "--data.dataset=builtin:mnist",
            "--model.backbone=test_efficientnet", "--model.weights=none",
@@ -94,6 +102,7 @@ def test_an_elastic_run_grows_onto_a_new_node_and_a_reclaimed_one_costs_only_its
         run_id = wait_for(epoch_1_logged, 600, "epoch 1 in MLflow")
         doomed = cluster.add_node()
         wait_for(trained_by_two, 600, "an epoch trained by two workers")
+        (tmp_path / "grown").touch()  # ends the hold of any one-worker group still in it
         cluster.drain(doomed, DEADLINE_S)
         drained, drained_at = time.monotonic(), time.time()
         notice = wait_for(lambda: client.get_run(run_id).data.tags.get("preemption_1"),
@@ -124,7 +133,7 @@ def test_an_elastic_run_grows_onto_a_new_node_and_a_reclaimed_one_costs_only_its
     state = json.loads((Path(final) / "state.json").read_text())
     assert len(state["resumed_at"]) == 2  # grown, then shrunk
     assert state["resumed_at"][-1] >= record["step"] and state["preemptions"] == 1
-    steps_per_epoch = -(-4000 // 2 // 64)
+    steps_per_epoch = -(-ROWS // 2 // 64)
     (lost,) = client.get_metric_history(run_id, "preemption_steps_lost")
     assert 0 <= lost.value < steps_per_epoch
     assert finished.data.tags["train_node_ids"].split(",") == [cluster.node_ids[0]]

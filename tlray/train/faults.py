@@ -1,10 +1,14 @@
 """Test-only faults in the training loop, switched on by an environment variable and never by
-a user setting: `TLRAY_TEST_FAULT=ACTION:rank=R:step=S[:run=SUFFIX]`.
+a user setting: `TLRAY_TEST_FAULT=ACTION:rank=R:step=S[:run=SUFFIX][:until=PATH]`.
 
   kill   the worker of rank R SIGKILLs itself at global step S, once per run (a marker file
          keeps the restarted workers alive): proves that a run resumes from its checkpoint;
   raise  it raises a KeyError there, an internal error: proves that a bug keeps its
-         traceback (exit status 1, the innermost frame on stderr, a FAILED MLflow run).
+         traceback (exit status 1, the innermost frame on stderr, a FAILED MLflow run);
+  hold   in a run of one worker, that worker waits after step S until PATH exists: an
+         elastic run that grows meanwhile restarts with more workers, which pass step S
+         without waiting. So a test of growing sees it happen at a known step, however long
+         a new node takes to come up, instead of racing the run to its end.
 
 With `run=SUFFIX` only runs whose restart key ends so are hit: in a sweep, one trial
 (`run=_00002`, the third) and not the others.
@@ -26,19 +30,22 @@ ENV = "TLRAY_TEST_FAULT"
 
 @dataclass(frozen=True)
 class Fault:
-    action: str  # "kill" | "raise"
+    action: str  # "kill" | "raise" | "hold"
     rank: int
     step: int
     run: str = ""  # a suffix of the restart keys it hits ("": every run)
+    until: str = ""  # hold: the file that ends the wait
 
     @classmethod
     def parse(cls, spec: str) -> Fault:
         action, *fields = spec.split(":")
         values = dict(f.split("=", 1) for f in fields)
-        if action not in ("kill", "raise") or not {"rank", "step"} <= set(values) <= {
-                "rank", "step", "run"}:
-            raise ValueError(f"{ENV}={spec!r}: expected kill|raise:rank=R:step=S[:run=SUFFIX]")
-        return cls(action, int(values["rank"]), int(values["step"]), values.get("run", ""))
+        if action not in ("kill", "raise", "hold") or not {"rank", "step"} <= set(values) <= {
+                "rank", "step", "run", "until"} or (action == "hold") != ("until" in values):
+            raise ValueError(f"{ENV}={spec!r}: expected kill|raise:rank=R:step=S[:run=SUFFIX]"
+                             " or hold:rank=R:step=S:until=PATH")
+        return cls(action, int(values["rank"]), int(values["step"]), values.get("run", ""),
+                   values.get("until", ""))
 
 
 def from_env() -> str | None:
@@ -49,7 +56,8 @@ def from_env() -> str | None:
     return spec
 
 
-def maybe_fail(spec: str | None, rank: int, step: int, restart_key: str) -> None:
+def maybe_fail(spec: str | None, rank: int, step: int, restart_key: str,
+               world: int = 1) -> None:
     """At a step boundary: the configured fault, if this is its rank and step."""
     if spec is None:
         return
@@ -58,7 +66,23 @@ def maybe_fail(spec: str | None, rank: int, step: int, restart_key: str) -> None
         return
     if fault.action == "raise":
         raise KeyError(f"test fault at step {step}")
+    if fault.action == "hold":
+        if world == 1:
+            _hold(Path(fault.until))
+        return
     _die_once(restart_key)
+
+
+def _hold(until: Path) -> None:
+    """Waits until `until` exists (or Ray Train restarts this worker's group), once every
+    checkpoint reported so far is registered: a restart resumes from the latest."""
+    import time
+
+    import ray.train
+
+    ray.train.get_all_reported_checkpoints()
+    while not until.exists():
+        time.sleep(0.2)
 
 
 def _die_once(restart_key: str) -> None:

@@ -100,7 +100,8 @@ def train_epoch(run: WorkerRun, epoch: int):
                 run.ema.update(run.net.model, step=state.step)
             bar.update(1)
             ticker.tick(running.seen * session.world)
-            faults.maybe_fail(run.args.fault, session.rank, state.step, run.args.restart_key)
+            faults.maybe_fail(run.args.fault, session.rank, state.step, run.args.restart_key,
+                              session.world)
             maybe_checkpoint_inside_epoch(run, running)
     seconds = time.perf_counter() - run.current.started
     return reduce_totals(running.snapshot(), session.world, run.device), seconds
