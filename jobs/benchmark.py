@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import sys
 
+from tlray.cli.exit import exit_now
 from tlray.cli.main import main
 
 if __name__ == "__main__":
-    sys.exit(main(["benchmark", *sys.argv[1:]]))
+    exit_now(main(["benchmark", *sys.argv[1:]]))

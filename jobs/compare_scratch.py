@@ -18,9 +18,9 @@ exit status 2.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+from tlray.cli.exit import exit_now
 from tlray.cli.jobs import run_job
 
 
@@ -29,4 +29,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

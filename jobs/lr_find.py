@@ -10,9 +10,9 @@ Every setting is an option: see --help.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+from tlray.cli.exit import exit_now
 from tlray.cli.jobs import run_job
 
 
@@ -22,4 +22,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

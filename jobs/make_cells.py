@@ -11,10 +11,10 @@ judge a recipe on something other than the digits it was tuned on.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from tlray.bench.standins import write_cells
+from tlray.cli.exit import exit_now
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,4 +32,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

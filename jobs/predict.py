@@ -16,10 +16,10 @@ exit status 2; the output is complete or absent.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from tlray.cli.errors import run_guarded
+from tlray.cli.exit import exit_now
 from tlray.cli.predict_command import add_predict_options
 
 
@@ -34,4 +34,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -3,9 +3,8 @@
 The same as `tlray train`; handy with `ray job submit --working-dir . -- python jobs/train.py`.
 """
 
-import sys
-
+from tlray.cli.exit import exit_now
 from tlray.cli.jobs import run_job
 
 if __name__ == "__main__":
-    sys.exit(run_job("train", None, doc=__doc__))
+    exit_now(run_job("train", None, doc=__doc__))

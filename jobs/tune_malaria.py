@@ -27,9 +27,9 @@ smooths the noisy small-batch (30) updates. Every setting is an option: see --he
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from tlray.cli.exit import exit_now
 from tlray.cli.jobs import run_job
 from tlray.errors import TlrayError
 
@@ -59,4 +59,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

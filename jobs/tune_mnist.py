@@ -16,9 +16,9 @@ with what it bought.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+from tlray.cli.exit import exit_now
 from tlray.cli.jobs import run_job
 
 SMOKE = ["data.image_size=32", "train.epochs=1", "tune.num_samples=2", "tune.grace_period=1",
@@ -32,4 +32,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -195,3 +195,24 @@ print("HEAVY", heavy, "CHANGED", changed)
                          check=True).stdout
     assert "epochs: 3" in out
     assert out.strip().splitlines()[-1] == "HEAVY [] CHANGED []"
+
+
+def test_a_command_exits_with_its_status_after_its_threads_exit_handlers_and_last_output(
+        tmp_path):
+    # What a normal exit does that anyone could see still happens: exit_now skips only
+    # Python's teardown of its modules.
+    code = f"""
+import atexit, sys, threading, time
+from pathlib import Path
+from tlray.cli.exit import exit_now
+atexit.register(lambda: Path({str(tmp_path / "atexit")!r}).write_text("ran"))
+def late(): time.sleep(0.3); Path({str(tmp_path / "thread")!r}).write_text("done")
+threading.Thread(target=late).start()
+sys.stdout.write("no newline, still buffered")
+exit_now(3)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 3, out.stderr
+    assert out.stdout == "no newline, still buffered"
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert (tmp_path / "thread").read_text() == "done"

@@ -1,7 +1,6 @@
 """`python -m tlray.cli ...` is `tlray ...`."""
 
-import sys
-
+from tlray.cli.exit import exit_now
 from tlray.cli.main import main
 
-sys.exit(main())
+exit_now(main())

@@ -9,11 +9,11 @@ user error is one line and exit status 2).
 from __future__ import annotations
 
 import argparse
-import sys
 
 from tlray.cli import (bench_commands, data_commands, predict_command, recipe_command,
                        run_commands)
 from tlray.cli.errors import USER_ERROR, run_guarded
+from tlray.cli.exit import exit_now
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,5 +44,10 @@ class _NoAbbrevParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+def run() -> None:
+    """The `tlray` command (pyproject's script): `main`, then a quick exit (`exit_now`)."""
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
