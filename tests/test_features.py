@@ -160,7 +160,8 @@ def test_cache_on_disk_holds_exactly_the_front_outputs(ray_cluster, tlray_home, 
 
 SMALL = ["--model.backbone=tf_efficientnet_lite0", "--data.image_size=32",
          "--data.batch_size=64", "--scaling.num_workers=1", "--scaling.cpus_per_worker=1",
-         "--optim.lr=0.01", "--train.epochs=2", "--tracking.log_model=true"]
+         "--optim.lr=0.01", "--train.epochs=2", "--tracking.log_model=true",
+         "--tracking.evaluate=never"]  # mlflow.models.evaluate: test_train and test_serving
 
 
 def test_linear_probe_trains_from_the_cache_and_the_model_works_on_images(ray_cluster,

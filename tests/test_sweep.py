@@ -21,7 +21,8 @@ pytestmark = pytest.mark.ray
 SMALL = ["--model.backbone=test_efficientnet", "--model.weights=none", "--data.image_size=32",
          "--scaling.num_workers=1", "--scaling.cpus_per_worker=0.5", "--train.epochs=2",
          "--train.monitor=val_acc", "--tune.freeze=0,2,all", "--tune.lr_min=1e-3",
-         "--tune.lr_max=1e-2", "--tune.max_concurrent=2", "--tune.registered_name=digits"]
+         "--tune.lr_max=1e-2", "--tune.max_concurrent=2", "--tune.registered_name=digits",
+         "--tracking.evaluate=never"]  # mlflow.models.evaluate: test_train and test_serving
 
 
 

@@ -30,7 +30,8 @@ SMALL = ["--model.backbone=test_efficientnet", "--model.weights=none", "--data.i
          "--scaling.num_workers=1", "--scaling.cpus_per_worker=0.5", "--train.epochs=2",
          "--train.monitor=val_acc", "--tune.freeze=0,2,all", "--tune.lr_min=1e-3",
          "--tune.lr_max=1e-2", "--tune.grace_period=2", "--tune.registered_name=digits",
-         "--scaling.borrow_idle_cpus=false"]
+         "--scaling.borrow_idle_cpus=false",
+         "--tracking.evaluate=never"]  # mlflow.models.evaluate: test_train and test_serving
 
 
 def children(parent_run_id=None):
