@@ -307,3 +307,42 @@ def test_behind_plan_no_trial_starts_that_cannot_end_in_time():
 def test_sweep_clock_still_reads_a_schedules_depth_per_epoch():
     clock = SweepClock(trials=1, epochs=4, concurrency=1)
     assert [clock.depth("all:2,0@0.5", e) for e in (1, 2, 3, 4)] == ["all", "all", "0", "0"]
+
+
+# --- a started trial's deadline -----------------------------------------------------------
+
+def test_a_trial_must_end_its_training_before_the_budget_less_its_test_and_the_sweeps_end():
+    from tlray.tune.budgeted import trial_deadline
+
+    plan = plan_sweep(120, COSTS, CHOICES, 2, 6)
+    deadline = trial_deadline(plan, started_at=1000.0, fixed=frozenset())
+    assert deadline.ends_at == 1000.0 + 120 - COSTS.finish_s - COSTS.wrapup_s
+    assert deadline.epoch_s == COSTS.epoch_s
+    assert trial_deadline(None, 1000.0, frozenset()) is None  # no budget
+    # Epochs the user gave win over the budget, as they win over the plan.
+    assert trial_deadline(plan, 1000.0, frozenset({"train.epochs"})) is None
+
+
+def test_the_next_epoch_is_timed_by_the_trials_own_epochs_at_its_depth_else_by_the_plan():
+    from tlray.train.deadline import Deadline
+
+    deadline = Deadline(ends_at=100.0, epoch_s={"all": 5.0, "0": 16.0})
+    head = [{"epoch": 1, "epoch_seconds": 4.0}]
+    # A schedule's epoch 2 trains everything: not timed yet, so the plan's 16 s count.
+    assert deadline.next_epoch_fits("all:1,0", head, now=84.0)
+    assert not deadline.next_epoch_fits("all:1,0", head, now=84.5)
+    # Once timed at its depth, the trial's own latest epoch counts (slower than planned).
+    both = head + [{"epoch": 2, "epoch_seconds": 30.0}]
+    assert not deadline.next_epoch_fits("all:1,0", both, now=71.0)
+    assert deadline.next_epoch_fits("all:1,0", both, now=70.0)
+
+
+def test_a_trial_that_stopped_itself_does_not_say_it_trained_all_its_epochs():
+    from tlray.tune.pick import COMPLETED, trial_description
+
+    trial = {"model.freeze": "3", "optim.lr": 0.005, "status": COMPLETED, "epochs": 2,
+             "val_loss": 0.05, "test_acc": 0.99}
+    assert "trained all 2 epochs" in trial_description(trial, "val_loss", False)
+    stopped = trial_description({**trial, "stopped_early": True}, "val_loss", True)
+    assert stopped.startswith("freeze `3`, lr 0.005: stopped itself after epoch 2, best")
+    assert stopped.endswith("; the sweep's pick")

@@ -88,7 +88,10 @@ def test_a_budgeted_sweep_says_its_plan_and_runs_it(ray_cluster, mnist, capsys):
     added = re.search(r"^sweep: ahead of plan: (\d+) more trial", out, re.M)
     assert len(result.trials) == planned + (int(added[1]) if added else 0)
     assert all(t["epochs"] <= epochs for t in ran)
-    assert any(t["status"] == "COMPLETED" and t["epochs"] == epochs for t in ran)
+    # A completed trial trained the plan's epochs, or stopped itself where one more would
+    # have ended past the budget (its epochs slower than calibrated: a loaded machine).
+    completed = [t for t in ran if t["status"] == "COMPLETED"]
+    assert completed and all(t["epochs"] == epochs or t["stopped_early"] for t in completed)
     assert re.search(r"^sweep: planned \d+ trials in about \S+; ran \d+ in \S+ \([+-]\d+% "
                      r"against the plan\), (within|over) the 30s budget$", out, re.M)
     params = MlflowClient().get_run(result.parent_run_id).data.params

@@ -22,6 +22,7 @@ from tlray import config
 from tlray.data.pixel_sources import builtin_mnist_arrays, from_arrays
 from tlray.data.prepare import prepare
 from tlray.train import checkpoint
+from tlray.train.deadline import Deadline
 from tlray.train.loop import run_worker
 from tlray.train.protocol import WorkerArgs
 from tlray.train.session import LocalSession
@@ -49,10 +50,10 @@ def _threads_restored():
     torch.set_num_threads(threads)
 
 
-def args_for(info, *overrides, fault=None, goal=None) -> WorkerArgs:
+def args_for(info, *overrides, fault=None, goal=None, deadline=None) -> WorkerArgs:
     cfg = config.load(None, [*TINY, f"--data.dataset={info.uri}", *overrides])
     return WorkerArgs(config=cfg, dataset=info, cache=None, run_id=None, tracking_uri=None,
-                      restart_key="local", fault=fault, goal=goal)
+                      restart_key="local", fault=fault, goal=goal, deadline=deadline)
 
 
 def run(args: WorkerArgs, storage: Path, **session_kwargs) -> LocalSession:
@@ -154,6 +155,24 @@ def test_a_goal_stops_a_sweep_trial_and_a_plain_run_ignores_it(digits, tmp_path)
     assert trial.state.goal_reached and trial.report.epochs_run == 1
     plain = final(run(args_for(digits, *reached), tmp_path / "plain"))
     assert not plain.state.goal_reached and plain.report.epochs_run == 3
+
+
+def test_a_budgeted_trial_stops_before_an_epoch_that_would_end_too_late_and_is_tested(
+        digits, tmp_path):
+    # A deadline 1,000 s away. The plan says an epoch of the whole network takes 10,000 s:
+    # a schedule's head-only epoch 1 is followed by no epoch 2, and its best is tested.
+    planned = {"all": 1.0, "0": 10_000.0}
+    schedule = args_for(digits, "--model.freeze=all:1,0",
+                        deadline=Deadline(time.time() + 1000, planned))
+    stopped = final(run(schedule, tmp_path / "schedule"))
+    assert stopped.report.stopped_early and stopped.report.epochs_run == 1
+    assert stopped.test["rows"] == digits.splits["test"].rows
+    # What a trial measured itself wins over the plan: the same deadline lets a run that
+    # trains the whole network from epoch 1 on train all 3 (each took about a second).
+    timed = final(run(args_for(digits, "--model.freeze=0",
+                               deadline=Deadline(time.time() + 1000, planned)),
+                      tmp_path / "timed"))
+    assert not timed.report.stopped_early and timed.report.epochs_run == 3
 
 
 def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_there(digits, tmp_path):

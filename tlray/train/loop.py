@@ -37,6 +37,7 @@ from tlray.train.position import (LAST_STEP_TAG, PREEMPTION, Position, note_pree
 from tlray.train.progress import EpochTicker, progress_bar, progress_line
 from tlray.train.protocol import EpochMetrics, Report, TestMetrics, WorkerArgs
 from tlray.train.session import WorkerSession, ray_session
+from tlray.train.deadline import out_of_time
 from tlray.train.steps import (RunningTotals, autocast, evaluate, on_gpu, reduce_totals,
                                train_step)
 from tlray.train.threads import borrowed_threads
@@ -59,6 +60,12 @@ def run_worker(args: WorkerArgs, session: WorkerSession) -> None:
         report_epoch(run, row)  # checkpoint (rank 0 writes), MLflow, the epoch's line
         if run.state.stopped_early:
             run.say(why_it_stopped(run, row))
+            break
+        if epoch < run.cfg.train.epochs and out_of_time(
+                run.args.deadline, run.cfg.model.freeze, run.state.history,
+                run.session.world, run.device):  # a budgeted sweep's trial: no time left
+            run.state.stopped_early = True
+            run.say(run.args.deadline.describe(time.time()))
             break
     finish(run)  # the best weights on the test split, in the final report
 

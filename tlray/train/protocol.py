@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from tlray.config import Config
 from tlray.data.dataset import DatasetInfo
+from tlray.train.deadline import Deadline
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class WorkerArgs:
     in_trial_process: bool = False  # the loop runs inside a Tune trial and reports to Tune
     restart_key: str = ""  # names the run across worker restarts (for test-only faults)
     goal: float | None = None  # a sweep trial stops once train.monitor reaches it (tune.goal)
+    deadline: Deadline | None = None  # a budgeted sweep's trial ends its training in time
     fault: str | None = None  # test-only: see tlray.train.faults
 
 

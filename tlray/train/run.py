@@ -22,6 +22,7 @@ from tlray.track.params import log_config, standard_tags
 from tlray.track.runs import start_run
 from tlray.track.store import ui_command
 from tlray.train import checkpoint
+from tlray.train.deadline import Deadline
 from tlray.train.finish import log_final
 from tlray.train.launch import fit
 from tlray.train.plan import Plan
@@ -47,7 +48,7 @@ class TrainResult:
 def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | None = None,
           callbacks: list | None = None, run_name: str | None = None,
           in_trial_process: bool = False, images: dict | None = None,
-          goal: float | None = None) -> TrainResult:
+          goal: float | None = None, deadline: Deadline | None = None) -> TrainResult:
     """Runs one planned configuration to completion and logs it to MLflow.
 
     Args:
@@ -60,6 +61,8 @@ def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | No
         images: the dataset's splits from `launch.read_splits`, when the caller (a sweep)
             read them once for all its runs; read here otherwise.
         goal: stop training once `train.monitor` reaches it (a sweep's `tune.goal`).
+        deadline: a budgeted sweep's trial stops training when its next epoch would end
+            after it (`tlray.train.deadline`).
     """
     cfg, info, minfo = plan.config, plan.dataset, plan.model
     if plan.cache is not None:
@@ -91,7 +94,7 @@ def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | No
                           # Names a run across restarts: Train keeps the MLflow run when it
                           # restarts a worker; Tune retries a trial in a new one.
                           restart_key=name if in_trial_process else run_id, fault=plan.fault,
-                          goal=goal)
+                          goal=goal, deadline=deadline)
         found = fit(plan, args, name=f"{name}-{run_id[:8]}", callbacks=callbacks,
                     images=images)
         with found.as_directory() as d:

@@ -15,6 +15,7 @@ import time
 
 from tlray import config as config_mod
 from tlray.config.interval import parse_budget
+from tlray.train.deadline import Deadline
 from tlray.train.plan import Plan
 from tlray.tune.budget import (TRIALS_PER_CHOICE, SweepPlan, plan_lines, plan_sweep,
                                planned_vs_actual)
@@ -99,6 +100,20 @@ def trials_in_time_left(budget_guard: BudgetGuard, cfg, choices: list[str],
         print(f"sweep: ahead of plan: {n} more trial{'s' * (n != 1)} fit in the time left",
               flush=True)
     return candidates[:n]
+
+
+def trial_deadline(budget_plan: SweepPlan | None, started_at: float,
+                   fixed: frozenset[str]) -> Deadline | None:
+    """When a budgeted sweep's trials must have ended their training: the budget less a
+    trial's test and logging and the sweep's own end, as calibrated. None without a budget,
+    or when the user fixed `train.epochs` (their epochs win, as they win over the plan)."""
+    if budget_plan is None or "train.epochs" in fixed:
+        return None
+    costs = budget_plan.costs
+    from_cache = {d: costs.cached_epoch_s[d] for d in budget_plan.cached
+                  if d in costs.cached_epoch_s}
+    return Deadline(started_at + budget_plan.budget_s - costs.finish_s - costs.wrapup_s,
+                    {**costs.epoch_s, **from_cache})
 
 
 def last_line(budget_plan: SweepPlan, started_at: float, trials: int) -> str:

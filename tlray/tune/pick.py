@@ -99,6 +99,7 @@ def _trial_row(result, children: dict, metric: str, goal: Goal) -> dict:
         status = GOAL_STOPPED if trial_id in goal.stopped else STOPPED
     return {"trial_id": trial_id, **(result.config or {}), "status": status,
             "epochs": m.get("epochs_run", m.get("epoch")),
+            "stopped_early": bool(m.get("stopped_early")),  # patience, goal or deadline
             metric: m.get(f"best_{metric}", m.get(metric)),
             "test_acc": m.get("test_acc"), "test_auc": m.get("test_auc"),
             "seconds": m.get("time_total_s"),  # the whole trial, start-up included
@@ -167,7 +168,9 @@ def trial_description(trial: dict, metric: str, picked: bool) -> str:
     best = trial.get(metric)
     reached = f"best {metric} {format_number(best)}" if best is not None else "no epoch finished"
     epochs = trial.get("epochs")
-    ended = {COMPLETED: f"trained all {epochs} epochs, {reached}, test accuracy "
+    trained = (f"stopped itself after epoch {epochs}" if trial.get("stopped_early")
+               else f"trained all {epochs} epochs")
+    ended = {COMPLETED: f"{trained}, {reached}, test accuracy "
                         f"{format_number(trial.get('test_acc'))}",
              STOPPED: f"stopped by ASHA after epoch {epochs} ({reached})",
              GOAL_STOPPED: f"stopped after epoch {epochs}: another trial reached the goal "

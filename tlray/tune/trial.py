@@ -9,16 +9,19 @@ import json
 from tlray import config as config_mod
 from tlray.config import Config
 from tlray.train.cluster import DATA_CPU_RESERVE, worker_resources
+from tlray.train.deadline import Deadline
 from tlray.train.plan import Plan, preflight
 from tlray.train.run import train
 
 
 def run_trial(params: dict, *, plan: Plan, parent_run_id: str,
-              images: dict | None = None, command: str | None = None) -> None:
+              images: dict | None = None, command: str | None = None,
+              deadline: Deadline | None = None) -> None:
     """One trial, inside Tune: the sweep's plan with this trial's values, planned again (its
     freeze depth decides its feature cache) and trained by Ray Train (in this very process
     when `trains_in_trial_process`), on the sweep's `images`. Its MLflow run's source is
-    the sweep's `command` (this process is Ray's worker, not what the user ran)."""
+    the sweep's `command` (this process is Ray's worker, not what the user ran); a budgeted
+    sweep's trial stops training by its `deadline`."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -35,7 +38,7 @@ def run_trial(params: dict, *, plan: Plan, parent_run_id: str,
                       **({"mlflow.source.name": command, "mlflow.source.type": "LOCAL"}
                          if command else {})},
           run_name=f"trial-{trial_id}", images=images,
-          goal=cfg.tune.goal)
+          goal=cfg.tune.goal, deadline=deadline)
 
 
 def trains_in_trial_process(cfg: Config) -> bool:
