@@ -8,8 +8,9 @@ trial, run inside the Tune trial's own process and reporting to Tune). It gets i
 (`tlray.train.worker_setup`), and trains epoch by epoch on its own shard of the data, phase
 by phase when `model.freeze` is a schedule (`tlray.train.phases`). After every epoch the
 metrics are reduced across workers and reported with a checkpoint. When training ends (or
-stops early) the best weights are tested on the test split and the final report carries
-them; the driver logs it to MLflow.
+stops early: patience, a sweep's goal, or a budgeted sweep's deadline, `tlray.train.deadline`)
+the best weights are tested on the test split and the final report carries them; the driver
+logs it to MLflow.
 
 Every random draw of an epoch (data order, augmentation, dropout) follows from
 (train.seed, epoch, step, rank), so a run resumed from a checkpoint trains exactly as if it
@@ -31,13 +32,13 @@ import torch.nn as nn
 
 from tlray.model.freeze import resolve_freeze, set_frozen_depth
 from tlray.train import checkpoint, faults
+from tlray.train.deadline import out_of_time
 from tlray.train.feeds import seed_epoch
 from tlray.train.position import (LAST_STEP_TAG, PREEMPTION, Position, note_preemption,
                                   position_in)
 from tlray.train.progress import EpochTicker, progress_bar, progress_line
 from tlray.train.protocol import EpochMetrics, Report, TestMetrics, WorkerArgs
 from tlray.train.session import WorkerSession, ray_session
-from tlray.train.deadline import out_of_time
 from tlray.train.steps import (RunningTotals, autocast, evaluate, on_gpu, reduce_totals,
                                train_step)
 from tlray.train.threads import borrowed_threads

@@ -3,7 +3,8 @@
 Before a trial starts, the guard asks whether it can still train every epoch, be tested and
 logged before the budget ends, from the costs measured so far (the epochs trials have
 reported, depth by depth, over the calibration's); if not, it does not start, and once no
-trial runs the sweep ends (its results so far are picked from as usual). The scheduler asks it (`sweep.epoch_asha`), as it
+trial runs the sweep ends (its results so far are picked from as usual). A trial that did
+start ends its own training in time (`tlray.train.deadline`). The scheduler asks it (`sweep.epoch_asha`), as it
 asks the goal. What the sweep does when it is ahead of its plan (more trials) is
 `tlray.tune.budgeted.run_to_budget`'s.
 """
@@ -92,7 +93,9 @@ class BudgetGuard(tune.Callback, tune.Stopper):
             self.finishes.append(self.clock() - last)
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        return False  # a started trial runs to its end: its time was counted
+        # Never cut off here (it would be neither tested nor logged): a started trial
+        # stops itself before an epoch that would end too late (tlray.train.deadline).
+        return False
 
     def stop_all(self) -> bool:
         """Ends the sweep once a trial was refused and none runs."""
