@@ -5,12 +5,13 @@ One run, `scaling.num_workers=1-2`, one worker per node (STRICT_SPREAD). It star
 alone with one worker. Once MLflow holds its epoch 1 (an observed event) a second node joins,
 and the run grows to two workers (restarted from its latest checkpoint). Its one worker waits
 after epoch 1 until then (a `hold` test fault, see tlray.train.faults): a node can take half a
-minute to come up, and a run that did not wait would train on to its end meanwhile. Once MLflow holds an
-epoch trained by both, the second node is drained as the autoscaler drains a reclaimed spot
-instance: reason preemption, with a deadline. The test waits for the run's record of the
-notice in MLflow (the just-in-time checkpoint is written with it), and at the deadline kills
-the drained node. The run must resume from a checkpoint written after the notice, not from
-the epoch's start, go on with one worker and finish, every epoch logged once.
+minute to come up, and a run that did not wait would train on to its end meanwhile. Once
+MLflow holds an epoch trained by both, the second node is drained as the autoscaler drains a
+reclaimed spot instance: reason preemption, with a deadline. The test waits for the run's
+record of the notice in MLflow (the just-in-time checkpoint is written with it), and at the
+deadline kills the drained node. The run must resume from a checkpoint written after the
+notice, not from the epoch's start, go on with one worker and finish, every epoch logged
+once.
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@
 Before a trial starts, the guard asks whether it can still train every epoch, be tested and
 logged before the budget ends, from the costs measured so far (the epochs trials have
 reported, depth by depth, over the calibration's); if not, it does not start, and once no
-trial runs the sweep ends (its results so far are picked from as usual). A trial that did
-start ends its own training in time (`tlray.train.deadline`). The scheduler asks it (`sweep.epoch_asha`), as it
-asks the goal. What the sweep does when it is ahead of its plan (more trials) is
-`tlray.tune.budgeted.run_to_budget`'s.
+trial runs the sweep ends (its results so far are picked from as usual). The scheduler asks
+the guard (`sweep.epoch_asha`), as it asks the goal. A trial that did start ends its own
+training in time (`tlray.train.deadline`). What the sweep does when it is ahead of its plan
+(more trials) is `tlray.tune.budgeted.trials_in_time_left`'s.
 """
 
 from __future__ import annotations
