@@ -98,15 +98,19 @@ def test_a_budgeted_sweep_says_its_plan_and_runs_it(ray_cluster, mnist, capsys):
     assert params["tune.num_samples"] == str(planned) and params["train.epochs"] == str(epochs)
 
 
-@pytest.mark.ray
 def test_an_explicit_trial_count_wins_over_the_plan(ray_cluster, mnist, capsys):
+    """Decided and said before any trial: the sweep then runs the plan's count and epochs
+    (test_a_budgeted_sweep_says_its_plan_and_runs_it)."""
     cfg = config.load(None, SMALL + [f"--data.dataset={mnist.uri}", "--tune.budget=90s",
                                      "--tune.num_samples=1", "--train.epochs=1"])
-    result = sweep.sweep(cfg, fixed=frozenset({"tune.num_samples", "train.epochs"}))
+    fixed = frozenset({"tune.num_samples", "train.epochs"})
+    planned, _, budget_plan = plan_to_budget(preflight(cfg, plan_cache=False), ["0", "all"],
+                                             fixed, time.time())
     out = capsys.readouterr().out
     assert "tune.num_samples=1 (yours) wins over the plan's" in out
     assert "train.epochs=1 (yours) wins over the plan's" in out
-    assert len(result.trials) == 1 and result.trials[0]["epochs"] == 1
+    assert (budget_plan.trials, budget_plan.epochs) == (1, 1)
+    assert (planned.config.tune.num_samples, planned.config.train.epochs) == (1, 1)
 
 
 def test_a_trials_start_and_end_are_measured_and_replace_the_estimates():
