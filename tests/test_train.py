@@ -172,3 +172,26 @@ def test_two_trials_progress_lines_reach_the_console_apart(capsys, monkeypatch):
         for batch in dedup.deduplicate({"ip": "x", "pid": pid % 2, "lines": [line]}):
             shown += batch["lines"]
     assert shown == [*lines, "Some warning 1"]  # Ray's own duplicates are still folded
+
+
+def test_ray_noise_stays_out_of_the_console_and_other_errors_reach_it(monkeypatch):
+    from ray._private import ray_logging
+    from ray._private.ray_logging import LogDeduplicator
+
+    from tlray.train.cluster import hide_known_ray_noise
+
+    monkeypatch.setattr(ray_logging, "RAY_DEDUP_LOGS", True)  # tests turn it off
+    monkeypatch.delenv("RAY_DEDUP_LOGS_SKIP_REGEX", raising=False)
+    monkeypatch.setattr(ray_logging.stderr_deduplicator, "skip_re", None)
+    hide_known_ray_noise()  # what connecting to Ray does in the driver
+    dedup = LogDeduplicator(5, None, ray_logging.stderr_deduplicator.skip_re.pattern,
+                            _timesource=lambda: 0)
+    noise = ("[2026-12-07 07:11:02,171 E 6542 6572] core_worker.cc:2465: Actor with class "
+             "name: 'PreemptionWatcher' and ID: '8929e749ec11770964dfd2ce01000000' has "
+             "constructor arguments in the object store and max_restarts > 0. If the "
+             "arguments in the object store go out of scope or are lost, the actor restart "
+             "will fail. See https://github.com/ray-project/ray/issues/53727 for more details.")
+    other = ("[2026-12-07 07:11:02,171 E 6542 6572] core_worker.cc:2465: Actor with class "
+             "name: 'Mine' and ID: '00' has constructor arguments in the object store")
+    (batch,) = dedup.deduplicate({"ip": "x", "pid": 1, "lines": [noise, other, "Traceback"]})
+    assert batch["lines"] == [other, "Traceback"]

@@ -34,6 +34,7 @@ def init_ray(num_cpus: int | None = None, **kwargs) -> None:
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", ray_data_logging_config())
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_INTERVAL_S)
     keep_progress_lines_apart()
+    hide_known_ray_noise()
     quiet_mlflow()
     if not ray.is_initialized():
         env = {k: os.environ[k] for k in FORWARDED_ENV + ("RAY_DATA_LOGGING_CONFIG",)
@@ -80,6 +81,24 @@ def keep_progress_lines_apart() -> None:
 
     for deduplicator in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
         deduplicator.allow_re = re.compile(PROGRESS_LINES)
+
+
+# What Ray's worker processes print at every run that asks nothing of a tlray user (it stays
+# in Ray's log files): Ray Train's controller, on the preemption watcher it starts itself,
+# "Actor with class name: 'PreemptionWatcher' ... has constructor arguments in the object
+# store and max_restarts > 0" (ray-project/ray#53727), an error line mid-run of a good run.
+RAY_NOISE = r"Actor with class name: 'PreemptionWatcher' .*has constructor arguments"
+
+
+def hide_known_ray_noise() -> None:
+    """Lines matching `RAY_NOISE` from Ray's workers stay out of the driver's console (a
+    user's RAY_DEDUP_LOGS_SKIP_REGEX wins)."""
+    if "RAY_DEDUP_LOGS_SKIP_REGEX" in os.environ:
+        return
+    from ray._private import ray_logging
+
+    for deduplicator in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
+        deduplicator.skip_re = re.compile(RAY_NOISE)
 
 
 def start_data_stats_actor() -> None:
