@@ -150,7 +150,7 @@ def test_two_trials_progress_lines_reach_the_console_apart(capsys, monkeypatch):
     from ray._private import ray_logging
     from ray._private.ray_logging import LogDeduplicator
 
-    from tlray.train.cluster import keep_progress_lines_apart
+    from tlray.train.cluster import tidy_worker_lines
     from tlray.train.progress import progress_line, say_line
 
     row = EpochMetrics(epoch=2, train_loss=0.5, train_acc=0.9, val_loss=0.4, val_acc=0.91,
@@ -163,8 +163,11 @@ def test_two_trials_progress_lines_reach_the_console_apart(capsys, monkeypatch):
 
     monkeypatch.setattr(ray_logging, "RAY_DEDUP_LOGS", True)  # tests turn it off
     monkeypatch.delenv("RAY_DEDUP_LOGS_ALLOW_REGEX", raising=False)
-    monkeypatch.setattr(ray_logging.stdout_deduplicator, "allow_re", None)
-    keep_progress_lines_apart()  # what connecting to Ray does in the driver
+    monkeypatch.delenv("RAY_DEDUP_LOGS_SKIP_REGEX", raising=False)
+    for deduplicator in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
+        monkeypatch.setattr(deduplicator, "allow_re", None)
+        monkeypatch.setattr(deduplicator, "skip_re", None)
+    tidy_worker_lines()  # what connecting to Ray does in the driver
     dedup = LogDeduplicator(5, ray_logging.stdout_deduplicator.allow_re.pattern, None,
                             _timesource=lambda: 0)
     shown = []
@@ -178,12 +181,14 @@ def test_ray_noise_stays_out_of_the_console_and_other_errors_reach_it(monkeypatc
     from ray._private import ray_logging
     from ray._private.ray_logging import LogDeduplicator
 
-    from tlray.train.cluster import hide_known_ray_noise
+    from tlray.train.cluster import tidy_worker_lines
 
     monkeypatch.setattr(ray_logging, "RAY_DEDUP_LOGS", True)  # tests turn it off
     monkeypatch.delenv("RAY_DEDUP_LOGS_SKIP_REGEX", raising=False)
-    monkeypatch.setattr(ray_logging.stderr_deduplicator, "skip_re", None)
-    hide_known_ray_noise()  # what connecting to Ray does in the driver
+    for deduplicator in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
+        monkeypatch.setattr(deduplicator, "allow_re", None)
+        monkeypatch.setattr(deduplicator, "skip_re", None)
+    tidy_worker_lines()  # what connecting to Ray does in the driver
     dedup = LogDeduplicator(5, None, ray_logging.stderr_deduplicator.skip_re.pattern,
                             _timesource=lambda: 0)
     noise = ("[2026-12-07 07:11:02,171 E 6542 6572] core_worker.cc:2465: Actor with class "

@@ -33,8 +33,7 @@ def init_ray(num_cpus: int | None = None, **kwargs) -> None:
 
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", ray_data_logging_config())
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_INTERVAL_S)
-    keep_progress_lines_apart()
-    hide_known_ray_noise()
+    tidy_worker_lines()
     quiet_mlflow()
     if not ray.is_initialized():
         env = {k: os.environ[k] for k in FORWARDED_ENV + ("RAY_DATA_LOGGING_CONFIG",)
@@ -71,18 +70,6 @@ def quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def keep_progress_lines_apart() -> None:
-    """Ray's driver folds lines from different processes that differ only in their numbers
-    into one ("[repeated 2x across cluster]"); two sweep trials' epoch lines are just that.
-    Lines matching `PROGRESS_LINES` pass unfolded (a user's RAY_DEDUP_LOGS_ALLOW_REGEX wins)."""
-    if "RAY_DEDUP_LOGS_ALLOW_REGEX" in os.environ:
-        return
-    from ray._private import ray_logging
-
-    for deduplicator in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
-        deduplicator.allow_re = re.compile(PROGRESS_LINES)
-
-
 # What Ray's worker processes print at every run that asks nothing of a tlray user (it stays
 # in Ray's log files): Ray Train's controller, on the preemption watcher it starts itself,
 # "Actor with class name: 'PreemptionWatcher' ... has constructor arguments in the object
@@ -90,15 +77,22 @@ def keep_progress_lines_apart() -> None:
 RAY_NOISE = r"Actor with class name: 'PreemptionWatcher' .*has constructor arguments"
 
 
-def hide_known_ray_noise() -> None:
-    """Lines matching `RAY_NOISE` from Ray's workers stay out of the driver's console (a
-    user's RAY_DEDUP_LOGS_SKIP_REGEX wins)."""
-    if "RAY_DEDUP_LOGS_SKIP_REGEX" in os.environ:
-        return
+def tidy_worker_lines() -> None:
+    """The workers' lines as Ray's driver prints them: lines matching `PROGRESS_LINES` pass
+    unfolded, lines matching `RAY_NOISE` not at all (a user's RAY_DEDUP_LOGS_ALLOW_REGEX or
+    RAY_DEDUP_LOGS_SKIP_REGEX wins).
+
+    Ray folds lines from different processes that differ only in their numbers into one
+    ("[repeated 2x across cluster]"); two sweep trials' epoch lines are just that."""
     from ray._private import ray_logging
 
-    for deduplicator in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
-        deduplicator.skip_re = re.compile(RAY_NOISE)
+    for attribute, variable, pattern in (
+            ("allow_re", "RAY_DEDUP_LOGS_ALLOW_REGEX", PROGRESS_LINES),
+            ("skip_re", "RAY_DEDUP_LOGS_SKIP_REGEX", RAY_NOISE)):
+        if variable not in os.environ:
+            for deduplicator in (ray_logging.stdout_deduplicator,
+                                 ray_logging.stderr_deduplicator):
+                setattr(deduplicator, attribute, re.compile(pattern))
 
 
 def start_data_stats_actor() -> None:
