@@ -144,13 +144,28 @@ def test_a_checkpoint_of_an_older_tlray_is_refused_with_a_reason(tmp_path):
         checkpoint.load_training(tmp_path, torch.nn.Linear(2, 2), None, None)
 
 
+def tidy_as_the_driver(monkeypatch) -> None:
+    """Ray's console rules for workers' lines as connecting to Ray sets them in the driver,
+    from Ray's defaults and no user regex; restored after the test."""
+    from ray._private import ray_logging
+
+    from tlray.train.cluster import tidy_worker_lines
+
+    monkeypatch.setattr(ray_logging, "RAY_DEDUP_LOGS", True)  # tests turn it off
+    for variable in ("RAY_DEDUP_LOGS_ALLOW_REGEX", "RAY_DEDUP_LOGS_SKIP_REGEX"):
+        monkeypatch.delenv(variable, raising=False)
+    for deduplicator in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
+        monkeypatch.setattr(deduplicator, "allow_re", None)
+        monkeypatch.setattr(deduplicator, "skip_re", None)
+    tidy_worker_lines()
+
+
 def test_two_trials_progress_lines_reach_the_console_apart(capsys, monkeypatch):
     """Ray folds lines from different processes that differ only in numbers into one; a
     sweep's progress lines are kept apart (and labelled with their trial)."""
     from ray._private import ray_logging
     from ray._private.ray_logging import LogDeduplicator
 
-    from tlray.train.cluster import tidy_worker_lines
     from tlray.train.progress import progress_line, say_line
 
     row = EpochMetrics(epoch=2, train_loss=0.5, train_acc=0.9, val_loss=0.4, val_acc=0.91,
@@ -161,13 +176,7 @@ def test_two_trials_progress_lines_reach_the_console_apart(capsys, monkeypatch):
         lines.append(capsys.readouterr().out.rstrip("\n"))
     assert [line.split(":")[0] for line in lines] == ["trial-ab_00001", "trial-ab_00002"]
 
-    monkeypatch.setattr(ray_logging, "RAY_DEDUP_LOGS", True)  # tests turn it off
-    monkeypatch.delenv("RAY_DEDUP_LOGS_ALLOW_REGEX", raising=False)
-    monkeypatch.delenv("RAY_DEDUP_LOGS_SKIP_REGEX", raising=False)
-    for deduplicator in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
-        monkeypatch.setattr(deduplicator, "allow_re", None)
-        monkeypatch.setattr(deduplicator, "skip_re", None)
-    tidy_worker_lines()  # what connecting to Ray does in the driver
+    tidy_as_the_driver(monkeypatch)
     dedup = LogDeduplicator(5, ray_logging.stdout_deduplicator.allow_re.pattern, None,
                             _timesource=lambda: 0)
     shown = []
@@ -181,14 +190,7 @@ def test_ray_noise_stays_out_of_the_console_and_other_errors_reach_it(monkeypatc
     from ray._private import ray_logging
     from ray._private.ray_logging import LogDeduplicator
 
-    from tlray.train.cluster import tidy_worker_lines
-
-    monkeypatch.setattr(ray_logging, "RAY_DEDUP_LOGS", True)  # tests turn it off
-    monkeypatch.delenv("RAY_DEDUP_LOGS_SKIP_REGEX", raising=False)
-    for deduplicator in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
-        monkeypatch.setattr(deduplicator, "allow_re", None)
-        monkeypatch.setattr(deduplicator, "skip_re", None)
-    tidy_worker_lines()  # what connecting to Ray does in the driver
+    tidy_as_the_driver(monkeypatch)
     dedup = LogDeduplicator(5, None, ray_logging.stderr_deduplicator.skip_re.pattern,
                             _timesource=lambda: 0)
     noise = ("[2026-12-07 07:11:02,171 E 6542 6572] core_worker.cc:2465: Actor with class "
