@@ -21,19 +21,15 @@ SMALL = ["--backbone", "test_efficientnet", "--weights", "none", "--image-size",
          "--scaling.max_failures", "0", "--tracking.log_model", "false"]
 
 
-def tlray(args, ray_cluster, home, **env):
-    return subprocess.run([sys.executable, "-m", "tlray.cli", *args],
-                          env=driver_env(ray_cluster, home, **env),
-                          capture_output=True, text=True, timeout=600)
+def test_an_internal_error_keeps_its_cause_and_its_whole_traceback(ray_cluster, tlray_home,
+                                                                   monkeypatch, capsys):
+    from tlray.cli.main import main
 
-
-def test_an_internal_error_keeps_its_cause_and_its_whole_traceback(ray_cluster, tlray_home):
     info = prepare("builtin:mnist", progress=False)
-    failed = tlray(["train", "--data", info.uri, *SMALL, "--epochs", "1"], ray_cluster,
-                   tlray_home,
-                   TLRAY_TEST_FAULT="raise:rank=0:step=2")
-    assert failed.returncode == 1, failed.stderr[-3000:]
-    report = failed.stderr[failed.stderr.index("tlray: internal error"):]
+    monkeypatch.setenv("TLRAY_TEST_FAULT", "raise:rank=0:step=2")
+    assert main(["train", "--data", info.uri, *SMALL, "--epochs", "1"]) == 1
+    stderr = capsys.readouterr().err
+    report = stderr[stderr.index("tlray: internal error"):]
     assert "KeyError: 'test fault at step 2'" in report.splitlines()[0]
     # The innermost frame, where it was raised, by file and line.
     assert re.search(r"tlray/train/faults\.py:\d+ in maybe_fail", report), report

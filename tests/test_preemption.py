@@ -35,8 +35,9 @@ pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
 DEADLINE_S = 8  # the drain's notice: from the drain to the kill
 # The drain comes after epoch 2, the first trained by two workers (4-8 s each at 32 px on 2
-# cores): 8 more epochs cannot end within the deadline, so the run trains on after the kill.
-EPOCHS = 10
+# cores): at most 2 more end within the deadline, so the run trains on with one worker after
+# the kill.
+EPOCHS = 6
 ROWS = 4000  # the built-in digits' train split
 
 
