@@ -15,7 +15,7 @@ from tlray.errors import TlrayError
 from tlray.train.plan import preflight
 from tlray.tune import sweep
 from tlray.tune.budget import plan_sweep
-from tlray.tune.budget_guard import BudgetGuard
+from tlray.tune.budget_guard import BudgetGuard, GuardedVariants
 from tlray.tune.budgeted import plan_to_budget, trials_in_time_left
 from tlray.tune.makespan import Costs
 
@@ -43,6 +43,29 @@ def test_a_trial_that_could_not_end_in_time_does_not_start_and_the_sweep_ends(ca
     assert not guard.stop_all()  # the running one ends first
     guard._trials = [types.SimpleNamespace(status="TERMINATED")]
     assert guard.stop_all()
+
+
+def test_a_refused_trial_is_never_handed_to_tune_and_gives_its_slot_back(capsys):
+    # Tune starts every trial its search algorithm creates as soon as a slot is free (its
+    # scheduler only orders them): a trial without time must not be created at all.
+    from ray import tune
+    from ray.tune.experiment import Experiment
+
+    guard = guard_at(elapsed_s=90.0)  # 30 s left: freeze all (3+12+5+5 s) fits, 0 does not
+    search = GuardedVariants(guard, max_concurrent=1, points_to_evaluate=[
+        {"model.freeze": "all"}, {"model.freeze": "0"}, {"model.freeze": "all"}])
+    search.add_configurations([Experiment("budgeted", lambda config: None, num_samples=3,
+                                          config={"model.freeze": tune.choice(["0", "all"])})])
+    first = search.next_trial()
+    assert first.config["model.freeze"] == "all" and search.next_trial() is None  # one at once
+    search.on_trial_complete(first.trial_id)
+    assert search.next_trial() is None  # freeze 0: refused, so never a Tune trial
+    assert "does not start" in capsys.readouterr().out
+    third = search.next_trial()  # its slot was given back at once
+    assert third.config["model.freeze"] == "all"
+    (refused,) = guard.not_started()
+    assert refused.config == {"model.freeze": "0"} and not refused.metrics
+    assert guard.refused == {refused.trial_id} != {first.trial_id, third.trial_id}
 
 
 def test_measured_epochs_replace_the_calibrations(capsys):

@@ -3,18 +3,22 @@
 Before a trial starts, the guard asks whether it can still train every epoch, be tested and
 logged before the budget ends, from the costs measured so far (the epochs trials have
 reported, depth by depth, over the calibration's); if not, it does not start, and once no
-trial runs the sweep ends (its results so far are picked from as usual). The scheduler asks
-the guard (`sweep.epoch_asha`), as it asks the goal. A trial that did start ends its own
-training in time (`tlray.train.deadline`). What the sweep does when it is ahead of its plan
+trial runs the sweep ends (its results so far are picked from as usual). The search algorithm
+asks the guard before it creates a trial (`guarded_search`): Tune starts every trial it is
+handed as soon as a slot is free, whatever its scheduler prefers. A trial that did start ends
+its own training in time (`tlray.train.deadline`). What the sweep does when it is ahead of its plan
 (more trials) is `tlray.tune.budgeted.trials_in_time_left`'s.
 """
 
 from __future__ import annotations
 
 import time
+import types
 from dataclasses import replace
 
 from ray import tune
+from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search.search_generator import SearchGenerator
 
 from tlray.config.interval import format_span
 from tlray.config.schedule import depth_at
@@ -37,6 +41,7 @@ class BudgetGuard(tune.Callback, tune.Stopper):
         self.starts: list[float] = []  # a trial's start: until its first epoch began
         self.finishes: list[float] = []  # a completed trial's end: after its last epoch
         self.refused: set[str] = set()  # trials that did not start: no time left for them
+        self.refused_configs: dict[str, dict] = {}  # their settings, for the sweep's table
         self.started: set[str] = set()
         self._began: dict[str, float] = {}  # trial -> when Tune started it
         self._reported: dict[str, float] = {}  # trial -> when its last epoch was reported
@@ -66,6 +71,7 @@ class BudgetGuard(tune.Callback, tune.Stopper):
             return trial_id in self.started  # asked again: the same answer
         if self.started and not can_start(self.plan, self.costs(), self.elapsed(), kind):
             self.refused.add(trial_id)
+            self.refused_configs[trial_id] = dict(trial.config)
             print(f"sweep: trial {trial_id} (freeze {kind}) does not start: it could not "
                   f"end within the {format_span(self.plan.budget_s)} budget", flush=True)
             return False
@@ -100,3 +106,41 @@ class BudgetGuard(tune.Callback, tune.Stopper):
     def stop_all(self) -> bool:
         """Ends the sweep once a trial was refused and none runs."""
         return bool(self.refused) and not any(t.status == "RUNNING" for t in self._trials)
+
+    def not_started(self) -> list:
+        """The refused trials as results with no metrics, in the order they were refused:
+        the sweep's table lists them as not started for want of time."""
+        return [types.SimpleNamespace(trial_id=trial_id, config=config, metrics={},
+                                      error=None, checkpoint=None)
+                for trial_id, config in self.refused_configs.items()]
+
+
+class _AsksTheGuard:
+    """A search algorithm that creates a trial only when the budget guard (if any) lets it
+    start. A refused trial is never handed to Tune, and its place among the trials running
+    at once is given back at once, as for a trial that ended."""
+
+    guard: BudgetGuard | None = None
+
+    def next_trial(self):
+        trial = super().next_trial()
+        if trial is None or self.guard is None or self.guard.may_start(trial):
+            return trial
+        self.on_trial_complete(trial.trial_id, result=None, error=True)
+        return None
+
+
+class GuardedVariants(_AsksTheGuard, BasicVariantGenerator):
+    """Tune's `BasicVariantGenerator` (stratified and random search), guarded."""
+
+    def __init__(self, guard: BudgetGuard | None, **kwargs):
+        super().__init__(**kwargs)
+        self.guard = guard
+
+
+class GuardedSearch(_AsksTheGuard, SearchGenerator):
+    """Tune's `SearchGenerator` over a `Searcher` (Optuna's), guarded."""
+
+    def __init__(self, guard: BudgetGuard | None, searcher):
+        super().__init__(searcher)
+        self.guard = guard

@@ -35,7 +35,7 @@ from tlray.train.launch import read_splits
 from tlray.train.lr_find import log_curves, lr_find, range_from
 from tlray.train.plan import Plan, preflight
 from tlray.train.protocol import is_final, is_partial
-from tlray.tune.budget_guard import BudgetGuard
+from tlray.tune.budget_guard import BudgetGuard, GuardedSearch, GuardedVariants
 from tlray.tune.budgeted import (last_line, plan_to_budget, trial_deadline,
                                  trials_in_time_left)
 from tlray.tune.clock import SweepClock, clock_callback
@@ -117,6 +117,7 @@ def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
         if extra:
             state.parts.append(f"{state.name}-more{len(state.parts)}")
             results += part.run(state.parts[-1], extra)
+        results += guard.not_started() if guard else []
         outcome = pick_and_register(cfg, info, results, state.parent_run_id, registered_name,
                                     goal)
         ranked, study, note = importance(outcome["trials"], distributions(cfg, choices),
@@ -215,7 +216,7 @@ def _new_tuner(plan: Plan, trainable, space: dict, choices: list[str], name: str
         points = spread_trials(cfg, choices)
     kinds = [str(p["model.freeze"]) for p in points] if points else None
     scheduler = epoch_asha(cfg.train.epochs, cfg.tune.grace_period, cfg.tune.reduction_factor,
-                           goal, guard)
+                           goal)
     return tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(
@@ -223,7 +224,7 @@ def _new_tuner(plan: Plan, trainable, space: dict, choices: list[str], name: str
             # The next trial starts in the process the last one ended in (torch, timm,
             # tlray imported).
             reuse_actors=True,
-            search_alg=_search_alg(cfg, metric, mode, at_once, points)),
+            search_alg=_search_alg(cfg, metric, mode, at_once, points, guard)),
         run_config=tune.RunConfig(
             name=name, storage_path=plan.storage,
             callbacks=[clock_callback(SweepClock(trials, cfg.train.epochs, at_once, kinds)),
@@ -237,37 +238,34 @@ def _new_tuner(plan: Plan, trainable, space: dict, choices: list[str], name: str
 
 
 def _search_alg(cfg: Config, metric: str, mode: str, max_concurrent: int,
-                points: list[dict] | None = None):
+                points: list[dict] | None = None, guard: BudgetGuard | None = None):
     """Seeded search, at most `max_concurrent` trials at once (Tune ignores its own
-    max_concurrent_trials for a search generator passed in, hence here).
+    max_concurrent_trials for a search generator passed in, hence here), creating no trial
+    that the budget's `guard` refuses.
 
     Args:
         points: the trials to run (a stratified design, or given), in order; None draws them.
     """
     if points or cfg.tune.search in ("stratified", "random"):
-        from ray.tune.search.basic_variant import BasicVariantGenerator
-
         # Tune runs the given points first, each one trial, drawing any field they leave out.
-        return BasicVariantGenerator(points_to_evaluate=points, random_state=cfg.tune.seed,
-                                     max_concurrent=max_concurrent)
+        return GuardedVariants(guard, points_to_evaluate=points, random_state=cfg.tune.seed,
+                               max_concurrent=max_concurrent)
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    return ConcurrencyLimiter(OptunaSearch(metric=metric, mode=mode, seed=cfg.tune.seed),
-                              max_concurrent=max_concurrent)
+    return GuardedSearch(guard, ConcurrencyLimiter(
+        OptunaSearch(metric=metric, mode=mode, seed=cfg.tune.seed),
+        max_concurrent=max_concurrent))
 
 
-def epoch_asha(epochs: int, grace_period: int, reduction_factor: int, goal: Goal,
-               guard: BudgetGuard | None = None):
+def epoch_asha(epochs: int, grace_period: int, reduction_factor: int, goal: Goal):
     """ASHA whose clock is the epoch each report carries and whose `max_t` is the epoch count.
 
     It decides only at rungs before the last epoch: a trial that has trained every epoch
     goes on to its test and the logging of its model (stopping it then would throw both
     away), and a trial's final report is never a decision point. A grace period of at least
-    `epochs` stops nothing. Once the sweep's `goal` is reached, no trial starts; with a
-    budget, no trial that could not end in time (`guard`).
+    `epochs` stops nothing. Once the sweep's `goal` is reached, no trial starts.
     """
-    from ray.tune.experiment import Trial
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
     class EpochASHA(ASHAScheduler):
@@ -279,13 +277,7 @@ def epoch_asha(epochs: int, grace_period: int, reduction_factor: int, goal: Goal
         def choose_trial_to_run(self, tune_controller):
             if goal.reached:
                 return None
-            if guard is None:
-                return super().choose_trial_to_run(tune_controller)
-            for status in (Trial.PENDING, Trial.PAUSED):  # FIFO as ASHA's own, with the guard
-                for trial in tune_controller.get_trials():
-                    if trial.status == status and guard.may_start(trial):
-                        return trial
-            return None
+            return super().choose_trial_to_run(tune_controller)
 
     return EpochASHA(time_attr="epoch", max_t=epochs, grace_period=min(grace_period, epochs),
                      reduction_factor=reduction_factor)
