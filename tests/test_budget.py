@@ -304,6 +304,20 @@ def test_behind_plan_no_trial_starts_that_cannot_end_in_time():
     assert not can_start(plan, ONE.with_measured({"0": 15.0}), 71, "0")
 
 
+def test_behind_plan_a_trial_starts_that_reaches_ashas_first_rung_in_time():
+    from tlray.tune.makespan import trial_seconds
+
+    plan = plan_sweep(120, ONE, ["0"], 2, 4, num_samples=4, epochs=4)
+    assert plan.rungs and plan.grace_period < plan.epochs, plan
+    to_rung = trial_seconds("0", plan.grace_period, ONE) + ONE.wrapup_s
+    late = plan.budget_s - to_rung
+    # It trains to its rung and is tested in time (its deadline stops it there), though
+    # every epoch would not fit.
+    assert can_start(plan, ONE, late, "0")
+    assert late + trial_seconds("0", plan.epochs, ONE) + ONE.wrapup_s > plan.budget_s
+    assert not can_start(plan, ONE, late + 1, "0")
+
+
 def test_sweep_clock_still_reads_a_schedules_depth_per_epoch():
     clock = SweepClock(trials=1, epochs=4, concurrency=1)
     assert [clock.depth("all:2,0@0.5", e) for e in (1, 2, 3, 4)] == ["all", "all", "0", "0"]

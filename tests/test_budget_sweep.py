@@ -28,7 +28,10 @@ def trial(kind: str, trial_id: str = "t1"):
 
 
 def guard_at(elapsed_s: float, budget_s: float = 120.0) -> BudgetGuard:
-    plan = plan_sweep(budget_s, COSTS, ["0", "all"], slots=2, recipe_epochs=3)
+    """A guard `elapsed_s` into a sweep of 2 trials of 3 epochs, which ASHA never stops: a
+    trial must have time for all 3."""
+    plan = plan_sweep(budget_s, COSTS, ["0", "all"], slots=2, recipe_epochs=3, num_samples=2)
+    assert plan.grace_period == plan.epochs == 3
     return BudgetGuard(plan, started_at=time.time() - elapsed_s)
 
 

@@ -168,6 +168,10 @@ def test_stratified_trials_cover_learning_rate_and_freeze_depth():
     assert len(set(depths)) == 4 and depths[-1] - depths[0] >= 6
     # A fixed learning rate stays fixed.
     assert {t["optim.lr"] for t in trials("--tune.lr_min=1e-3", "--tune.lr_max=1e-3")} == {1e-3}
+    # They start in rounds, in the order tune.freeze gives: every depth once, then again.
+    assert [t["model.freeze"] for t in four][:3] == ["0", "1", "3"]
+    six = trials("--tune.freeze=3,0,all", "--tune.num_samples=6")
+    assert [t["model.freeze"] for t in six] == ["3", "0", "all"] * 2
 
 
 def test_regret_trains_every_config_the_sweep_stopped_to_the_end(ray_cluster, mnist, tmp_path):

@@ -2,7 +2,8 @@
 
 Ahead of plan (epochs cheaper than planned, ASHA stopping more), `trials_to_add` says how
 many more trials still end in time; behind, `can_start` refuses a trial that could not
-train every epoch and be tested before the budget ends (only a completed trial can win).
+reach ASHA's first rung and be tested before the budget ends (a started trial stops itself
+before an epoch that would end too late, `tlray.train.deadline`, and is tested: it can win).
 Both are asked again as each trial ends, with the costs measured so far, so they can be
 cautious: a running trial is taken to train to the end, and an added one to survive every
 rung; what ASHA stops early frees time the next question sees.
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 from itertools import cycle, islice
 
 from tlray.tune.budget import MARGIN, TRIALS_PER_CHOICE, SweepPlan
-from tlray.tune.makespan import Costs, Run, epoch_seconds, replay, trial_seconds
+from tlray.tune.makespan import (Costs, Run, epoch_seconds, min_epochs, replay,
+                                 trial_seconds)
 
 
 @dataclass(frozen=True)
@@ -28,9 +30,14 @@ class Running:
 
 
 def can_start(plan: SweepPlan, costs: Costs, elapsed_s: float, kind: str) -> bool:
-    """Whether a trial of `kind` starting now can train every epoch, be tested and logged,
-    and the sweep still end within its budget."""
-    end = elapsed_s + trial_seconds(kind, plan.epochs, costs, plan.cached) + costs.wrapup_s
+    """Whether a trial of `kind` starting now can train to the first epoch ASHA judges it at
+    (every epoch where nothing is stopped; a schedule's last phase begun), be tested and
+    logged, and the sweep still end within its budget.
+
+    Less than every epoch: the time a sweep has left at its end goes to a trial that
+    trains what fits and is tested, rather than to nothing."""
+    epochs = max(min_epochs(kind), min(plan.grace_period, plan.epochs))
+    end = elapsed_s + trial_seconds(kind, epochs, costs, plan.cached) + costs.wrapup_s
     return end <= plan.budget_s
 
 

@@ -55,6 +55,12 @@ def spread_trials(cfg: Config, choices: list[str]) -> list[dict]:
     as depths); the two are paired at random. A handful of purely random draws easily lands
     in one corner: seeded, the MNIST sweep's four drew every learning rate from the upper
     half of its range, two of them at the same depth and within 20% of each other.
+
+    They start in rounds, each depth once per round in the order of `choices`: every depth
+    reaches ASHA's first rung early, and a depth's second trial is judged against every
+    depth's first. (Drawn in random order, a digits sweep started its two head-only trials
+    first; ASHA, with nothing else to compare them with, let both train to the end, and
+    the budget was spent before the others got past their rung.)
     """
     import numpy as np
 
@@ -65,9 +71,20 @@ def spread_trials(cfg: Config, choices: list[str]) -> list[dict]:
     depths = [choices[min(k - 1, math.floor((i + start) * k / n))] for i in range(n)]
     edges = np.linspace(math.log(t.lr_min), math.log(t.lr_max), n + 1)
     lrs = np.clip(np.exp(rng.uniform(edges[:-1], edges[1:])), t.lr_min, t.lr_max)
-    rng.shuffle(depths)
     rng.shuffle(lrs)
-    return [{"optim.lr": float(lr), "model.freeze": d} for lr, d in zip(lrs, depths)]
+    return [{"optim.lr": float(lr), "model.freeze": d}
+            for lr, d in zip(lrs, in_rounds(depths, choices))]
+
+
+def in_rounds(depths: list[str], choices: list[str]) -> list[str]:
+    """`depths` reordered in rounds: each depth's first, in the order of `choices`, then
+    each one's second, and so on."""
+    taken: dict[str, int] = {}
+    keyed = []  # (round, place in choices, depth)
+    for depth in depths:
+        keyed.append((taken.get(depth, 0), choices.index(depth), depth))
+        taken[depth] = taken.get(depth, 0) + 1
+    return [depth for *_, depth in sorted(keyed)]
 
 
 def _example(spec):
