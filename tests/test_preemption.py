@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -48,11 +49,13 @@ def cluster():
     # and a CPU for Ray Data beside it.
     c = RayCluster(num_cpus_per_node=3, object_store_mb=300)
     c.env["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.5"  # Ray's default is 5 s
-    # A killed node is known dead after a second or two instead of 15 s: until then an
-    # elastic run retries its old size (for up to RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
-    # 60 s by default, capped here) before it goes on with fewer workers.
+    # A killed node is known dead after a second or two instead of 15 s. Ray Train decides
+    # the new size at once, from resources that still count the dead node, and waits for a
+    # placement group of the old size for RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by
+    # default) before it goes on with fewer workers. That wait is for the placement group
+    # alone (growing onto a node whose resources are there is not slowed by it): capped here.
     c.env.update(RAY_health_check_period_ms="500", RAY_health_check_failure_threshold="3",
-                 RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20")
+                 RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="5")
     try:
         c.start_head()
         yield c
@@ -80,7 +83,8 @@ def start_run(cluster: RayCluster, home: Path, tracking: str, *more: str) -> sub
 
 
 def test_an_elastic_run_grows_onto_a_new_node_and_a_reclaimed_one_costs_only_its_last_steps(
-        cluster, tmp_path):
+        cluster, tmp_path, prepared_digits):
+    shutil.copytree(prepared_digits, tmp_path / "datasets" / prepared_digits.name)
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     run = start_run(cluster, tmp_path, tracking)
     client = MlflowClient(tracking)
