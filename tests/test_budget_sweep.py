@@ -3,6 +3,7 @@ a real local Ray cluster and SQLite store that plans, says its plan and runs it.
 
 from __future__ import annotations
 
+import pickle
 import re
 import time
 import types
@@ -46,6 +47,9 @@ def test_a_trial_that_could_not_end_in_time_does_not_start_and_the_sweep_ends(ca
     assert not guard.stop_all()  # the running one ends first
     guard._trials = [types.SimpleNamespace(status="TERMINATED")]
     assert guard.stop_all()
+    # Restored with a paused sweep, which resumes without a budget, it refuses nothing.
+    restored = pickle.loads(pickle.dumps(guard))
+    assert restored.may_start(trial("0", "t2")) and not restored.stop_all()
 
 
 def test_a_refused_trial_is_never_handed_to_tune_and_gives_its_slot_back(capsys):

@@ -46,9 +46,14 @@ class BudgetGuard(tune.Callback, tune.Stopper):
         self._began: dict[str, float] = {}  # trial -> when Tune started it
         self._reported: dict[str, float] = {}  # trial -> when its last epoch was reported
         self._trials: list = []
+        self.on_guard = True  # False once restored with a resumed sweep (__getstate__)
 
-    def __getstate__(self) -> dict:  # Tune saves its experiment state: not the trials
-        return {**self.__dict__, "_trials": []}
+    def __getstate__(self) -> dict:
+        """What Tune saves with the sweep's state (with its search algorithm, its callbacks
+        and stoppers): not the trials, and a guard that stands down once restored. A resumed
+        sweep has no budget (it counted from the first command; `sweep.sweep` plans none on
+        resume, and its trials get no deadline), so it refuses no trial."""
+        return {**self.__dict__, "_trials": [], "on_guard": False}
 
     def elapsed(self) -> float:
         return self.clock() - self.started_at
@@ -67,6 +72,8 @@ class BudgetGuard(tune.Callback, tune.Stopper):
         The first trial always starts: the plan found room for it, and a sweep with no
         trial has nothing to give."""
         kind, trial_id = str(trial.config.get("model.freeze")), trial.trial_id
+        if not self.on_guard:
+            return True
         if trial_id in self.started or trial_id in self.refused:
             return trial_id in self.started  # asked again: the same answer
         if self.started and not can_start(self.plan, self.costs(), self.elapsed(), kind):
@@ -105,7 +112,8 @@ class BudgetGuard(tune.Callback, tune.Stopper):
 
     def stop_all(self) -> bool:
         """Ends the sweep once a trial was refused and none runs."""
-        return bool(self.refused) and not any(t.status == "RUNNING" for t in self._trials)
+        return (self.on_guard and bool(self.refused)
+                and not any(t.status == "RUNNING" for t in self._trials))
 
     def not_started(self) -> list:
         """The refused trials as results with no metrics, in the order they were refused:
