@@ -16,7 +16,7 @@ from tlray.errors import TlrayError
 from tlray.train.plan import preflight
 from tlray.tune import sweep
 from tlray.tune.budget import plan_sweep
-from tlray.tune.budget_guard import BudgetGuard, GuardedVariants
+from tlray.tune.budget_guard import BudgetGuard, GuardedSearch, GuardedVariants
 from tlray.tune.budgeted import plan_to_budget, trials_in_time_left
 from tlray.tune.makespan import Costs
 
@@ -73,6 +73,25 @@ def test_a_refused_trial_is_never_handed_to_tune_and_gives_its_slot_back(capsys)
     (refused,) = guard.not_started()
     assert refused.config == {"model.freeze": "0"} and not refused.metrics
     assert guard.refused == {refused.trial_id} != {first.trial_id, third.trial_id}
+
+
+def test_optunas_search_asks_the_guard_too():
+    from ray import tune
+    from ray.tune.experiment import Experiment
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    guard = guard_at(elapsed_s=110.0)  # 10 s left: no trial after the first fits
+    space = {"model.freeze": tune.choice(["0", "all"]), "optim.lr": tune.loguniform(1e-3, 1e-2)}
+    search = GuardedSearch(guard, ConcurrencyLimiter(
+        OptunaSearch(metric="val_loss", mode="min", seed=1), max_concurrent=1))
+    search.set_search_properties("val_loss", "min", space)
+    search.add_configurations([Experiment("budgeted", lambda config: None, config=space,
+                                          num_samples=3)])
+    first = search.next_trial()
+    search.on_trial_complete(first.trial_id, result={"val_loss": 1.0})
+    assert search.next_trial() is None and len(guard.refused) == 1
+    assert search.next_trial() is None and len(guard.refused) == 2  # its slot came back
 
 
 def test_measured_epochs_replace_the_calibrations(capsys):

@@ -1,13 +1,14 @@
 """Keeping a running sweep inside its time budget (`tune.budget`).
 
-Before a trial starts, the guard asks whether it can still train every epoch, be tested and
-logged before the budget ends, from the costs measured so far (the epochs trials have
-reported, depth by depth, over the calibration's); if not, it does not start, and once no
-trial runs the sweep ends (its results so far are picked from as usual). The search algorithm
-asks the guard before it creates a trial (`guarded_search`): Tune starts every trial it is
-handed as soon as a slot is free, whatever its scheduler prefers. A trial that did start ends
-its own training in time (`tlray.train.deadline`). What the sweep does when it is ahead of its plan
-(more trials) is `tlray.tune.budgeted.trials_in_time_left`'s.
+Before a trial starts, the guard asks whether it can still reach ASHA's first rung, be tested
+and logged before the budget ends, from the costs measured so far (the epochs trials have
+reported, depth by depth, over the calibration's; `replan.can_start`); if not, it does not
+start, and once no trial runs the sweep ends (its results so far are picked from as usual).
+The search algorithm asks the guard before it creates a trial (`GuardedVariants`,
+`GuardedSearch`): Tune starts every trial it is handed as soon as a slot is free, whatever
+its scheduler prefers. A trial that did start ends its own training in time
+(`tlray.train.deadline`). What the sweep does when it is ahead of its plan (more trials) is
+`tlray.tune.budgeted.trials_in_time_left`'s.
 """
 
 from __future__ import annotations
