@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -83,14 +82,13 @@ def start_run(cluster: RayCluster, home: Path, tracking: str, *more: str) -> sub
 
 
 def test_an_elastic_run_grows_onto_a_new_node_and_a_reclaimed_one_costs_only_its_last_steps(
-        cluster, tmp_path, prepared_digits):
-    shutil.copytree(prepared_digits, tmp_path / "datasets" / prepared_digits.name)
-    tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    run = start_run(cluster, tmp_path, tracking)
+        cluster, tlray_home):
+    tracking = f"sqlite:///{tlray_home}/mlflow.db"
+    run = start_run(cluster, tlray_home, tracking)
     client = MlflowClient(tracking)
 
     def running() -> None:
-        assert run.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+        assert run.poll() is None, (tlray_home / "run.log").read_text()[-3000:]
 
     def epoch_1_logged() -> str | None:
         running()
@@ -108,18 +106,18 @@ def test_an_elastic_run_grows_onto_a_new_node_and_a_reclaimed_one_costs_only_its
         run_id = wait_for(epoch_1_logged, 600, "epoch 1 in MLflow")
         doomed = cluster.add_node()
         wait_for(trained_by_two, 600, "an epoch trained by two workers")
-        (tmp_path / "grown").touch()  # ends the hold of any one-worker group still in it
+        (tlray_home / "grown").touch()  # ends the hold of any one-worker group still in it
         cluster.drain(doomed, DEADLINE_S)
         drained, drained_at = time.monotonic(), time.time()
         notice = wait_for(lambda: client.get_run(run_id).data.tags.get("preemption_1"),
                           DEADLINE_S * 6, "the run to record the preemption notice")
         time.sleep(max(0.0, drained + DEADLINE_S - time.monotonic()))  # the deadline itself
         cluster.kill_node(doomed)
-        assert run.wait(900) == 0, (tmp_path / "run.log").read_text()[-4000:]
+        assert run.wait(900) == 0, (tlray_home / "run.log").read_text()[-4000:]
     finally:
         if run.poll() is None:
             run.kill()
-    log = (tmp_path / "run.log").read_text()
+    log = (tlray_home / "run.log").read_text()
     record = json.loads(notice)
     noticed_at = datetime.strptime(record["noticed_at"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
     assert noticed_at <= drained_at + DEADLINE_S  # the checkpoint came before the node went

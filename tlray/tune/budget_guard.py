@@ -41,8 +41,9 @@ class BudgetGuard(tune.Callback, tune.Stopper):
         self.seconds: dict[str, list[float]] = {}  # depth -> the epochs trials reported
         self.starts: list[float] = []  # a trial's start: until its first epoch began
         self.finishes: list[float] = []  # a completed trial's end: after its last epoch
-        self.refused: set[str] = set()  # trials that did not start: no time left for them
-        self.refused_configs: dict[str, dict] = {}  # their settings, for the sweep's table
+        # Trials that did not start, no time being left for them: their settings, for the
+        # sweep's table.
+        self.refused_configs: dict[str, dict] = {}
         self.started: set[str] = set()
         self._began: dict[str, float] = {}  # trial -> when Tune started it
         self._reported: dict[str, float] = {}  # trial -> when its last epoch was reported
@@ -55,6 +56,11 @@ class BudgetGuard(tune.Callback, tune.Stopper):
         sweep has no budget (it counted from the first command; `sweep.sweep` plans none on
         resume, and its trials get no deadline), so it refuses no trial."""
         return {**self.__dict__, "_trials": [], "on_guard": False}
+
+    @property
+    def refused(self) -> set[str]:
+        """The trials that did not start."""
+        return set(self.refused_configs)
 
     def elapsed(self) -> float:
         return self.clock() - self.started_at
@@ -78,7 +84,6 @@ class BudgetGuard(tune.Callback, tune.Stopper):
         if trial_id in self.started or trial_id in self.refused:
             return trial_id in self.started  # asked again: the same answer
         if self.started and not can_start(self.plan, self.costs(), self.elapsed(), kind):
-            self.refused.add(trial_id)
             self.refused_configs[trial_id] = dict(trial.config)
             print(f"sweep: trial {trial_id} (freeze {kind}) does not start: it could not "
                   f"end within the {format_span(self.plan.budget_s)} budget", flush=True)
