@@ -20,6 +20,8 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
+FEW_DIGITS = 1250  # of the built-in 5,000: 1,000 to train, 125 to validate, 125 to test
+
 
 def pytest_collection_modifyitems(items):
     """A test on the session's Ray cluster is a `ray` test, marked or not: `-m "not ray"`
@@ -104,6 +106,25 @@ def prepared_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         progress=False).uri)
 
 
+@pytest.fixture(scope="session")
+def prepared_few_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FEW_DIGITS of the built-in digits, drawn at random and prepared once per session.
+
+    Most Ray tests need real digits and real epochs, not many of them: on the 4,000 digits
+    of the whole train split, the sweep that retries a dead trial took 44 s, on these 27 s.
+    Tests that judge accuracy (a linear probe, a served champion) keep the whole split."""
+    import numpy as np
+
+    from tlray.data.pixel_sources import builtin_mnist_arrays, from_arrays
+    from tlray.data.prepare import prepare
+
+    images, labels = builtin_mnist_arrays()
+    pick = np.sort(np.random.default_rng(0).permutation(len(labels))[:FEW_DIGITS])
+    home = tmp_path_factory.mktemp("few-digits-home")
+    return Path(prepare(from_arrays(images[pick], labels[pick], uri="few-digits"),
+                        home / "datasets" / "few-digits", progress=False).uri)
+
+
 @pytest.fixture
 def tlray_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_db: Path,
                prepared_digits: Path) -> Path:
@@ -136,3 +157,13 @@ def mnist(tlray_home: Path):
     from tlray.data.dataset import load_info
 
     return load_info(tlray_home / "datasets" / "mnist-builtin")
+
+
+@pytest.fixture
+def few_digits(tlray_home: Path, prepared_few_digits: Path):
+    """FEW_DIGITS of the built-in digits in this test's home (prepared once per session)."""
+    from tlray.data.dataset import load_info
+
+    dest = tlray_home / "datasets" / prepared_few_digits.name
+    shutil.copytree(prepared_few_digits, dest)
+    return load_info(dest)

@@ -126,8 +126,8 @@ SMALL = ["--model.backbone=test_efficientnet", "--model.weights=none", "--data.i
 
 
 @pytest.mark.ray
-def test_a_budgeted_sweep_says_its_plan_and_runs_it(ray_cluster, mnist, capsys):
-    cfg = config.load(None, SMALL + [f"--data.dataset={mnist.uri}", "--tune.budget=30s"])
+def test_a_budgeted_sweep_says_its_plan_and_runs_it(ray_cluster, few_digits, capsys):
+    cfg = config.load(None, SMALL + [f"--data.dataset={few_digits.uri}", "--tune.budget=20s"])
     result = sweep.sweep(cfg)
     out = capsys.readouterr().out
     plan = re.search(r"^plan: (\d+) trials? over .*?, (\d+) epochs? each", out, re.M)
@@ -142,15 +142,15 @@ def test_a_budgeted_sweep_says_its_plan_and_runs_it(ray_cluster, mnist, capsys):
     completed = [t for t in ran if t["status"] == "COMPLETED"]
     assert completed and all(t["epochs"] == epochs or t["stopped_early"] for t in completed)
     assert re.search(r"^sweep: planned \d+ trials in about \S+; ran \d+ in \S+ \([+-]\d+% "
-                     r"against the plan\), (within|over) the 30s budget$", out, re.M)
+                     r"against the plan\), (within|over) the 20s budget$", out, re.M)
     params = MlflowClient().get_run(result.parent_run_id).data.params
     assert params["tune.num_samples"] == str(planned) and params["train.epochs"] == str(epochs)
 
 
-def test_an_explicit_trial_count_wins_over_the_plan(ray_cluster, mnist, capsys):
+def test_an_explicit_trial_count_wins_over_the_plan(ray_cluster, few_digits, capsys):
     """Decided and said before any trial: the sweep then runs the plan's count and epochs
     (test_a_budgeted_sweep_says_its_plan_and_runs_it)."""
-    cfg = config.load(None, SMALL + [f"--data.dataset={mnist.uri}", "--tune.budget=90s",
+    cfg = config.load(None, SMALL + [f"--data.dataset={few_digits.uri}", "--tune.budget=90s",
                                      "--tune.num_samples=1", "--train.epochs=1"])
     fixed = frozenset({"tune.num_samples", "train.epochs"})
     planned, _, budget_plan = plan_to_budget(preflight(cfg, plan_cache=False), ["0", "all"],

@@ -15,7 +15,6 @@ from mlflow import MlflowClient
 from tlray import config
 from tlray.compare.experiment import compare
 from tlray.compare.report import COLUMNS, format_comparison
-from tlray.data.prepare import prepare
 from tlray.errors import TlrayError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,9 +32,8 @@ def load_job():
 
 
 @pytest.mark.ray
-def test_compare_logs_two_nested_runs_and_a_table(ray_cluster, tlray_home):
-    mnist = prepare("builtin:mnist", progress=False)
-    cfg = config.load(None, SMALL + [f"--data.dataset={mnist.uri}"])
+def test_compare_logs_two_nested_runs_and_a_table(ray_cluster, few_digits):
+    cfg = config.load(None, SMALL + [f"--data.dataset={few_digits.uri}"])
     result = compare(cfg, scratch_overrides=["optim.lr=0.002"], progress=False)
 
     client = MlflowClient()
@@ -55,7 +53,7 @@ def test_compare_logs_two_nested_runs_and_a_table(ray_cluster, tlray_home):
     for key in ("data.dataset", "data.image_size", "data.batch_size", "train.epochs",
                 "train.seed", "optim.name"):
         assert transfer.data.params[key] == scratch.data.params[key], key
-    assert transfer.data.params["data.dataset"] == mnist.uri
+    assert transfer.data.params["data.dataset"] == few_digits.uri
     lrs = [float(run.data.params["optim.lr"]) for run in (transfer, scratch)]
     assert lrs[1] == 0.002 != lrs[0]
 

@@ -13,7 +13,6 @@ from mlflow import MlflowClient
 
 from cluster_helpers import ctrl_c_as_in_a_terminal, driver_env
 
-from tlray.data.prepare import prepare
 
 
 SMALL = ["--backbone", "test_efficientnet", "--weights", "none", "--image-size", "32",
@@ -22,10 +21,11 @@ SMALL = ["--backbone", "test_efficientnet", "--weights", "none", "--image-size",
 
 
 def test_an_internal_error_keeps_its_cause_and_its_whole_traceback(ray_cluster, tlray_home,
-                                                                   monkeypatch, capsys):
+                                                                   few_digits, monkeypatch,
+                                                                   capsys):
     from tlray.cli.main import main
 
-    info = prepare("builtin:mnist", progress=False)
+    info = few_digits
     monkeypatch.setenv("TLRAY_TEST_FAULT", "raise:rank=0:step=2")
     assert main(["train", "--data", info.uri, *SMALL, "--epochs", "1"]) == 1
     stderr = capsys.readouterr().err
@@ -57,11 +57,12 @@ def test_a_missing_dataset_is_one_line_before_torch_ray_or_mlflow_load(command, 
     assert missing.stdout.strip() == "[]"  # it failed before loading any of them
 
 
-def test_ctrl_c_ends_a_training_run_with_one_line_and_status_130(ray_cluster, tlray_home):
+def test_ctrl_c_ends_a_training_run_with_one_line_and_status_130(ray_cluster, tlray_home,
+                                                                 few_digits):
     import signal
     import time
 
-    info = prepare("builtin:mnist", progress=False)
+    info = few_digits
     driver = subprocess.Popen([sys.executable, "-m", "tlray.cli", "train", "--data", info.uri,
                                *SMALL, "--epochs", "20"], env=driver_env(ray_cluster, tlray_home),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

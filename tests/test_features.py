@@ -101,9 +101,9 @@ def test_cache_key_follows_the_front_weights_and_input():
     assert features.cache_key(model_cut, fake, minfo.data_config, 32) == key
 
 
-def test_cache_on_disk_holds_exactly_the_front_outputs(ray_cluster, tlray_home, tmp_path,
+def test_cache_on_disk_holds_exactly_the_front_outputs(ray_cluster, few_digits, tmp_path,
                                                         monkeypatch):
-    info = prepare("builtin:mnist", progress=False)
+    info = few_digits
     model, minfo = build_model("tf_efficientnet_lite0", 10, in_chans=1, img_size=32,
                                freeze="3")
     model_cut = cut_model(model, minfo.data_config["input_size"])
@@ -231,10 +231,11 @@ def test_the_plan_decides_whether_a_run_reads_the_cache_and_says_why(ray_cluster
     assert always.cache.uri.startswith(str(caches))
 
 
-def test_sweep_benchmark_times_both_sides_of_the_same_sweep(ray_cluster, tlray_home, tmp_path):
+def test_sweep_benchmark_times_both_sides_of_the_same_sweep(ray_cluster, few_digits,
+                                                           tmp_path):
     from tlray.bench import sweep as bench_sweep
 
-    info = prepare("builtin:mnist", progress=False)
+    info = few_digits
     result = bench_sweep.sweep_benchmark(
         ["--model.backbone=test_efficientnet", "--model.weights=none", "--data.image_size=32",
          f"--data.dataset={info.uri}", "--train.epochs=1", "--tune.num_samples=2",

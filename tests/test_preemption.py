@@ -105,6 +105,7 @@ def test_an_elastic_run_grows_onto_a_new_node_and_a_reclaimed_one_costs_only_its
     try:
         run_id = wait_for(epoch_1_logged, 600, "epoch 1 in MLflow")
         doomed = cluster.add_node()
+        cluster.recount_nodes_for_train()  # so that the run grows now, not at Ray's next tick
         wait_for(trained_by_two, 600, "an epoch trained by two workers")
         (tlray_home / "grown").touch()  # ends the hold of any one-worker group still in it
         cluster.drain(doomed, DEADLINE_S)
@@ -113,6 +114,8 @@ def test_an_elastic_run_grows_onto_a_new_node_and_a_reclaimed_one_costs_only_its
                           DEADLINE_S * 6, "the run to record the preemption notice")
         time.sleep(max(0.0, drained + DEADLINE_S - time.monotonic()))  # the deadline itself
         cluster.kill_node(doomed)
+        wait_for(lambda: doomed not in cluster.alive_node_ids(), 120, "Ray to mark it dead")
+        cluster.recount_nodes_for_train()  # it shrinks now, not after Ray's next tick
         assert run.wait(900) == 0, (tlray_home / "run.log").read_text()[-4000:]
     finally:
         if run.poll() is None:

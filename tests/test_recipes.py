@@ -110,8 +110,8 @@ def test_a_phase_boundary_unfreezes_the_next_groups_and_leaves_the_rest_frozen()
 
 
 
-def run(mnist, *extra):
-    return train(preflight(config.load(None, [*SMALL, f"--data.dataset={mnist.uri}",
+def run(data, *extra):
+    return train(preflight(config.load(None, [*SMALL, f"--data.dataset={data.uri}",
                                               *extra])))
 
 
@@ -126,17 +126,17 @@ def checkpoints(result) -> dict[int, Path]:
 
 
 def test_a_schedule_from_the_cache_averaged_and_tested_with_tta_is_what_is_logged(
-        ray_cluster, mnist):
+        ray_cluster, few_digits):
     # Through Ray: the first phase reads the feature cache, the second the images; the
     # weight average is what is kept, tested and logged; test-time augmentation is measured
     # and served. (That the cache trains as the images would, and that such a run resumes
     # exactly in phase 2, are the loop's properties: test_loop.py.)
-    cached = run(mnist, "--model.freeze=all:1,2@0.5", "--train.epochs=2", "--train.ema=0.9",
+    cached = run(few_digits, "--model.freeze=all:1,2@0.5", "--train.epochs=2", "--train.ema=0.9",
                  "--model.tta=flip", "--train.keep_checkpoints=3", "--optim.lr=0.01",
                  "--train.feature_cache=always")
     client = MlflowClient()
     tags = client.get_run(cached.run_id).data.tags
-    assert tags["feature_cache"].startswith(str(mnist.uri).split("/datasets/")[0])
+    assert tags["feature_cache"].startswith(str(few_digits.uri).split("/datasets/")[0])
     phases = {m.step: m.value for m in client.get_metric_history(cached.run_id, "phase")}
     assert phases == {1: 0, 2: 1}
 
@@ -159,7 +159,7 @@ def test_a_schedule_from_the_cache_averaged_and_tested_with_tta_is_what_is_logge
     served = mlflow.pyfunc.load_model(cached.model_uri)
     pre = served.metadata.metadata["preprocess"]
     assert pre["tta"] == "flip"
-    images, _ = sample_per_class(mnist, "test", per_class=1)
+    images, _ = sample_per_class(few_digits, "test", per_class=1)
     x = to_model_input(torch.from_numpy(images.copy()), pre["mean"], pre["std"], pre["size"])
     network = mlflow.pytorch.load_model(cached.model_uri, device="cpu")
     with torch.no_grad():
@@ -171,8 +171,8 @@ def test_a_schedule_from_the_cache_averaged_and_tested_with_tta_is_what_is_logge
 # --------------------------------------------------------------------------- lr-find
 
 
-def test_lr_find_suggests_a_rate_inside_its_ramp_and_logs_the_plot(ray_cluster, mnist):
-    out = find_and_log(config.load(None, [*SMALL, f"--data.dataset={mnist.uri}",
+def test_lr_find_suggests_a_rate_inside_its_ramp_and_logs_the_plot(ray_cluster, few_digits):
+    out = find_and_log(config.load(None, [*SMALL, f"--data.dataset={few_digits.uri}",
                                           "--tune.freeze=0,all"]))
     run_id = out.rsplit("MLflow run ", 1)[1].split()[0]
     logged = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/lr_find.json"))
@@ -185,10 +185,11 @@ def test_lr_find_suggests_a_rate_inside_its_ramp_and_logs_the_plot(ray_cluster, 
     assert "a sweep's range" in out
 
 
-def test_a_sweep_with_auto_rates_searches_around_the_range_tests_suggestion(ray_cluster, mnist):
+def test_a_sweep_with_auto_rates_searches_around_the_range_tests_suggestion(ray_cluster,
+                                                                          few_digits):
     from tlray.tune import sweep
 
-    cfg = config.load(None, [*SMALL, f"--data.dataset={mnist.uri}", "--train.epochs=2",
+    cfg = config.load(None, [*SMALL, f"--data.dataset={few_digits.uri}", "--train.epochs=2",
                              "--tune.freeze=all:1,0@0.5", "--tune.num_samples=2",
                              "--tune.lr_min=auto", "--tune.lr_max=auto",
                              "--tune.max_concurrent=2", "--tune.registered_name=auto-lr"])

@@ -42,7 +42,7 @@ def data_stats_actor(ray):
     return actor_id, get_actor(actor_id, address=ray.get_runtime_context().gcs_address).state
 
 
-def test_a_sweep_retries_a_dead_trial_and_registers_its_champion(ray_cluster, mnist,
+def test_a_sweep_retries_a_dead_trial_and_registers_its_champion(ray_cluster, few_digits,
                                                                    tmp_path, monkeypatch):
     # Started by the driver when it connected, outside the trials' placement groups.
     stats_actor = data_stats_actor(ray_cluster)
@@ -50,10 +50,10 @@ def test_a_sweep_retries_a_dead_trial_and_registers_its_champion(ray_cluster, mn
     # workers), so a dead worker is a dead trial: the second trial's process dies in its
     # epoch 2, and Tune starts it again from its epoch 1 checkpoint, in a new process and a
     # new MLflow run.
-    steps_per_epoch = -(-mnist.splits["train"].rows // 64)
+    steps_per_epoch = -(-few_digits.splits["train"].rows // 64)
     monkeypatch.setenv("TLRAY_TEST_FAULT", f"kill:rank=0:step={steps_per_epoch + 3}:run=_00001")
-    cfg = config.load(None, SMALL + [f"--data.dataset={mnist.uri}", "--tune.num_samples=3",
-                                     "--tune.max_failures=1"])
+    cfg = config.load(None, SMALL + [f"--data.dataset={few_digits.uri}",
+                                     "--tune.num_samples=3", "--tune.max_failures=1"])
     first = sweep.sweep(cfg)
     # It outlived every trial (one that died with a trial took its datasets' stats along,
     # and Ray printed a KeyError traceback for each of them).
@@ -88,7 +88,7 @@ def test_a_sweep_retries_a_dead_trial_and_registers_its_champion(ray_cluster, mn
     assert MlflowClient().get_run(champion.run_id).info.status == "FINISHED"
 
     # The champion predicts a Kaggle-style test.csv into a valid submission.
-    digits = mnist_test_csv(tmp_path / "test.csv", mnist)
+    digits = mnist_test_csv(tmp_path / "test.csv", few_digits)
     out = predict("models:/digits@champion", str(tmp_path / "test.csv"),
                   out=str(tmp_path / "submission.csv"), verbose=False)
     submission = pd.read_csv(tmp_path / "submission.csv")
@@ -108,8 +108,8 @@ def mnist_test_csv(path, info):
     return pixels
 
 
-def test_bad_sweep_input_fails_before_any_trial(ray_cluster, mnist):
-    base = SMALL + [f"--data.dataset={mnist.uri}"]
+def test_bad_sweep_input_fails_before_any_trial(ray_cluster, few_digits):
+    base = SMALL + [f"--data.dataset={few_digits.uri}"]
     with pytest.raises(TlrayError, match="tune.num_samples"):
         config.load(None, base + ["--tune.num_samples=0"])
     with pytest.raises(TlrayError, match="train.monitor"):
@@ -174,14 +174,15 @@ def test_stratified_trials_cover_learning_rate_and_freeze_depth():
     assert [t["model.freeze"] for t in six] == ["3", "0", "all"] * 2
 
 
-def test_regret_trains_every_config_the_sweep_stopped_to_the_end(ray_cluster, mnist, tmp_path):
+def test_regret_trains_every_config_the_sweep_stopped_to_the_end(ray_cluster, few_digits,
+                                                                   tmp_path):
     from tlray.bench import sweep as bench_sweep
 
     # One trial at a time: ASHA sees results in one order every time, so it stops the same
     # trials every time. Seed 4 plans freeze 0, then 2, then the head-only probe of a
     # randomly initialised backbone, which ASHA stops after its first epoch.
     result = bench_sweep.regret_benchmark(
-        SMALL + [f"--data.dataset={mnist.uri}", "--tune.num_samples=3", "--tune.seed=4",
+        SMALL + [f"--data.dataset={few_digits.uri}", "--tune.num_samples=3", "--tune.seed=4",
                  "--tune.max_concurrent=1", "--tune.grace_period=1",
                  "--tracking.log_model=false"], workdir=str(tmp_path))
     m = result.monitor

@@ -29,24 +29,24 @@ SMALL = ["--model.backbone=test_efficientnet", "--model.weights=none", "--data.i
 
 
 
-def run_cfg(mnist, *extra):
-    return config.load(None, SMALL + [f"--data.dataset={mnist.uri}", *extra])
+def run_cfg(data, *extra):
+    return config.load(None, SMALL + [f"--data.dataset={data.uri}", *extra])
 
 
 def train_run(cfg):
     return train(preflight(cfg))
 
 
-def test_a_two_worker_run_survives_a_killed_worker_and_logs_everything(ray_cluster, mnist,
+def test_a_two_worker_run_survives_a_killed_worker_and_logs_everything(ray_cluster, few_digits,
                                                                         monkeypatch):
     # Rank 1 is SIGKILLed after step 6 of epoch 2; Ray Train restarts both workers from the
     # checkpoint written inside that epoch after its step 4 (train.checkpoint_every=4), and
     # the run goes on as one MLflow run. That the resumed run trains exactly what it would
     # have is the loop's property (test_loop.py); here: Ray's side, and what gets logged.
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
-    steps_per_epoch = -(-mnist.splits["train"].rows // 2 // 64)
+    steps_per_epoch = -(-few_digits.splits["train"].rows // 2 // 64)
     monkeypatch.setenv("TLRAY_TEST_FAULT", f"kill:rank=1:step={steps_per_epoch + 6}")
-    cfg = run_cfg(mnist, "--train.epochs=2", "--scaling.max_failures=1",
+    cfg = run_cfg(few_digits, "--train.epochs=2", "--scaling.max_failures=1",
                   "--train.checkpoint_every=4")
     result = train_run(cfg)
 
@@ -61,7 +61,7 @@ def test_a_two_worker_run_survives_a_killed_worker_and_logs_everything(ray_clust
     assert run.info.status == "FINISHED"
     assert run.data.params["model.backbone"] == "test_efficientnet"
     assert run.data.tags["backbone"] == "test_efficientnet"
-    assert run.data.tags["dataset_hash"] == mnist.fingerprint
+    assert run.data.tags["dataset_hash"] == few_digits.fingerprint
     # Per-epoch metrics in MLflow equal what the workers reported, step = epoch, each epoch
     # once although epoch 2 ran in two parts.
     for key in ("train_loss", "val_loss", "val_acc", "val_auc", "img_per_s"):
@@ -78,15 +78,15 @@ def test_a_two_worker_run_survives_a_killed_worker_and_logs_everything(ray_clust
     assert plots == {"plots/samples.png", "plots/learning_curves.png",
                      "plots/confusion_matrix.png", "plots/test_predictions.png"}
     test_json = json.loads(mlflow.artifacts.load_text(f"runs:/{result.run_id}/test_metrics.json"))
-    assert np.array(test_json["confusion_matrix"]).sum() == mnist.splits["test"].rows
+    assert np.array(test_json["confusion_matrix"]).sum() == few_digits.splits["test"].rows
 
     # The logged model predicts exactly what the checkpoint predicts: the tensor network on
     # preprocessed batches, the pyfunc on the raw digits.
     logged = mlflow.pytorch.load_model(result.model_uri, device="cpu")
-    model, minfo = check_model(cfg, mnist)
+    model, minfo = check_model(cfg, few_digits)
     model.load_state_dict(torch.load(ckpt / "model.pt", weights_only=True))
     model.eval()
-    digits = model_example_images(mnist)
+    digits = model_example_images(few_digits)
     x = to_model_input(torch.from_numpy(digits), minfo.data_config["mean"],
                        minfo.data_config["std"], (32, 32))
     x = torch.cat([x, x.flip(-1), x * 0.5])
@@ -95,21 +95,22 @@ def test_a_two_worker_run_survives_a_killed_worker_and_logs_everything(ray_clust
         expected = torch.softmax(model(x[:2]), dim=1).numpy()
     served = mlflow.pyfunc.load_model(result.model_uri).predict(digits[..., 0])
     np.testing.assert_allclose(served.filter(like="prob_").to_numpy(), expected, atol=1e-5)
-    assert run.data.tags["mlflow_evaluate"].startswith("mlflow.models.evaluate on the 500")
+    assert run.data.tags["mlflow_evaluate"].startswith(
+        f"mlflow.models.evaluate on the {few_digits.splits['test'].rows}")
     assert run.data.metrics["test_accuracy_score"] == pytest.approx(result.metrics["test_acc"])
 
 
-def test_bad_input_fails_before_training(ray_cluster, mnist):
+def test_bad_input_fails_before_training(ray_cluster, few_digits):
     client_runs = lambda: MlflowClient().search_runs(  # noqa: E731
         [e.experiment_id for e in MlflowClient().search_experiments()])
     with pytest.raises(TlrayError, match="efficientnet_b99"):
-        train_run(run_cfg(mnist, "--model.backbone=efficientnet_b99"))
+        train_run(run_cfg(few_digits, "--model.backbone=efficientnet_b99"))
     with pytest.raises(TlrayError, match="freeze"):
-        train_run(run_cfg(mnist, "--model.freeze=99"))
+        train_run(run_cfg(few_digits, "--model.freeze=99"))
     with pytest.raises(TlrayError, match="GPUs"):
-        train_run(run_cfg(mnist, "--scaling.use_gpu=true"))
+        train_run(run_cfg(few_digits, "--scaling.use_gpu=true"))
     with pytest.raises(TlrayError, match="does not exist"):
-        train_run(run_cfg(mnist, "--data.dataset=/nonexistent/dataset"))
+        train_run(run_cfg(few_digits, "--data.dataset=/nonexistent/dataset"))
     assert client_runs() == []  # nothing was started
 
 
