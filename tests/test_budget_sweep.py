@@ -73,6 +73,13 @@ def test_a_refused_trial_is_never_handed_to_tune_and_gives_its_slot_back(capsys)
     (refused,) = guard.not_started()
     assert refused.config == {"model.freeze": "0"} and not refused.metrics
     assert guard.refused == {refused.trial_id} != {first.trial_id, third.trial_id}
+    # A sweep that ends before its search created every planned trial lists the rest too,
+    # in the design's order, after the refused ones.
+    planned = [{"model.freeze": k} for k in ("all", "0", "all", "0", "all")]
+    rows = guard.not_started(planned)
+    assert [(r.trial_id == refused.trial_id, r.config["model.freeze"]) for r in rows] == [
+        (True, "0"), (False, "0"), (False, "all")]
+    assert not rows[1].metrics and len({r.trial_id for r in rows}) == 3
 
 
 def test_optunas_search_asks_the_guard_too():

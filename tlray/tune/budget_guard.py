@@ -45,6 +45,7 @@ class BudgetGuard(tune.Callback, tune.Stopper):
         # sweep's table.
         self.refused_configs: dict[str, dict] = {}
         self.started: set[str] = set()
+        self.asked: list[dict] = []  # every trial's settings the search asked about
         self._began: dict[str, float] = {}  # trial -> when Tune started it
         self._reported: dict[str, float] = {}  # trial -> when its last epoch was reported
         self._trials: list = []
@@ -83,6 +84,7 @@ class BudgetGuard(tune.Callback, tune.Stopper):
             return True
         if trial_id in self.started or trial_id in self.refused:
             return trial_id in self.started  # asked again: the same answer
+        self.asked.append(dict(trial.config))
         if self.started and not can_start(self.plan, self.costs(), self.elapsed(), kind):
             self.refused_configs[trial_id] = dict(trial.config)
             print(f"sweep: trial {trial_id} (freeze {kind}) does not start: it could not "
@@ -121,12 +123,23 @@ class BudgetGuard(tune.Callback, tune.Stopper):
         return (self.on_guard and bool(self.refused)
                 and not any(t.status == "RUNNING" for t in self._trials))
 
-    def not_started(self) -> list:
-        """The refused trials as results with no metrics, in the order they were refused:
-        the sweep's table lists them as not started for want of time."""
+    def not_started(self, planned: list[dict] = ()) -> list:
+        """The trials that did not start for want of time, as results with no metrics: the
+        refused ones, in the order they were refused, then those of `planned` (the design's
+        settings, in order) that the search never created, the sweep having ended first.
+        The sweep's table lists them all as not started."""
+        rows = list(self.refused_configs.items())
+        asked = list(self.asked)
+        for i, point in enumerate(planned):
+            match = next((c for c in asked if all(c.get(k) == v for k, v in point.items())),
+                         None)
+            if match is None:
+                rows.append((f"not-created-{i + 1}", dict(point)))
+            else:
+                asked.remove(match)
         return [types.SimpleNamespace(trial_id=trial_id, config=config, metrics={},
                                       error=None, checkpoint=None)
-                for trial_id, config in self.refused_configs.items()]
+                for trial_id, config in rows]
 
 
 class _AsksTheGuard:

@@ -42,7 +42,8 @@ from tlray.tune.clock import SweepClock, clock_callback
 from tlray.tune.goal import Goal
 from tlray.tune.importance import distributions, importance
 from tlray.tune.pause import PauseOnCtrlC, command_line, resume_command
-from tlray.tune.pick import SweepResult, describe_trials, log_sweep, pick_and_register
+from tlray.tune.pick import (NO_TIME, NOT_STARTED, SweepResult, describe_trials, log_sweep,
+                             pick_and_register)
 from tlray.tune.space import freeze_choices, more_trials, search_space, spread_trials
 from tlray.tune.state import SweepState, locate
 from tlray.tune.trial import concurrency, run_trial, share_gpus, trial_resources
@@ -117,7 +118,8 @@ def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
         if extra:
             state.parts.append(f"{state.name}-more{len(state.parts)}")
             results += part.run(state.parts[-1], extra)
-        results += guard.not_started() if guard else []
+        planned = (trial_design(cfg, choices, points) or []) + extra
+        results += guard.not_started(planned) if guard else []
         outcome = pick_and_register(cfg, info, results, state.parent_run_id, registered_name,
                                     goal)
         ranked, study, note = importance(outcome["trials"], distributions(cfg, choices),
@@ -127,7 +129,8 @@ def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
         state.finished = True
         state.write(plan.storage)
     if budget_plan is not None:
-        print(last_line(budget_plan, started_at, len(outcome["trials"])), flush=True)
+        ran = sum(t["status"] not in (NO_TIME, NOT_STARTED) for t in outcome["trials"])
+        print(last_line(budget_plan, started_at, ran), flush=True)
     return SweepResult(name=state.name, path=f"{plan.storage.rstrip('/')}/{state.name}",
                        parent_run_id=state.parent_run_id, registered_name=registered_name,
                        importance=ranked, importance_note=note, **outcome)
@@ -188,6 +191,14 @@ def _lr_range_from_tests(plan: Plan, choices: list[str]) -> tuple[Plan, list]:
     return dataclasses.replace(plan, config=cfg), curves
 
 
+def trial_design(cfg: Config, choices: list[str], points: list[dict] | None) -> list | None:
+    """The trials a sweep runs, in order, when they are known before it starts: the points
+    given, or the stratified design; None for a search that draws them as it goes."""
+    if points or cfg.tune.search != "stratified":
+        return points or None
+    return spread_trials(cfg, choices)
+
+
 def trial_count(cfg: Config, points: list[dict] | None) -> int:
     return len(points) if points else cfg.tune.num_samples
 
@@ -212,8 +223,7 @@ def _new_tuner(plan: Plan, trainable, space: dict, choices: list[str], name: str
     metric, mode = cfg.train.monitor, cfg.monitor_mode
     trials = trial_count(cfg, points)
     at_once = concurrency(cfg)
-    if not points and cfg.tune.search == "stratified":
-        points = spread_trials(cfg, choices)
+    points = trial_design(cfg, choices, points)
     kinds = [str(p["model.freeze"]) for p in points] if points else None
     scheduler = epoch_asha(cfg.train.epochs, cfg.tune.grace_period, cfg.tune.reduction_factor,
                            goal)
