@@ -118,8 +118,8 @@ def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
         if extra:
             state.parts.append(f"{state.name}-more{len(state.parts)}")
             results += part.run(state.parts[-1], extra)
-        planned = (trial_design(cfg, choices, points) or []) + extra
-        results += guard.not_started(planned) if guard else []
+        if guard:  # and every planned trial that did not start for want of time
+            results += guard.not_started((trial_design(cfg, choices, points) or []) + extra)
         outcome = pick_and_register(cfg, info, results, state.parent_run_id, registered_name,
                                     goal)
         ranked, study, note = importance(outcome["trials"], distributions(cfg, choices),
