@@ -14,7 +14,6 @@ from mlflow import MlflowClient
 from cluster_helpers import ctrl_c_as_in_a_terminal, driver_env
 
 
-
 SMALL = ["--backbone", "test_efficientnet", "--weights", "none", "--image-size", "32",
          "--scaling.num_workers", "1", "--scaling.cpus_per_worker", "0.5",
          "--scaling.max_failures", "0", "--tracking.log_model", "false"]
