@@ -15,10 +15,12 @@ from tlray import config
 from tlray.errors import TlrayError
 from tlray.train.plan import preflight
 from tlray.tune import sweep
-from tlray.tune.budget import plan_sweep
+from tlray.tune.budget import plan_lines, plan_sweep
 from tlray.tune.budget_guard import BudgetGuard, GuardedSearch, GuardedVariants
 from tlray.tune.budgeted import plan_to_budget, trials_in_time_left
+from tlray.tune.calibrate import calibrate
 from tlray.tune.makespan import Costs
+from tlray.tune.space import freeze_choices
 
 COSTS = Costs(epoch_s={"0": 10.0, "all": 4.0}, trial_s=3.0, finish_s=5.0, setup_s=10.0,
               wrapup_s=5.0)
@@ -132,6 +134,26 @@ SMALL = ["--model.backbone=test_efficientnet", "--model.weights=none", "--data.i
          "--tracking.evaluate=never", "--scaling.borrow_idle_cpus=false"]
 
 
+@pytest.mark.parametrize("settings, cached", [
+    (["--data.augment=none"], {"all"}),  # freeze 1's front outputs more than it takes in
+    (["--data.augment=digits"], set()),  # augmented images never train from a cache
+    (["--data.augment=none", "--train.feature_cache=never"], set()),
+], ids=["plain images", "augmented", "cache never"])
+def test_calibration_times_the_feature_cache_where_trials_would_train_from_it(
+        few_digits, settings, cached):
+    cfg = config.load(None, SMALL[:4] + [f"--data.dataset={few_digits.uri}",
+                                         "--tune.freeze=0;1;all", *settings])
+    plan = preflight(cfg, plan_cache=False)
+    costs = calibrate(plan, freeze_choices(plan.config, plan.model.group_names), time.time())
+    assert set(costs.epoch_s) == {"0", "1", "all"}
+    assert set(costs.cache_build_s) == set(costs.cached_epoch_s) == cached
+    assert all(s > 0 for s in [*costs.cache_build_s.values(), *costs.cached_epoch_s.values()])
+    # What the plan is given: with a cache to weigh, it says whether its build pays.
+    said = " ".join(plan_lines(plan_sweep(120.0, costs, ["0", "1", "all"], slots=1,
+                                          recipe_epochs=3)))
+    assert ("feature cache at freeze all" in said) == bool(cached)
+
+
 @pytest.mark.ray
 def test_a_budgeted_sweep_says_its_plan_and_runs_it(ray_cluster, few_digits, capsys):
     cfg = config.load(None, SMALL + [f"--data.dataset={few_digits.uri}", "--tune.budget=20s"])
@@ -152,6 +174,11 @@ def test_a_budgeted_sweep_says_its_plan_and_runs_it(ray_cluster, few_digits, cap
                      r"against the plan\), (within|over) the 20s budget$", out, re.M)
     params = MlflowClient().get_run(result.parent_run_id).data.params
     assert params["tune.num_samples"] == str(planned) and params["train.epochs"] == str(epochs)
+    # Each trial read the feature cache exactly where the plan said it pays for its build.
+    pays = re.search(r"feature cache at freeze all pays for", out) is not None
+    for t in ran:
+        cache = MlflowClient().get_run(t["mlflow_run_id"]).data.tags["feature_cache"]
+        assert cache.startswith("not used") != (pays and t["model.freeze"] == "all"), cache
 
 
 def test_an_explicit_trial_count_wins_over_the_plan(ray_cluster, few_digits, capsys):

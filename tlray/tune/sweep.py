@@ -36,8 +36,8 @@ from tlray.train.lr_find import log_curves, lr_find, range_from
 from tlray.train.plan import Plan, preflight
 from tlray.train.protocol import is_final, is_partial
 from tlray.tune.budget_guard import BudgetGuard, GuardedSearch, GuardedVariants
-from tlray.tune.budgeted import (last_line, plan_to_budget, trial_deadline,
-                                 trials_in_time_left)
+from tlray.tune.budgeted import (last_line, plan_to_budget, trial_cached_depths,
+                                 trial_deadline, trials_in_time_left)
 from tlray.tune.clock import SweepClock, clock_callback
 from tlray.tune.goal import Goal
 from tlray.tune.importance import distributions, importance
@@ -108,7 +108,8 @@ def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
             tune.with_parameters(run_trial, plan=plan, parent_run_id=state.parent_run_id,
                                  images=read_splits(cfg, info),
                                  command=shlex.join(command_line()),
-                                 deadline=trial_deadline(budget_plan, started_at, fixed)),
+                                 deadline=trial_deadline(budget_plan, started_at, fixed),
+                                 cached_depths=trial_cached_depths(budget_plan, fixed)),
             trial_resources(cfg)))
         results = [r for name in list(state.parts) for r in part.run(name, points)]
         done = [r.config for r in results if r.metrics]

@@ -8,6 +8,7 @@ import json
 
 from tlray import config as config_mod
 from tlray.config import Config
+from tlray.config.schedule import first_depth
 from tlray.train.cluster import DATA_CPU_RESERVE, worker_resources
 from tlray.train.deadline import Deadline
 from tlray.train.plan import Plan, preflight
@@ -16,21 +17,30 @@ from tlray.train.run import train
 
 def run_trial(params: dict, *, plan: Plan, parent_run_id: str,
               images: dict | None = None, command: str | None = None,
-              deadline: Deadline | None = None) -> None:
+              deadline: Deadline | None = None,
+              cached_depths: tuple[str, ...] | None = None) -> None:
     """One trial, inside Tune: the sweep's plan with this trial's values, planned again (its
     freeze depth decides its feature cache) and trained by Ray Train (in this very process
     when `trains_in_trial_process`), on the sweep's `images`. Its MLflow run's source is
     the sweep's `command` (this process is Ray's worker, not what the user ran); a budgeted
-    sweep's trial stops training by its `deadline`."""
+    sweep's trial stops training by its `deadline`, and reads a feature cache only at the
+    `cached_depths` its plan found it pays for (None: wherever `train.feature_cache` says)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     overrides = [f"{k}={json.dumps(v)}" for k, v in params.items()]
     cfg = config_mod.load(None, overrides, base=plan.config)
+    uncached = cached_depths is not None and first_depth(cfg.model.freeze) not in cached_depths
+    if uncached:
+        cfg = config_mod.with_overrides(cfg, **{"train.feature_cache": "never"})
     in_trial = trains_in_trial_process(cfg)
     trial_plan = dataclasses.replace(
         preflight(cfg, dataset=plan.dataset, in_trial_process=in_trial, progress=False),
         fault=plan.fault)  # test-only, read by the sweep's driver
+    if uncached:
+        trial_plan = dataclasses.replace(trial_plan, cache_note=(
+            "not used: the sweep's budget plan found that its build does not pay for itself "
+            "at this freeze depth"))
     trial_id = tune.get_context().get_trial_id()
     train(trial_plan, parent_run_id=parent_run_id,
           callbacks=None if in_trial else [TuneReportCallback()], in_trial_process=in_trial,
