@@ -203,3 +203,22 @@ def test_ray_noise_stays_out_of_the_console_and_other_errors_reach_it(monkeypatc
              "name: 'Mine' and ID: '00' has constructor arguments in the object store")
     (batch,) = dedup.deduplicate({"ip": "x", "pid": 1, "lines": [noise, other, "Traceback"]})
     assert batch["lines"] == [other, "Traceback"]
+
+
+def test_ray_datas_usage_poller_logs_no_debug_traceback(monkeypatch):
+    """Ray Data's usage poller fails every 10 s without Prometheus and logs it at DEBUG,
+    traceback included: a traceback in the log file every 10 s, and one on the console when
+    the process ends as the poller logs. tlray's Ray Data logging stops it; Ray Data's own
+    debug lines still reach its log file."""
+    import logging
+
+    from ray.data._internal.logging import configure_logging
+
+    from tlray.train.cluster import ray_data_logging_config
+
+    monkeypatch.setenv("RAY_DATA_LOGGING_CONFIG", ray_data_logging_config())
+    monkeypatch.delenv("RAY_DATA_LOG_LEVEL", raising=False)
+    configure_logging()
+    assert not logging.getLogger("ray.data._internal.usage.util").isEnabledFor(logging.DEBUG)
+    assert logging.getLogger("ray.data._internal.usage.util").isEnabledFor(logging.INFO)
+    assert logging.getLogger("ray.data._internal.execution").isEnabledFor(logging.DEBUG)
