@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import urllib.error
 import urllib.request
 
@@ -41,9 +42,11 @@ IMAGES = 40  # test digits sent every way
 
 
 @pytest.fixture(scope="module")
-def champion(ray_cluster, tmp_path_factory):
-    """The sweep's result, its store and the test digits, in a TLRAY_HOME of this module's."""
+def champion(ray_cluster, tmp_path_factory, prepared_digits):
+    """The sweep's result, its store and the test digits, in a TLRAY_HOME of this module's
+    (with the session's prepared digits, which `prepare` then finds up to date)."""
     home = tmp_path_factory.mktemp("served-home")
+    shutil.copytree(prepared_digits, home / "datasets" / prepared_digits.name)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TLRAY_HOME", str(home))
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
