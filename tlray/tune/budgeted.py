@@ -116,13 +116,14 @@ def trial_deadline(budget_plan: SweepPlan | None, started_at: float,
                     {**costs.epoch_s, **from_cache})
 
 
-def trial_cached_depths(budget_plan: SweepPlan | None,
-                        fixed: frozenset[str]) -> tuple[str, ...] | None:
-    """The depths whose trials train from the feature cache: those the plan found it pays
-    for. None without a plan, or when the user set `train.feature_cache` (theirs wins)."""
+def trial_uncached_depths(budget_plan: SweepPlan | None,
+                          fixed: frozenset[str]) -> tuple[str, ...]:
+    """The depths whose feature cache the plan weighed and found not to pay for its build:
+    their trials read none. None of them without a plan, or when the user set
+    `train.feature_cache` (theirs wins)."""
     if budget_plan is None or "train.feature_cache" in fixed:
-        return None
-    return budget_plan.cached
+        return ()
+    return tuple(d for d in budget_plan.costs.cache_build_s if d not in budget_plan.cached)
 
 
 def last_line(budget_plan: SweepPlan, started_at: float, trials: int) -> str:

@@ -36,8 +36,8 @@ from tlray.train.lr_find import log_curves, lr_find, range_from
 from tlray.train.plan import Plan, preflight
 from tlray.train.protocol import is_final, is_partial
 from tlray.tune.budget_guard import BudgetGuard, GuardedSearch, GuardedVariants
-from tlray.tune.budgeted import (last_line, plan_to_budget, trial_cached_depths,
-                                 trial_deadline, trials_in_time_left)
+from tlray.tune.budgeted import (last_line, plan_to_budget, trial_deadline,
+                                 trial_uncached_depths, trials_in_time_left)
 from tlray.tune.clock import SweepClock, clock_callback
 from tlray.tune.goal import Goal
 from tlray.tune.importance import distributions, importance
@@ -109,7 +109,7 @@ def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
                                  images=read_splits(cfg, info),
                                  command=shlex.join(command_line()),
                                  deadline=trial_deadline(budget_plan, started_at, fixed),
-                                 cached_depths=trial_cached_depths(budget_plan, fixed)),
+                                 uncached_depths=trial_uncached_depths(budget_plan, fixed)),
             trial_resources(cfg)))
         results = [r for name in list(state.parts) for r in part.run(name, points)]
         done = [r.config for r in results if r.metrics]

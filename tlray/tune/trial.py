@@ -18,19 +18,19 @@ from tlray.train.run import train
 def run_trial(params: dict, *, plan: Plan, parent_run_id: str,
               images: dict | None = None, command: str | None = None,
               deadline: Deadline | None = None,
-              cached_depths: tuple[str, ...] | None = None) -> None:
+              uncached_depths: tuple[str, ...] = ()) -> None:
     """One trial, inside Tune: the sweep's plan with this trial's values, planned again (its
     freeze depth decides its feature cache) and trained by Ray Train (in this very process
     when `trains_in_trial_process`), on the sweep's `images`. Its MLflow run's source is
     the sweep's `command` (this process is Ray's worker, not what the user ran); a budgeted
-    sweep's trial stops training by its `deadline`, and reads a feature cache only at the
-    `cached_depths` its plan found it pays for (None: wherever `train.feature_cache` says)."""
+    sweep's trial stops training by its `deadline`, and reads no feature cache at the
+    `uncached_depths`, where its plan found that a cache's build does not pay."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     overrides = [f"{k}={json.dumps(v)}" for k, v in params.items()]
     cfg = config_mod.load(None, overrides, base=plan.config)
-    uncached = cached_depths is not None and first_depth(cfg.model.freeze) not in cached_depths
+    uncached = first_depth(cfg.model.freeze) in uncached_depths
     if uncached:
         cfg = config_mod.with_overrides(cfg, **{"train.feature_cache": "never"})
     in_trial = trains_in_trial_process(cfg)
