@@ -171,6 +171,22 @@ def test_a_second_pass_over_the_choices_comes_before_the_recipes_epochs():
     assert (plan.trials, plan.epochs) == (6, 4) and at_six.trials < plan.trials
 
 
+def test_a_learning_rate_is_searched_too_before_survivors_train_longer():
+    """The main job's costs on seed 7 (7 December 2026): 3 trials of 4 epochs fit in 2m, and
+    so do 4 of 3. Three trials give each freeze choice one learning rate: the depth is
+    searched, the rate not. The plan takes the fourth trial, with ASHA stopping one."""
+    costs = Costs(epoch_s={"0": 18.0, "3": 15.0, "all": 4.5}, trial_s=3.7, finish_s=6.4,
+                  setup_s=15.0, wrapup_s=8.0)
+    depths = ["0", "3", "all"]
+    plan = plan_sweep(120, costs, depths, 2, 8)
+    assert plan_sweep(120, costs, depths, 2, 8, num_samples=3, epochs=4).fits
+    assert (plan.trials, plan.epochs) == (4, 3) and plan.stopped_early >= 1
+    assert set(plan.kinds) == set(depths)
+    # Not at any price: survivors of a single epoch and a rung after one are no search.
+    short = plan_sweep(95, costs, depths, 2, 8)
+    assert short.trials == 3 and short.epochs >= 2
+
+
 def test_but_not_below_half_the_recipes_epochs():
     """10 s epochs, one slot, 63 s to spend: 4 trials fit at 2 epochs (2+2+1+1) but not at
     3 (3+3+1+1); 2 trials of 3 epochs do, and 3 epochs is half the recipe's 6."""
