@@ -100,6 +100,65 @@ def test_a_two_worker_run_survives_a_killed_worker_and_logs_everything(ray_clust
     assert run.data.metrics["test_accuracy_score"] == pytest.approx(result.metrics["test_acc"])
 
 
+def test_a_one_worker_cpu_run_trains_in_the_driver_and_resumes_a_failure_there(
+        ray_cluster, few_digits, monkeypatch, capsys):
+    # One worker, no GPU, one node: the loop runs in this process (no Ray Train controller
+    # or worker actor starts). It fails once after step 6 of epoch 2 and resumes, in this
+    # process, from the checkpoint written inside that epoch after its step 4.
+    from ray.util.state import list_actors
+
+    def controllers() -> int:
+        return len(list_actors(filters=[("class_name", "=", "TrainController")],
+                               limit=10_000, raise_on_missing_output=False))
+
+    steps_per_epoch = -(-few_digits.splits["train"].rows // 64)
+    monkeypatch.setenv("TLRAY_TEST_FAULT", f"fail:rank=0:step={steps_per_epoch + 6}")
+    cfg = run_cfg(few_digits, "--scaling.num_workers=1", "--train.epochs=2",
+                  "--scaling.max_failures=1", "--train.checkpoint_every=4",
+                  "--train.keep_checkpoints=1", "--tracking.log_model=false")
+    before = controllers()
+    result = train_run(cfg)
+    assert controllers() == before
+
+    out = capsys.readouterr().out
+    assert ("training failed (RuntimeError: test failure at step "
+            f"{steps_per_epoch + 6}); resuming from the latest checkpoint (failure 1, "
+            "scaling.max_failures 1)") in out
+    ckpt = Path(result.checkpoint_path)
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["resumed"] == 1 and state["resumed_at"] == [steps_per_epoch + 4]
+    assert [row["epoch"] for row in result.history] == [1, 2]
+    client = MlflowClient()
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(result.run_id, "val_loss")] == [1, 2]
+    # Ray Train's keeping, by this process: the best (by val_loss) and the latest, the final.
+    kept = sorted(p.name for p in ckpt.parent.glob("checkpoint_*"))
+    assert ckpt.name == kept[-1] and 1 <= len(kept) <= 2, kept
+
+
+def test_checkpoints_kept_in_the_driver_are_the_best_few_and_the_latest(tmp_path):
+    from ray.train import Checkpoint
+
+    from tlray.train.in_driver import CheckpointKeeper
+
+    keeper = CheckpointKeeper(tmp_path / "run", 2, "val_loss", "min")
+    assert keeper.latest() is None
+    source = tmp_path / "written"
+    for i, loss in enumerate([0.9, 0.5, 0.7, None, 0.8]):
+        source.mkdir()
+        (source / "i").write_text(str(i))
+        keeper.report({} if loss is None else {"val_loss": loss},
+                      Checkpoint.from_directory(str(source)))
+        keeper.report({"val_loss": 0.1})  # metrics alone: nothing kept
+        (source / "i").unlink()
+        source.rmdir()
+    kept = {p.name: (p / "i").read_text() for p in (tmp_path / "run").iterdir()}
+    # The best two by val_loss (0.5, 0.7) and the latest (0.8); the rest deleted.
+    assert kept == {"checkpoint_000001": "1", "checkpoint_000002": "2",
+                    "checkpoint_000004": "4"}
+    assert Path(keeper.latest().path).name == "checkpoint_000004"
+
+
 def test_bad_input_fails_before_training(ray_cluster, few_digits):
     client_runs = lambda: MlflowClient().search_runs(  # noqa: E731
         [e.experiment_id for e in MlflowClient().search_experiments()])

@@ -166,6 +166,9 @@ def bench_config(*, dataset: str, backbone: str, weights: str, image_size: int,
             f"--scaling.use_gpu={str(use_gpu).lower()}", "--tracking.log_model=false",
             # Both sides on the same threads: the plain loop cannot borrow idle CPUs.
             "--scaling.borrow_idle_cpus=false",
+            # In Ray Train workers, as on a cluster (what the plain side is set up against):
+            # one worker on a one-node laptop would otherwise train in this process.
+            "--scaling.in_driver_process=false",
             "--tracking.experiment=tlray-bench-train",
             f"--tracking.tracking_uri=sqlite:///{workdir}/mlflow.db",
             f"--storage_path={workdir}/ray_results"]

@@ -5,6 +5,9 @@ a user setting: `TLRAY_TEST_FAULT=ACTION:rank=R:step=S[:run=SUFFIX][:until=PATH]
          keeps the restarted workers alive): proves that a run resumes from its checkpoint;
   raise  it raises a KeyError there, an internal error: proves that a bug keeps its
          traceback (exit status 1, the innermost frame on stderr, a FAILED MLflow run);
+  fail   it raises a RuntimeError there, once per run: proves that a run in the driver's
+         own process (`tlray.train.in_driver`), where a kill would end the command, resumes
+         from its checkpoint;
   hold   in a run of one worker, that worker waits after step S until PATH exists: an
          elastic run that grows meanwhile restarts with more workers, which pass step S
          without waiting. So a test of growing sees it happen at a known step, however long
@@ -30,7 +33,7 @@ ENV = "TLRAY_TEST_FAULT"
 
 @dataclass(frozen=True)
 class Fault:
-    action: str  # "kill" | "raise" | "hold"
+    action: str  # "kill" | "raise" | "fail" | "hold"
     rank: int
     step: int
     run: str = ""  # a suffix of the restart keys it hits ("": every run)
@@ -40,9 +43,10 @@ class Fault:
     def parse(cls, spec: str) -> Fault:
         action, *fields = spec.split(":")
         values = dict(f.split("=", 1) for f in fields)
-        if action not in ("kill", "raise", "hold") or not {"rank", "step"} <= set(values) <= {
+        if action not in ("kill", "raise", "fail", "hold") or not {"rank", "step"} <= set(values) <= {
                 "rank", "step", "run", "until"} or (action == "hold") != ("until" in values):
-            raise ValueError(f"{ENV}={spec!r}: expected kill|raise:rank=R:step=S[:run=SUFFIX]"
+            raise ValueError(f"{ENV}={spec!r}: expected kill|raise|fail:rank=R:step=S"
+                             "[:run=SUFFIX]"
                              " or hold:rank=R:step=S:until=PATH")
         return cls(action, int(values["rank"]), int(values["step"]), values.get("run", ""),
                    values.get("until", ""))
@@ -66,6 +70,10 @@ def maybe_fail(spec: str | None, rank: int, step: int, restart_key: str,
         return
     if fault.action == "raise":
         raise KeyError(f"test fault at step {step}")
+    if fault.action == "fail":
+        if _first_time("failed", restart_key):
+            raise RuntimeError(f"test failure at step {step}")
+        return
     if fault.action == "hold":
         if world == 1:
             _hold(Path(fault.until))
@@ -93,9 +101,17 @@ def _die_once(restart_key: str) -> None:
     """
     import ray.train
 
-    marker = Path(tempfile.gettempdir()) / f"tlray-killed-{restart_key}"
-    if marker.exists():
+    if not _first_time("killed", restart_key, ray.train.get_all_reported_checkpoints):
         return
-    ray.train.get_all_reported_checkpoints()
-    marker.touch()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _first_time(what: str, restart_key: str, before=lambda: None) -> bool:
+    """True the first time a run (by its restart key) gets here, after `before()`; a marker
+    file remembers it across the run's restarts."""
+    marker = Path(tempfile.gettempdir()) / f"tlray-{what}-{restart_key}"
+    if marker.exists():
+        return False
+    before()
+    marker.touch()
+    return True

@@ -8,11 +8,13 @@ final checkpoint Ray (or, in a Tune trial's own process, Tune) persisted.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 from tlray.config import schedule
 from tlray.data.dataset import DatasetInfo, load_info
 from tlray.data.ingest import worker_split_config, read_split
 from tlray.train.cluster import quiet_logging_config, train_workers, worker_resources
+from tlray.train.in_driver import CheckpointKeeper, fit_in_driver, trains_in_driver
 from tlray.train.plan import SPLITS, Plan
 from tlray.train.protocol import WorkerArgs, cache_dataset, dataset_names
 
@@ -39,6 +41,7 @@ def fit(plan: Plan, args: WorkerArgs, *, name: str, callbacks: list | None = Non
     In a Tune trial's own process, Train's local mode (`num_workers=0`) runs the loop here
     without a controller or workers; its reports go straight to Tune, which persists their
     checkpoints in the trial's directory (local mode would only hand back a temporary one).
+    A one-worker CPU run on a one-machine cluster trains here too (`tlray.train.in_driver`).
 
     Args:
         name: the run's name in Ray storage.
@@ -53,10 +56,13 @@ def fit(plan: Plan, args: WorkerArgs, *, name: str, callbacks: list | None = Non
 
     cfg, s = plan.config, plan.config.scaling
     datasets, held = run_datasets(plan, images)
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config={"args": args},
+    keeper = None if args.in_trial_process or not trains_in_driver(cfg) else CheckpointKeeper(
+        Path(plan.storage) / name, cfg.train.keep_checkpoints, cfg.train.monitor,
+        cfg.monitor_mode)
+    trainer = lambda: TorchTrainer(  # noqa: E731 - a fresh one for each attempt
+        train_loop_per_worker, train_loop_config={"args": args, "keeper": keeper},
         scaling_config=ray.train.ScalingConfig(num_workers=0, use_gpu=s.use_gpu)
-        if args.in_trial_process else ray.train.ScalingConfig(
+        if args.in_trial_process or keeper else ray.train.ScalingConfig(
             num_workers=train_workers(s), use_gpu=s.use_gpu,
             resources_per_worker=worker_resources(s), placement_strategy=s.placement_strategy,
             elastic_resize_monitor_interval_s=s.grow_check_every),
@@ -73,18 +79,33 @@ def fit(plan: Plan, args: WorkerArgs, *, name: str, callbacks: list | None = Non
         # preemption notices (a barrier) at the same steps.
         datasets=datasets, dataset_config=worker_split_config(
             lockstep=("train", cache_dataset("train")), in_memory=held))
-    result = fit_interruptibly(trainer)
-    if result.error is not None:
-        raise result.error
     if args.in_trial_process:
         from ray import tune
 
+        run_trainer(trainer)
         checkpoint = tune.get_checkpoint()  # the last one reported, as Tune persisted it
     else:
-        checkpoint = result.checkpoint
+        checkpoint = run_trainer(trainer, keeper, worker_resources(s), s.max_failures)
     if checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     return checkpoint
+
+
+def run_trainer(make_trainer, keeper: CheckpointKeeper | None = None,
+                resources: dict | None = None, max_failures: int = 0):
+    """Fits a trainer from `make_trainer()`; returns the checkpoint it ended with.
+
+    With a `keeper` (a one-worker run in this process, `tlray.train.in_driver`), tlray holds
+    the worker's `resources`, keeps the checkpoints and retries up to `max_failures` times;
+    otherwise Ray Train does.
+    """
+    if keeper is not None:  # on this thread: local mode installs no SIGINT handler, and
+        # Ctrl-C then unwinds the loop itself (its Ray Data reads closed while Ray is up)
+        return fit_in_driver(lambda: make_trainer().fit(), keeper, resources, max_failures)
+    result = fit_interruptibly(make_trainer())
+    if result.error is not None:
+        raise result.error
+    return result.checkpoint
 
 
 def run_datasets(plan: Plan, images: dict | None = None) -> tuple[dict, set[str]]:

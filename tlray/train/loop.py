@@ -48,7 +48,7 @@ from tlray.train.worker_setup import EpochStart, WorkerRun, setup
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train's entry point: `loop_config["args"]` is the worker's `WorkerArgs`."""
     args = loop_config["args"]
-    run_worker(args, ray_session(args.in_trial_process))
+    run_worker(args, ray_session(args.in_trial_process, loop_config.get("keeper")))
 
 
 def run_worker(args: WorkerArgs, session: WorkerSession) -> None:

@@ -106,26 +106,28 @@ def lr_find(plan, freezes: list[str]) -> list[Curve]:
 
     from tlray.data.ingest import worker_split_config
     from tlray.train.cluster import quiet_logging_config, train_workers, worker_resources
-    from tlray.train.launch import fit_interruptibly, read_splits
+    from tlray.train.in_driver import CheckpointKeeper, trains_in_driver
+    from tlray.train.launch import read_splits, run_trainer
 
     cfg, s = plan.config, plan.config.scaling
     train = read_splits(cfg, plan.dataset, ["train"])["train"]
     args = WorkerArgs(config=cfg, dataset=plan.dataset, cache=None, run_id=None,
                       tracking_uri=plan.tracking_uri, label="lr-find")
-    trainer = TorchTrainer(
-        lr_find_per_worker, train_loop_config={"args": args, "freezes": list(freezes)},
-        scaling_config=ray.train.ScalingConfig(
+    name = f"lr-find-{plan.dataset.name}"
+    keeper = CheckpointKeeper(Path(plan.storage) / name, 1, "depths", "max") \
+        if trains_in_driver(cfg) else None
+    trainer = lambda: TorchTrainer(  # noqa: E731
+        lr_find_per_worker, train_loop_config={"args": args, "freezes": list(freezes),
+                                               "keeper": keeper},
+        scaling_config=ray.train.ScalingConfig(num_workers=0) if keeper else
+        ray.train.ScalingConfig(
             num_workers=train_workers(s), use_gpu=s.use_gpu,
             resources_per_worker=worker_resources(s), placement_strategy=s.placement_strategy),
-        run_config=ray.train.RunConfig(name=f"lr-find-{plan.dataset.name}",
-                                       storage_path=plan.storage,
+        run_config=ray.train.RunConfig(name=name, storage_path=plan.storage,
                                        logging_config=quiet_logging_config()),
         datasets={"train": train.randomize_block_order(seed=cfg.train.seed)},
         dataset_config=worker_split_config())
-    result = fit_interruptibly(trainer)
-    if result.error is not None:
-        raise result.error
-    with result.checkpoint.as_directory() as d:
+    with run_trainer(trainer, keeper, worker_resources(s)).as_directory() as d:
         return [Curve(**c) for c in json.loads((Path(d) / CURVES).read_text())]
 
 
@@ -134,7 +136,7 @@ def lr_find_per_worker(loop_config: dict) -> None:
     from tlray.train.session import ray_session
 
     args: WorkerArgs = loop_config["args"]
-    session = ray_session(args.in_trial_process)
+    session = ray_session(args.in_trial_process, loop_config.get("keeper"))
     curves = []
     for freeze in loop_config["freezes"]:
         cfg = dataclasses.replace(args.config, model=dataclasses.replace(

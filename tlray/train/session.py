@@ -37,11 +37,13 @@ class WorkerSession(NamedTuple):
     preemption_notice: Callable  # () -> Ray Train's PreemptionInfo, or None (a barrier)
 
 
-def ray_session(in_trial_process: bool) -> WorkerSession:
-    """Ray Train's worker APIs, or Ray Tune's in a Tune trial's own process.
+def ray_session(in_trial_process: bool, keeper=None) -> WorkerSession:
+    """Ray Train's worker APIs, or Ray Tune's in a Tune trial's own process, or, in a
+    one-worker run in the driver's own process, Ray Data's with tlray's `keeper`
+    (`tlray.train.in_driver.CheckpointKeeper`) for checkpoints.
 
-    There (Train's local mode) the loop talks to Tune itself: local mode keeps reports to
-    itself rather than passing them (and their checkpoints) on, and Ray refuses
+    In the last two (Train's local mode) the loop reports past Ray Train: local mode keeps
+    reports to itself rather than passing them (and their checkpoints) on, and Ray refuses
     `ray.train.get_context` (which `prepare_model` calls) inside a Tune function. With one
     process there is nothing to wrap in DDP: preparing a model is moving it to the device.
     """
@@ -57,6 +59,10 @@ def ray_session(in_trial_process: bool) -> WorkerSession:
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     node_id = ray.get_runtime_context().get_node_id()
     device = ray.train.torch.get_device()
+    if keeper is not None:  # one node, the driver's: a drain notice could not spare it
+        return WorkerSession(0, 1, node_id, device, keeper.report, keeper.latest,
+                             lambda model: model.to(device), ray.train.Checkpoint,
+                             ray.train.get_dataset_shard, lambda: None)
     if in_trial_process:
         from ray import tune
 
