@@ -43,11 +43,11 @@ class Fault:
     def parse(cls, spec: str) -> Fault:
         action, *fields = spec.split(":")
         values = dict(f.split("=", 1) for f in fields)
-        if action not in ("kill", "raise", "fail", "hold") or not {"rank", "step"} <= set(values) <= {
-                "rank", "step", "run", "until"} or (action == "hold") != ("until" in values):
+        known = {"rank", "step"} <= set(values) <= {"rank", "step", "run", "until"}
+        if action not in ("kill", "raise", "fail", "hold") or not known or (
+                action == "hold") != ("until" in values):
             raise ValueError(f"{ENV}={spec!r}: expected kill|raise|fail:rank=R:step=S"
-                             "[:run=SUFFIX]"
-                             " or hold:rank=R:step=S:until=PATH")
+                             "[:run=SUFFIX] or hold:rank=R:step=S:until=PATH")
         return cls(action, int(values["rank"]), int(values["step"]), values.get("run", ""),
                    values.get("until", ""))
 

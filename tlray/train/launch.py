@@ -61,11 +61,7 @@ def fit(plan: Plan, args: WorkerArgs, *, name: str, callbacks: list | None = Non
         cfg.monitor_mode)
     trainer = lambda: TorchTrainer(  # noqa: E731 - a fresh one for each attempt
         train_loop_per_worker, train_loop_config={"args": args, "keeper": keeper},
-        scaling_config=ray.train.ScalingConfig(num_workers=0, use_gpu=s.use_gpu)
-        if args.in_trial_process or keeper else ray.train.ScalingConfig(
-            num_workers=train_workers(s), use_gpu=s.use_gpu,
-            resources_per_worker=worker_resources(s), placement_strategy=s.placement_strategy,
-            elastic_resize_monitor_interval_s=s.grow_check_every),
+        scaling_config=scaling_config(s, here=args.in_trial_process or keeper is not None),
         run_config=ray.train.RunConfig(
             name=name, storage_path=plan.storage,
             checkpoint_config=ray.train.CheckpointConfig(
@@ -89,6 +85,19 @@ def fit(plan: Plan, args: WorkerArgs, *, name: str, callbacks: list | None = Non
     if checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     return checkpoint
+
+
+def scaling_config(s, here: bool):
+    """Ray Train's scaling for `s` (a config's `scaling`): the run's workers, or, `here`,
+    none: Ray Train's local mode runs the loop in this process."""
+    import ray.train
+
+    if here:
+        return ray.train.ScalingConfig(num_workers=0, use_gpu=s.use_gpu)
+    return ray.train.ScalingConfig(
+        num_workers=train_workers(s), use_gpu=s.use_gpu,
+        resources_per_worker=worker_resources(s), placement_strategy=s.placement_strategy,
+        elastic_resize_monitor_interval_s=s.grow_check_every)
 
 
 def run_trainer(make_trainer, keeper: CheckpointKeeper | None = None,

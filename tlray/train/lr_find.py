@@ -105,9 +105,9 @@ def lr_find(plan, freezes: list[str]) -> list[Curve]:
     from ray.train.torch import TorchTrainer
 
     from tlray.data.ingest import worker_split_config
-    from tlray.train.cluster import quiet_logging_config, train_workers, worker_resources
+    from tlray.train.cluster import quiet_logging_config, worker_resources
     from tlray.train.in_driver import CheckpointKeeper, trains_in_driver
-    from tlray.train.launch import read_splits, run_trainer
+    from tlray.train.launch import read_splits, run_trainer, scaling_config
 
     cfg, s = plan.config, plan.config.scaling
     train = read_splits(cfg, plan.dataset, ["train"])["train"]
@@ -119,10 +119,7 @@ def lr_find(plan, freezes: list[str]) -> list[Curve]:
     trainer = lambda: TorchTrainer(  # noqa: E731
         lr_find_per_worker, train_loop_config={"args": args, "freezes": list(freezes),
                                                "keeper": keeper},
-        scaling_config=ray.train.ScalingConfig(num_workers=0) if keeper else
-        ray.train.ScalingConfig(
-            num_workers=train_workers(s), use_gpu=s.use_gpu,
-            resources_per_worker=worker_resources(s), placement_strategy=s.placement_strategy),
+        scaling_config=scaling_config(s, here=keeper is not None),
         run_config=ray.train.RunConfig(name=name, storage_path=plan.storage,
                                        logging_config=quiet_logging_config()),
         datasets={"train": train.randomize_block_order(seed=cfg.train.seed)},
