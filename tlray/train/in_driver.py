@@ -24,12 +24,16 @@ from tlray.errors import TlrayError
 
 def trains_in_driver(cfg) -> bool:
     """Whether a run's one worker trains in this process (`scaling.in_driver_process`): one
-    worker, no GPU, checkpoints on a local disk, and a cluster of one node, so that the
-    worker would run on this machine anyway."""
+    worker, no GPU, checkpoints on a local disk, and a cluster of one node that this process
+    is a driver on (not a Ray Client far from it), so that the worker would run on this
+    machine anyway."""
     import ray
+    from ray.util.client import ray as ray_client
 
     s = cfg.scaling
     if not s.in_driver_process or s.elastic or s.max_workers != 1 or s.use_gpu:
+        return False
+    if ray_client.is_connected():
         return False
     if "://" in str(cfg.storage_path) and not str(cfg.storage_path).startswith("file://"):
         return False
