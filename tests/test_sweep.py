@@ -8,6 +8,7 @@ import os
 
 import pandas as pd
 import pytest
+from cluster_helpers import wait_for
 from mlflow import MlflowClient
 
 from tlray import config
@@ -44,8 +45,10 @@ def data_stats_actor(ray):
 
 def test_a_sweep_retries_a_dead_trial_and_registers_its_champion(ray_cluster, few_digits,
                                                                    tmp_path, monkeypatch):
-    # Started by the driver when it connected, outside the trials' placement groups.
-    stats_actor = data_stats_actor(ray_cluster)
+    # Started by the driver when it connected, outside the trials' placement groups (and
+    # maybe still starting, when this is the session's first test on its cluster).
+    stats_actor = wait_for(lambda: (a := data_stats_actor(ray_cluster))[1] == "ALIVE" and a,
+                           120, "Ray Data's statistics actor to start")
     # A one-worker trial trains in the Tune trial's own process (no Train controller or
     # workers), so a dead worker is a dead trial: the second trial's process dies in its
     # epoch 2, and Tune starts it again from its epoch 1 checkpoint, in a new process and a

@@ -101,13 +101,18 @@ def log_model(network: torch.nn.Module, example_images: np.ndarray, class_names:
                            "base64 in a column 'image'",
                   "output": "label, prob_<class> per class",
                   **dict(metadata or {})},
-        network=cpu, tensor_example=tensors, example_images=images, model_config=config)
+        network=cpu, tensor_example=tensors, example_images=images, model_config=config,
+        # MLflow would load the saved model again and serve it the input example: 2 s per
+        # model (a trial's), for a warning at most. `evaluate` serves it the whole test split
+        # (PNG bytes, as a client posts them) and says so on the run where that went wrong.
+        validate_serving_input=False)
 
 
 def save_model(path: str, mlflow_model: mlflow.models.Model, *, network: torch.nn.Module,
                tensor_example: torch.Tensor, example_images: np.ndarray,
-               model_config: dict) -> None:
-    """`Model.log`'s flavor hook: writes the model directory at `path`."""
+               model_config: dict, validate_serving_input: bool = True) -> None:
+    """`Model.log`'s flavor hook: writes the model directory at `path` (Model.log hands on
+    its own `validate_serving_input` too)."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema, TensorSpec
 

@@ -22,13 +22,17 @@ from tlray.track.run_metrics import link_metrics
 from tlray.train.checkpoint import FinalCheckpoint
 from tlray.train.plan import Plan
 
+EVALUATED_BY_THE_SWEEP = "not run here: the sweep runs it on the trial it picks"
 
-def log_final(final: FinalCheckpoint, plan: Plan, test_data) -> str | None:
+
+def log_final(final: FinalCheckpoint, plan: Plan, test_data, *,
+              evaluate: bool = True) -> str | None:
     """Logs `final` to the active MLflow run; returns the logged model's URI (None if the
     config says not to log it).
 
     The logged model gets the best epoch's validation metrics and the test metrics (which
-    are also linked to the test split, `test_data`).
+    are also linked to the test split, `test_data`). `evaluate=False` (a sweep's trial)
+    leaves `mlflow.models.evaluate` to the caller, which runs it on the model it picks.
     """
     import mlflow
 
@@ -76,7 +80,8 @@ def log_final(final: FinalCheckpoint, plan: Plan, test_data) -> str | None:
                        dataset=test_data)
     if model_uri is not None:
         mlflow.set_tag("mlflow_evaluate", logged_model.evaluate(
-            model_uri, model_id, info, cfg.data.image_size, cfg.tracking.evaluate))
+            model_uri, model_id, info, cfg.data.image_size, cfg.tracking.evaluate)
+            if evaluate or cfg.tracking.evaluate == "never" else EVALUATED_BY_THE_SWEEP)
     return model_uri
 
 

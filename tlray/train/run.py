@@ -48,7 +48,8 @@ class TrainResult:
 def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | None = None,
           callbacks: list | None = None, run_name: str | None = None,
           in_trial_process: bool = False, images: dict | None = None,
-          goal: float | None = None, deadline: Deadline | None = None) -> TrainResult:
+          goal: float | None = None, deadline: Deadline | None = None,
+          evaluate: bool = True) -> TrainResult:
     """Runs one planned configuration to completion and logs it to MLflow.
 
     Args:
@@ -63,6 +64,8 @@ def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | No
         goal: stop training once `train.monitor` reaches it (a sweep's `tune.goal`).
         deadline: a budgeted sweep's trial stops training when its next epoch would end
             after it (`tlray.train.deadline`).
+        evaluate: run `mlflow.models.evaluate` on the logged model (a sweep's trials leave
+            it to the sweep, which evaluates the one it picks: `tune.pick.evaluate_pick`).
     """
     cfg, info, minfo = plan.config, plan.dataset, plan.model
     if plan.cache is not None:
@@ -74,7 +77,7 @@ def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | No
    "dataset": info.name, **(extra_tags or {})}
     name = run_name or cfg.tracking.run_name or re.sub(
         r"[^\w.-]+", "_", f"{cfg.model.backbone}-f{cfg.model.freeze}")  # a directory name
-    if cfg.tracking.log_model and cfg.tracking.evaluate != "never":
+    if evaluate and cfg.tracking.log_model and cfg.tracking.evaluate != "never":
         logged_model.import_evaluators()  # before the system-metrics thread below starts
     # CPU, memory (and GPU, where there is one) of this process's machine, as system/* metrics.
     os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
@@ -99,7 +102,7 @@ def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | No
                     images=images)
         with found.as_directory() as d:
             final = checkpoint.read_final(d, cfg.train.monitor)
-            model_uri = log_final(final, plan, data["test"])
+            model_uri = log_final(final, plan, data["test"], evaluate=evaluate)
     return TrainResult(report=final.report, history=final.state.history,
                        checkpoint_path=found.path, run_id=run_id, model_uri=model_uri,
                        dataset=info)

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from tlray import config as config_mod
 from tlray.config import Config
 from tlray.errors import TlrayError
+from tlray.serve import log_model as logged_model
 from tlray.track import plots, registry
 from tlray.track.figures import log_figure
 from tlray.track.runs import end_run_with_status
 from tlray.track.store import ui_command
 from tlray.track.metrics import best_of, format_number
+from tlray.train.finish import EVALUATED_BY_THE_SWEEP
 from tlray.train.protocol import is_final
 from tlray.tune.goal import Goal
 from tlray.tune.importance import Importance
@@ -73,12 +75,31 @@ def pick_and_register(cfg, info, results, parent_id: str, registered_name: str,
                     if k.startswith(("val_", "test_", "best_", "train_"))}
     registered = None
     if best["model_uri"]:
-        registered = _register(cfg, info, registered_name, best_result.metrics,
-                               client.get_run(best["mlflow_run_id"]), len(trials))
+        run = client.get_run(best["mlflow_run_id"])
+        evaluate_pick(cfg, info, run, best["model_uri"])
+        registered = _register(cfg, info, registered_name, best_result.metrics, run,
+                               len(trials))
     return {"best_config": {k: best[k] for k in best_result.config},
             "best_metrics": best_metrics, "best_run_id": best["mlflow_run_id"],
             "model_uri": best["model_uri"], "registered": registered, "trials": trials,
             "goal_trial": goal.trial}
+
+
+def evaluate_pick(cfg: Config, info, run, model_uri: str) -> None:
+    """`mlflow.models.evaluate` of the picked trial's logged model, on that trial's run.
+
+    Trials leave it to the sweep (`train.finish.EVALUATED_BY_THE_SWEEP`): each has its test
+    metrics already, and serving the whole test split through the pyfunc (2-3 s a model on a
+    2-core laptop) is worth it for the model a person deploys, not for every one that lost.
+    """
+    import mlflow
+
+    if run.data.tags.get("mlflow_evaluate") != EVALUATED_BY_THE_SWEEP:
+        return  # evaluated already: a resumed or grown sweep that picks it again
+    model_id = mlflow.models.get_model_info(model_uri).model_id
+    with mlflow.start_run(run_id=run.info.run_id, nested=mlflow.active_run() is not None):
+        mlflow.set_tag("mlflow_evaluate", logged_model.evaluate(
+            model_uri, model_id, info, cfg.data.image_size, cfg.tracking.evaluate))
 
 
 def _trial_row(result, children: dict, metric: str, goal: Goal) -> dict:

@@ -48,7 +48,7 @@ def run_trial(params: dict, *, plan: Plan, parent_run_id: str,
                       **({"mlflow.source.name": command, "mlflow.source.type": "LOCAL"}
                          if command else {})},
           run_name=f"trial-{trial_id}", images=images,
-          goal=cfg.tune.goal, deadline=deadline)
+          goal=cfg.tune.goal, deadline=deadline, evaluate=False)  # the sweep's pick only
 
 
 def trains_in_trial_process(cfg: Config) -> bool:
