@@ -97,9 +97,12 @@ def evaluate_pick(cfg: Config, info, run, model_uri: str) -> None:
     if run.data.tags.get("mlflow_evaluate") != EVALUATED_BY_THE_SWEEP:
         return  # evaluated already: a resumed or grown sweep that picks it again
     model_id = mlflow.models.get_model_info(model_uri).model_id
-    with mlflow.start_run(run_id=run.info.run_id, nested=mlflow.active_run() is not None):
+    mlflow.start_run(run_id=run.info.run_id, nested=mlflow.active_run() is not None)
+    try:
         mlflow.set_tag("mlflow_evaluate", logged_model.evaluate(
             model_uri, model_id, info, cfg.data.image_size, cfg.tracking.evaluate))
+    finally:  # FINISHED, as it was: a Ctrl-C here does not undo the trial
+        mlflow.end_run()
 
 
 def _trial_row(result, children: dict, metric: str, goal: Goal) -> dict:
