@@ -78,11 +78,20 @@ def log_final(final: FinalCheckpoint, plan: Plan, test_data, *,
                                                 ("auc", report.test.auc)) if np.isfinite(v)}
     mlflow.log_metrics(test_metrics, step=report.epochs_run, model_id=model_id,
                        dataset=test_data)
-    if model_uri is not None:
-        mlflow.set_tag("mlflow_evaluate", logged_model.evaluate(
-            model_uri, model_id, info, cfg.data.image_size, cfg.tracking.evaluate)
-            if evaluate or cfg.tracking.evaluate == "never" else EVALUATED_BY_THE_SWEEP)
+    if model_uri is not None and (evaluate or cfg.tracking.evaluate == "never"):
+        evaluate_logged(cfg, info, model_uri, model_id)
+    elif model_uri is not None:
+        mlflow.set_tag("mlflow_evaluate", EVALUATED_BY_THE_SWEEP)
     return model_uri
+
+
+def evaluate_logged(cfg, info: DatasetInfo, model_uri: str, model_id: str) -> None:
+    """`mlflow.models.evaluate` of a logged model on the active run (as `tracking.evaluate`
+    says), and the tag that says what it did."""
+    import mlflow
+
+    mlflow.set_tag("mlflow_evaluate", logged_model.evaluate(
+        model_uri, model_id, info, cfg.data.image_size, cfg.tracking.evaluate))
 
 
 def trained_network(plan: Plan, final: FinalCheckpoint) -> torch.nn.Module:

@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from tlray import config as config_mod
 from tlray.config import Config
 from tlray.errors import TlrayError
-from tlray.serve import log_model as logged_model
 from tlray.track import plots, registry
 from tlray.track.figures import log_figure
 from tlray.track.runs import end_run_with_status
 from tlray.track.store import ui_command
 from tlray.track.metrics import best_of, format_number
-from tlray.train.finish import EVALUATED_BY_THE_SWEEP
+from tlray.train.finish import EVALUATED_BY_THE_SWEEP, evaluate_logged
 from tlray.train.protocol import is_final
 from tlray.tune.goal import Goal
 from tlray.tune.importance import Importance
@@ -99,8 +98,7 @@ def evaluate_pick(cfg: Config, info, run, model_uri: str) -> None:
     model_id = mlflow.models.get_model_info(model_uri).model_id
     mlflow.start_run(run_id=run.info.run_id, nested=mlflow.active_run() is not None)
     try:
-        mlflow.set_tag("mlflow_evaluate", logged_model.evaluate(
-            model_uri, model_id, info, cfg.data.image_size, cfg.tracking.evaluate))
+        evaluate_logged(cfg, info, model_uri, model_id)
     finally:  # FINISHED, as it was: a Ctrl-C here does not undo the trial
         mlflow.end_run()
 
