@@ -308,6 +308,37 @@ class RayCluster:
         except Exception as e:  # noqa: BLE001 - for debugging output only
             return f"(no job logs: {e})"
 
+    def diagnose(self, frames: int = 8) -> str:
+        """Why a job may be stuck, compact enough for a CI log's tail: the placement groups
+        that are not placed, and, by py-spy, every thread of this cluster's Python processes
+        (the job's driver, Tune and Train actors) that is running or inside tlray (every
+        thread of the driver: import locks and the like are shared between them): its
+        innermost `frames` frames, then up to as many of tlray's own further out.
+        """
+        lines = []
+        try:
+            groups = self.api("/api/v0/placement_groups?limit=100")["data"]["result"]["result"]
+            lines += [f"placement group {g['placement_group_id'][:8]} {g['state']} "
+                      f"{g.get('strategy')}" for g in groups if g["state"] != "CREATED"]
+        except Exception as e:  # noqa: BLE001 - for debugging output only
+            lines.append(f"(no placement groups: {e})")
+        for pid in sorted(set().union(*(_descendants(p.pid) for p in self.procs))):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if not (cmd.startswith("ray::") or " jobs/" in cmd) or "IDLE" in cmd:
+                continue
+            dump = subprocess.run([str(VENV_BIN / "py-spy"), "dump", "--pid", str(pid)],
+                                  capture_output=True, text=True, timeout=30).stdout
+            for thread in dump.split("\nThread ")[1:]:
+                head, *stack = [f.strip() for f in thread.splitlines() if f.strip()]
+                ours = [f for f in stack if "tlray" in f or "jobs/" in f]
+                if "(active)" in head or ours or " jobs/" in cmd:
+                    lines.append(f"--- pid {pid} {cmd.strip()[:60]}: thread {head}")
+                    lines += stack[:frames] + [f for f in ours if f not in stack[:frames]][:frames]
+        return "\n".join(lines)
+
     def stop_job(self, submission_id: str) -> None:
         try:
             self.api(f"/api/jobs/{submission_id}/stop", method="POST")

@@ -69,6 +69,7 @@ def ray_cluster():
     import ray
 
     from cluster_helpers import RayCluster
+    from tlray.serve.log_model import import_evaluators
     from tlray.train.cluster import init_ray
 
     cluster = RayCluster(num_cpus_per_node=4, object_store_mb=1024,
@@ -76,6 +77,7 @@ def ray_cluster():
     try:
         cluster.start_head()
         os.environ["RAY_ADDRESS"] = cluster.address
+        import_evaluators()  # as a driver does (`plan.preflight`), before Ray's threads start
         init_ray()
         yield ray
     finally:

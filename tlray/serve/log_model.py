@@ -181,12 +181,15 @@ def _unwrap(model: Any) -> Any:
 
 
 def import_evaluators() -> None:
-    """Imports MLflow's model evaluators now, before a run's system-metrics thread starts.
+    """Imports MLflow's model evaluators now, before Ray's threads or a run's system-metrics
+    thread start.
 
     Their first import registers them from an import hook that holds MLflow's import-hook
-    lock while it imports more modules; the system-metrics thread's own imports (it looks for
-    pyspark at every sample) wait for that lock while holding a module lock, and the two can
-    deadlock (seen: a test hung for good inside `mlflow.models.evaluate`). The same goes for
+    lock while it imports more modules; another thread's import waits for that lock while
+    holding a module lock, and the two can deadlock. Seen: a test hung for good inside
+    `mlflow.models.evaluate` (the system-metrics thread looks for pyspark at every sample),
+    and a sweep's driver hung for good here, after `ray.init`, against Ray's log-printing
+    thread (`filter_autoscaler_events` imports lazily). The same goes for
     the autologging flavors `evaluate` configures: for every library already imported (torch)
     it imports MLflow's flavor module (`mlflow.pytorch`) under that lock (seen: the main job
     hung for good in a sweep trial's `evaluate`), so those are imported now too. ~2 s, once

@@ -29,6 +29,7 @@ from tlray.errors import TlrayError
 from tlray.model import feature_cache
 from tlray.model.build import ModelInfo, build_for_run
 from tlray.model.cut import cut_model
+from tlray.serve import log_model as logged_model
 from tlray.track.store import check_tracking_server, configure
 from tlray.train import faults
 from tlray.train.cluster import check_resources, init_ray, worker_resources
@@ -76,6 +77,9 @@ def preflight(cfg: Config, *, dataset: DatasetInfo | None = None, plan_cache: bo
     require_splits(info)
     cfg, augment_note = resolve_augmentation(cfg, info, say=progress)
     model, minfo = check_model(cfg, info)
+    if not in_trial_process and cfg.tracking.log_model and cfg.tracking.evaluate != "never":
+        # Before Ray's threads start: their lazy imports can deadlock this one (see there).
+        logged_model.import_evaluators()
     uri = connect(cfg)
     cfg = config_mod.with_overrides(cfg, **{
         "data.dataset": info.uri, "tracking.tracking_uri": uri,

@@ -26,7 +26,6 @@ from tlray.config import Config
 from tlray.config.interval import parse_budget
 from tlray.config.schedule import first_depth
 from tlray.errors import Paused, TlrayError
-from tlray.serve import log_model as logged_model
 from tlray.track import registry
 from tlray.track.datasets import log_datasets
 from tlray.track.figures import log_samples
@@ -92,8 +91,6 @@ def sweep(cfg: Config, *, resume: bool = False, more: int = 0,
             "augmentation": plan.augment_note}
     goal = Goal(cfg.train.monitor, cfg.monitor_mode, cfg.tune.goal)
     guard = BudgetGuard(budget_plan, started_at) if budget_plan else None
-    if cfg.tracking.log_model and cfg.tracking.evaluate != "never":
-        logged_model.import_evaluators()  # for its pick (pick.evaluate_pick), before any run
     with start_run(plan.experiment, run_name=state.name, tags=tags,
                    run_id=state.parent_run_id) as parent:
         if state.parent_run_id is None:
