@@ -219,7 +219,14 @@ def test_a_first_phase_from_the_feature_cache_trains_as_it_would_from_images(dig
     # Phase 2 trains the whole model on images in both, from head weights equal but for
     # float rounding (the cache was computed in batches of another size).
     assert first == epochs(plain)[0]
-    assert second == pytest.approx(epochs(plain)[1], rel=1e-3)
+    # AUC ranks scores: rounding can swap two near-tied ones, and each swap moves it by a
+    # step (1 / (positives x negatives) of one class, over the classes), not by a fraction.
+    rows, classes = digits.splits["val"].rows, len(digits.classes)
+    auc_step = 1 / ((rows // classes) * (rows - rows // classes)) / classes
+    assert second["val_auc"] == pytest.approx(epochs(plain)[1]["val_auc"], abs=5 * auc_step)
+    assert ({k: v for k, v in second.items() if k != "val_auc"} ==
+            pytest.approx({k: v for k, v in epochs(plain)[1].items() if k != "val_auc"},
+                          rel=1e-3))
     one_image = 1 / digits.splits["test"].rows
     assert abs(final(cached).report.test.acc - final(plain).report.test.acc) <= one_image
 
