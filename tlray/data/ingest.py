@@ -59,13 +59,28 @@ def read_split(info: DatasetInfo, split: str, *, shuffle: bool = False,
     else:
         ds = ray.data.from_items([{"path": p} for p in shards], override_num_blocks=len(shards))
         ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow",
-                            zero_copy_batch=True, num_cpus=READ_NUM_CPUS)
+                            zero_copy_batch=True, num_cpus=READ_NUM_CPUS,
+                            compute=ray.data.TaskPoolStrategy(size=read_tasks(len(shards))))
         if cache:
             # Blocks in shard order, not in the order the read tasks happened to finish: with
             # a seed, the same run sees the same batches.
             ds.context.execution_options.preserve_order = True
             ds = ds.materialize()
     return ds.randomize_block_order(seed=seed) if shuffle else ds
+
+
+def read_tasks(shards: int) -> int:
+    """How many shard reads run at once: about one per two of the cluster's CPUs, at least 2.
+
+    A read is a file read and an unzip; what costs is its process: each task that runs
+    beside another needs a Ray worker process of its own, and a new one spends ~2 s of CPU
+    importing before it reads anything. Left to Ray Data (a quarter-CPU task per free
+    quarter CPU), a 4-CPU local cluster started 11 of them to read 11 tiny shards.
+    """
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 2.0)
+    return max(1, min(shards, max(2, int(cpus // 2))))
 
 
 def worker_split_config(lockstep: Iterable[str] = (), in_memory: Iterable[str] = ()):
