@@ -46,8 +46,9 @@ def collect_ids(cfg):
 
 def test_two_workers_split_every_row_once_lockstep_ones_evenly_and_held_ones_the_same_again(
         ray_cluster, tmp_path):
-    """Three ways to deal one dataset to two real Train workers, in one run:
-    - `every` (validation, test): every row exactly once per epoch;
+    """Four ways to deal one dataset to two real Train workers, in one run:
+    - `every` (validation, test): every row exactly once per epoch, streamed or (`every_held`)
+      held in memory and dealt by position, in parts at most a row apart;
     - `held` and `streamed` in lockstep (training): every worker as many rows, so the same
       steps, at most workers - 1 rows of an epoch left out;
     - `held` (in memory) is dealt by position: a restarted run with as many workers gives
@@ -64,6 +65,7 @@ def test_two_workers_split_every_row_once_lockstep_ones_evenly_and_held_ones_the
 
     def run(out: Path, names: list[str]) -> list[dict]:
         datasets = {"every": lambda: read_split(info, "train", shuffle=True),
+                    "every_held": lambda: read_split(info, "train", cache=True),
                     "held": lambda: read_split(info, "train", shuffle=True, seed=3, cache=True),
                     "streamed": lambda: read_split(info, "train", shuffle=True, seed=3)}
         out.mkdir()
@@ -74,15 +76,18 @@ def test_two_workers_split_every_row_once_lockstep_ones_evenly_and_held_ones_the
             run_config=RunConfig(storage_path=str(tmp_path / "ray")),
             datasets={name: datasets[name]() for name in names},
             dataset_config=worker_split_config(lockstep=["held", "streamed"],
-                                               in_memory=["held"])).fit()
+                                               in_memory=["held", "every_held"])).fit()
         return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
-    first = run(tmp_path / "run0", ["every", "held", "streamed"])
+    first = run(tmp_path / "run0", ["every", "every_held", "held", "streamed"])
     every_row = {f"arrays:{i}" for i in range(n)}
-    for a, b in zip(first[0]["every"], first[1]["every"]):  # each epoch
-        assert len(a) > 0 and len(b) > 0
-        assert not set(a) & set(b)  # disjoint
-        assert len(a) + len(b) == n and set(a) | set(b) == every_row  # complete, no repeats
+    for name in ("every", "every_held"):
+        for a, b in zip(first[0][name], first[1][name]):  # each epoch
+            assert len(a) > 0 and len(b) > 0
+            assert not set(a) & set(b)  # disjoint
+            assert len(a) + len(b) == n and set(a) | set(b) == every_row  # complete, once
+    assert [len(ids) for rank in first for ids in rank["every_held"]] == [n // 2] * 2 + \
+        [n - n // 2] * 2  # by position: a row apart, the same every epoch
     for name in ("held", "streamed"):
         for a, b in zip(first[0][name], first[1][name]):
             assert len(a) == len(b) == n // 2 and not set(a) & set(b), name

@@ -93,9 +93,10 @@ def worker_split_config(lockstep: Iterable[str] = (), in_memory: Iterable[str] =
       (a preemption notice, a mid-epoch checkpoint) is safe; at most workers - 1 rows of
       an epoch are left out.
     - One worker reads the whole dataset itself: no split, no coordinator actor.
-    - Dealt by position (`in_memory`: lockstep datasets already in Ray's object store): a
-      run restarted with as many workers gives each the same rows, so it can resume inside
-      an epoch exactly. Streamed ones are dealt as workers ask.
+    - Dealt by position (`in_memory`: datasets already in Ray's object store): a run
+      restarted with as many workers gives each the same rows, so it can resume inside an
+      epoch exactly; and no coordinator actor (a process, ~2 s of CPU to start) is needed.
+      Streamed ones are dealt as workers ask.
     """
     from ray.train import DataConfig
 
@@ -117,8 +118,9 @@ def worker_split_config(lockstep: Iterable[str] = (), in_memory: Iterable[str] =
                 equal = name in lockstep and world_size > 1
                 if world_size == 1:  # the whole dataset, without a coordinator actor
                     parts = [ds.iterator()]
-                elif equal and name in in_memory:  # its blocks are already somewhere
-                    parts = [p.iterator() for p in ds.split(world_size, equal=True)]
+                elif name in in_memory:  # its blocks are already somewhere: no coordinator
+                    parts = [p.iterator() for p in (ds.split(world_size, equal=True) if equal
+                                                    else every_row_once(ds, world_size))]
                 else:
                     parts = ds.streaming_split(world_size, equal=equal, locality_hints=hints)
                 for i, part in enumerate(parts):
@@ -126,6 +128,14 @@ def worker_split_config(lockstep: Iterable[str] = (), in_memory: Iterable[str] =
             return output
 
     return WorkerSplitConfig()
+
+
+def every_row_once(ds, parts: int) -> list:
+    """An in-memory dataset in `parts` pieces by position, every row in exactly one, their
+    sizes at most a row apart (`Dataset.split` deals whole blocks: a one-shard split would
+    leave a worker nothing)."""
+    rows = ds.count()
+    return ds.split_at_indices([rows * i // parts for i in range(1, parts)])
 
 
 def iter_image_batches(data, shape: tuple[int, ...], batch_size: int, *,
