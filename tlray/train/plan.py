@@ -77,8 +77,9 @@ def preflight(cfg: Config, *, dataset: DatasetInfo | None = None, plan_cache: bo
     require_splits(info)
     cfg, augment_note = resolve_augmentation(cfg, info, say=progress)
     model, minfo = check_model(cfg, info)
-    if not in_trial_process and cfg.tracking.log_model and cfg.tracking.evaluate != "never":
-        # Before Ray's threads start: their lazy imports can deadlock this one (see there).
+    if not in_ray_actor() and cfg.tracking.log_model and cfg.tracking.evaluate != "never":
+        # A driver, before Ray's threads start: their lazy imports can deadlock this one (see
+        # there). A sweep's trial (an actor) leaves evaluating to its driver.
         logged_model.import_evaluators()
     uri = connect(cfg)
     cfg = config_mod.with_overrides(cfg, **{
@@ -88,6 +89,12 @@ def preflight(cfg: Config, *, dataset: DatasetInfo | None = None, plan_cache: bo
                    if plan_cache else (None, "decided by each trial"))
     return Plan(config=cfg, dataset=info, model=minfo, cache=cache, cache_note=note,
                 tracking_uri=uri, augment_note=augment_note, fault=faults.from_env())
+
+
+def in_ray_actor() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 
 def resolve_augmentation(cfg: Config, info: DatasetInfo, *, say: bool = True
