@@ -27,6 +27,13 @@ def ray_data_logging_config() -> str:
     return str(resources.files("tlray.train") / "ray_data_logging.yaml")
 
 
+def in_ray_actor() -> bool:
+    """Whether this process runs a Ray actor (a sweep's trial, a Train worker), not a driver."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
 def init_ray(num_cpus: int | None = None, **kwargs) -> None:
     """`ray.init` unless already connected; local clusters get `num_cpus` logical CPUs."""
     import ray

@@ -32,7 +32,7 @@ from tlray.model.cut import cut_model
 from tlray.serve import log_model as logged_model
 from tlray.track.store import check_tracking_server, configure
 from tlray.train import faults
-from tlray.train.cluster import check_resources, init_ray, worker_resources
+from tlray.train.cluster import check_resources, in_ray_actor, init_ray, worker_resources
 from tlray.train.protocol import CachePlan
 from tlray.train.threads import own_threads
 
@@ -89,12 +89,6 @@ def preflight(cfg: Config, *, dataset: DatasetInfo | None = None, plan_cache: bo
                    if plan_cache else (None, "decided by each trial"))
     return Plan(config=cfg, dataset=info, model=minfo, cache=cache, cache_note=note,
                 tracking_uri=uri, augment_note=augment_note, fault=faults.from_env())
-
-
-def in_ray_actor() -> bool:
-    import ray
-
-    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 
 def resolve_augmentation(cfg: Config, info: DatasetInfo, *, say: bool = True
