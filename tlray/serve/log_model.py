@@ -189,11 +189,11 @@ def import_evaluators() -> None:
     holding a module lock, and the two can deadlock. Seen: a test hung for good inside
     `mlflow.models.evaluate` (the system-metrics thread looks for pyspark at every sample),
     and a sweep's driver hung for good here, after `ray.init`, against Ray's log-printing
-    thread (`filter_autoscaler_events` imports lazily). The same goes for
-    the autologging flavors `evaluate` configures: for every library already imported (torch)
-    it imports MLflow's flavor module (`mlflow.pytorch`) under that lock (seen: the main job
-    hung for good in a sweep trial's `evaluate`), so those are imported now too. ~2 s, once
-    per process.
+    thread (`filter_autoscaler_events` imports lazily). The same goes for the autologging
+    flavors `evaluate` configures: for every library already imported (torch) it imports
+    MLflow's flavor module (`mlflow.pytorch`) under that lock (seen: the main job hung for
+    good in a sweep trial's `evaluate`), so those are imported now too. ~2 s, once per
+    process.
     """
     import importlib
 
