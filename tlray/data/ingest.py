@@ -119,8 +119,7 @@ def worker_split_config(lockstep: Iterable[str] = (), in_memory: Iterable[str] =
                 if world_size == 1:  # the whole dataset, without a coordinator actor
                     parts = [ds.iterator()]
                 elif name in in_memory:  # its blocks are already somewhere: no coordinator
-                    parts = [p.iterator() for p in (ds.split(world_size, equal=True) if equal
-                                                    else every_row_once(ds, world_size))]
+                    parts = [p.iterator() for p in split_by_position(ds, world_size, equal)]
                 else:
                     parts = ds.streaming_split(world_size, equal=equal, locality_hints=hints)
                 for i, part in enumerate(parts):
@@ -130,12 +129,29 @@ def worker_split_config(lockstep: Iterable[str] = (), in_memory: Iterable[str] =
     return WorkerSplitConfig()
 
 
-def every_row_once(ds, parts: int) -> list:
-    """An in-memory dataset in `parts` pieces by position, every row in exactly one, their
-    sizes at most a row apart (`Dataset.split` deals whole blocks: a one-shard split would
-    leave a worker nothing)."""
-    rows = ds.count()
-    return ds.split_at_indices([rows * i // parts for i in range(1, parts)])
+def split_by_position(ds, parts: int, equal: bool = False) -> list:
+    """An in-memory dataset in `parts` pieces by position, each a run of consecutive rows:
+    `equal`, each `rows // parts` rows (the rest left out); else every row in exactly one,
+    their sizes at most a row apart.
+
+    Done here, in the calling process (Train's DatasetManager), not by Ray Data's
+    `split`/`split_at_indices`: those cut blocks in tasks that each need a whole free CPU,
+    and while the run's workers hold a 2-core laptop's CPUs they wait forever (seen: a
+    2-worker sweep trial on `ray.init()`'s 2 CPUs). The pieces are new blocks in the object
+    store (a copy of the split for the run's length; in-memory splits are at most
+    `data.cache_gb`), in the split's own block sizes.
+    """
+    import ray
+
+    blocks = ray.get(ds.to_arrow_refs())  # no task: the blocks are Arrow tables already
+    table = pa.concat_tables(blocks) if blocks else ds.schema().base_schema.empty_table()
+    rows = table.num_rows
+    size = rows // parts
+    bounds = [size * i if equal else rows * i // parts for i in range(parts + 1)]
+    return [ray.data.from_blocks([pa.Table.from_batches([b]) for b in
+                                  table.slice(start, stop - start).to_batches()]
+                                 or [table.slice(0, 0)])
+            for start, stop in zip(bounds, bounds[1:])]
 
 
 def iter_image_batches(data, shape: tuple[int, ...], batch_size: int, *,
