@@ -41,6 +41,19 @@ def _sys_path_restored():
 
 
 @pytest.fixture(autouse=True)
+def _ray_only_in_ray_tests(request):
+    """A test that is not a `ray` test starts no Ray: it would start a local cluster of
+    its own (seconds), and a `ray_cluster` test after it would find this process on that one
+    instead of the session's."""
+    yield
+    if request.node.get_closest_marker("ray") is None:
+        import ray
+
+        assert not ray.is_initialized(), (
+            "this test started Ray: give it the ray_cluster fixture (or mark it `ray`)")
+
+
+@pytest.fixture(autouse=True)
 def _sigint_handler_restored():
     """Ray Train's `fit()`, run on the main thread, installs a SIGINT handler that holds its
     controller actor and never puts the old one back: the actor then lives on until some later
@@ -78,6 +91,7 @@ def ray_cluster():
         cluster.start_head()
         os.environ["RAY_ADDRESS"] = cluster.address
         import_evaluators()  # as a driver does (`plan.preflight`), before Ray's threads start
+        ray.shutdown()  # a local cluster an earlier test may have started (`init_ray`)
         init_ray()
         yield ray
     finally:

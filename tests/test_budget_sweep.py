@@ -140,7 +140,7 @@ SMALL = ["--model.backbone=test_efficientnet", "--model.weights=none", "--data.i
     (["--data.augment=none", "--train.feature_cache=never"], set()),
 ], ids=["plain images", "augmented", "cache never"])
 def test_calibration_times_the_feature_cache_where_trials_would_train_from_it(
-        few_digits, settings, cached):
+        ray_cluster, few_digits, settings, cached):
     cfg = config.load(None, SMALL[:4] + [f"--data.dataset={few_digits.uri}",
                                          "--tune.freeze=0;1;all", *settings])
     plan = preflight(cfg, plan_cache=False)
@@ -215,7 +215,7 @@ def test_a_trials_start_and_end_are_measured_and_replace_the_estimates():
 
 
 def test_a_budget_too_small_is_refused_when_the_user_gave_it_and_planned_when_a_recipe_did(
-        mnist, capsys):
+        ray_cluster, mnist, capsys):
     """Planned from costs measured on this machine: 5 s cannot hold even a sweep's start."""
     cfg = config.load(None, SMALL + [f"--data.dataset={mnist.uri}", "--tune.budget=5s"])
     plan = preflight(cfg, plan_cache=False)
