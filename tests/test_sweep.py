@@ -6,15 +6,20 @@ import glob
 import json
 import os
 
+import mlflow
 import pandas as pd
 import pytest
+import torch
 from cluster_helpers import wait_for
 from mlflow import MlflowClient
 
 from tlray import config
+from tlray.data.preprocess import to_model_input
 from tlray.errors import TlrayError
 from tlray.serve.predict import predict
 from tlray.tune import sweep
+from tlray.train.finish import model_example_images
+from tlray.train.plan import check_model
 from tlray.tune.space import freeze_choices, spread_trials
 
 pytestmark = pytest.mark.ray
@@ -89,6 +94,22 @@ def test_a_sweep_retries_a_dead_trial_and_registers_its_champion(ray_cluster, fe
     champion = MlflowClient().get_model_version_by_alias("digits", "champion")
     assert int(champion.version) == first.registered.version
     assert MlflowClient().get_run(champion.run_id).info.status == "FINISHED"
+
+    # Only the pick's model is logged (tune.log_models=pick), by the sweep, from its trial's
+    # final checkpoint: the trials that lost exported nothing.
+    picked = MlflowClient().get_run(champion.run_id)
+    with_model = [r.data.tags["tune_trial_id"] for r in children(first.parent_run_id)
+                  if "model_uri" in r.data.tags]
+    assert with_model == [picked.data.tags["tune_trial_id"]]
+    assert picked.data.tags["model_uri"] == first.model_uri == champion.source
+    ckpt = sorted(glob.glob(f"{first.path}/run_trial_*{with_model[0]}*/checkpoint_*"))[-1]
+    network, minfo = check_model(cfg, few_digits)
+    network.load_state_dict(torch.load(f"{ckpt}/model.pt", weights_only=True))
+    x = to_model_input(torch.from_numpy(model_example_images(few_digits)),
+                       minfo.data_config["mean"], minfo.data_config["std"], (32, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(mlflow.pytorch.load_model(first.model_uri, device="cpu")(x),
+                                   network.eval()(x))
 
     # The champion predicts a Kaggle-style test.csv into a valid submission.
     digits = mnist_test_csv(tmp_path / "test.csv", few_digits)

@@ -158,14 +158,15 @@ def test_a_goal_stops_the_sweep_and_more_trials_grow_it(ray_cluster, few_digits)
     assert "the goal stopped the sweep" in summary
     assert "too few trials (1 with a result)" in summary
 
-    # Grown by three: the same parent run, the finished trial kept, new settings tried.
+    # Grown by three: the same parent run, the finished trial kept, new settings tried;
+    # each new trial logs its own model this time (the first one's, the pick's, is there).
     grown_args = [a for a in args if not a.startswith("--tune.goal")]
-    grown = sweep.sweep(config.load(None, grown_args), more=3)
+    grown = sweep.sweep(config.load(None, grown_args + ["--tune.log_models=all"]), more=3)
     runs = children(grown.parent_run_id)
     assert grown.parent_run_id == first.parent_run_id and len(runs) == 4
     assert runs[0].info.run_id == first.trials[0]["mlflow_run_id"]  # not trained again
     completed = [t for t in grown.trials if t["status"] == "COMPLETED"]
-    assert len(completed) == 4
+    assert len(completed) == 4 and all(t["model_uri"] for t in completed)
     old, new = completed[0], completed[1:]
     assert all((t["optim.lr"], t["model.freeze"]) != (old["optim.lr"], old["model.freeze"])
                for t in new)

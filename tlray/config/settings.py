@@ -213,6 +213,11 @@ class TuneConfig:
     name: str | None = setting(None, "the sweep's name in Ray storage (default: "
                                      "dataset-backbone-time)")
     registered_name: str | None = setting(None, "registry name (default: dataset-backbone)")
+    log_models: str = setting("pick", "whose model the sweep logs: pick (the trial it "
+                                      "picks, once the sweep ends) or all (every completed "
+                                      "trial's, ~3-4 s of export each, to choose another "
+                                      "one in the MLflow UI)",
+                              choices=("pick", "all"))
     champion_metric: str = setting("test_acc", "what @champion must beat",
                                    choices=tuple(CHAMPION_METRICS))
     goal: float | None = setting(None, "stop the sweep once a trial's train.monitor reaches "

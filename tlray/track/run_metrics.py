@@ -35,14 +35,17 @@ def log_epoch_metrics(metrics: Mapping[str, Any], epoch: int) -> dict[str, float
     return finite
 
 
-def link_metrics(run_id: str, model_id: str, keys: list[str], step: int) -> None:
+def link_metrics(run_id: str, model_id: str, keys: list[str], step: int,
+                 dataset: Any = None) -> None:
     """Attaches the run's `keys` at `step` (e.g. the best epoch's) to a logged model, which is
-    how the MLflow UI's Models tab lists and sorts them. The values keep their timestamps, so
-    the run's own history gains no second entry."""
+    how the MLflow UI's Models tab lists and sorts them, and to the MLflow `dataset` they were
+    measured on, if given. The values keep their timestamps, so the run's own history gains
+    no second entry."""
     from mlflow.entities import Metric
 
     client = MlflowClient()
-    linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id)
+    on = {"dataset_name": dataset.name, "dataset_digest": dataset.digest} if dataset else {}
+    linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, **on)
               for key in keys for m in client.get_metric_history(run_id, key)
               if m.step == step]
     if linked:

@@ -14,7 +14,7 @@ import torch
 
 from tlray.config import schedule
 from tlray.data.dataset import DatasetInfo, sample_per_class
-from tlray.model.build import build_for_run
+from tlray.model.build import ModelInfo, build_for_run
 from tlray.serve import log_model as logged_model
 from tlray.track import plots
 from tlray.track.figures import log_figure
@@ -26,13 +26,15 @@ EVALUATED_BY_THE_SWEEP = "not run here: the sweep runs it on the trial it picks"
 
 
 def log_final(final: FinalCheckpoint, plan: Plan, test_data, *,
-              evaluate: bool = True) -> str | None:
+              evaluate: bool = True, log_model: bool = True) -> str | None:
     """Logs `final` to the active MLflow run; returns the logged model's URI (None if the
-    config says not to log it).
+    config says not to log it, or `log_model=False`).
 
     The logged model gets the best epoch's validation metrics and the test metrics (which
     are also linked to the test split, `test_data`). `evaluate=False` (a sweep's trial)
-    leaves `mlflow.models.evaluate` to the caller, which runs it on the model it picks.
+    leaves `mlflow.models.evaluate` to the caller, which runs it on the model it picks;
+    `log_model=False` (a sweep's trial, `tune.log_models=pick`) leaves the model to it too
+    (`log_picked_model`).
     """
     import mlflow
 
@@ -55,34 +57,64 @@ def log_final(final: FinalCheckpoint, plan: Plan, test_data, *,
         log_figure(plots.predictions_grid(s["images"], s["labels"], s["preds"],
                                           info.classes),
                    "plots/test_predictions.png")
-    model_uri = model_id = None
     if "tta" in test:
         t = test["tta"]
         mlflow.log_metrics({"test_acc_without_tta": t["acc_without_tta"],
                             "test_ms_per_image": t["ms_per_image"],
                             "test_ms_per_image_without_tta": t["ms_per_image_without_tta"]})
-    if cfg.tracking.log_model:
-        logged = logged_model.log_model(
-            trained_network(plan, final), model_example_images(info), info.classes,
-            {"mean": plan.model.data_config["mean"], "std": plan.model.data_config["std"],
-             "size": [cfg.data.image_size] * 2, "channels": info.channels,
-             "tta": cfg.model.tta})
-        model_uri, model_id = logged.model_uri, logged.model_id
-        mlflow.set_tag("model_uri", model_uri)
-        # The best epoch's metrics go with the model: its weights are that epoch's.
-        link_metrics(mlflow.active_run().info.run_id, model_id,
-                     list(dataclasses.asdict(final.state.best_row())),
-                     report.best_epoch or report.epochs_run)
-    test_metrics = {f"test_{k}": v for k, v in (("loss", report.test.loss),
-                                                ("acc", report.test.acc),
-                                                ("auc", report.test.auc)) if np.isfinite(v)}
-    mlflow.log_metrics(test_metrics, step=report.epochs_run, model_id=model_id,
+    model_uri = model_id = None
+    if cfg.tracking.log_model and log_model:
+        model_uri, model_id = log_trained_model(final, cfg, info)
+    mlflow.log_metrics(final_test_metrics(final), step=report.epochs_run, model_id=model_id,
                        dataset=test_data)
+    if not cfg.tracking.log_model:
+        return None
     if model_uri is not None and (evaluate or cfg.tracking.evaluate == "never"):
         evaluate_logged(cfg, info, model_uri, model_id)
-    elif model_uri is not None:
+    else:
         mlflow.set_tag("mlflow_evaluate", EVALUATED_BY_THE_SWEEP)
     return model_uri
+
+
+def log_picked_model(final: FinalCheckpoint, cfg, info: DatasetInfo) -> str:
+    """The model of a sweep's trial that left it to the sweep (`tune.log_models=pick`),
+    logged to the active run (the trial's) once the sweep picked it, with the same metrics
+    linked to it as `log_final` links; returns its URI."""
+    import mlflow
+
+    from tlray.track.datasets import split_dataset
+
+    model_uri, model_id = log_trained_model(final, cfg, info)
+    link_metrics(mlflow.active_run().info.run_id, model_id, list(final_test_metrics(final)),
+                 final.report.epochs_run, dataset=split_dataset(info, "test"))
+    return model_uri
+
+
+def log_trained_model(final: FinalCheckpoint, cfg, info: DatasetInfo) -> tuple[str, str]:
+    """The final checkpoint's network as a logged model of the active run, tagged on it
+    (`model_uri`), the best epoch's metrics linked to it; returns (URI, model id)."""
+    import mlflow
+
+    network, minfo = trained_network(cfg, info, final)
+    logged = logged_model.log_model(
+        network, model_example_images(info), info.classes,
+        {"mean": minfo.data_config["mean"], "std": minfo.data_config["std"],
+         "size": [cfg.data.image_size] * 2, "channels": info.channels,
+         "tta": cfg.model.tta})
+    mlflow.set_tag("model_uri", logged.model_uri)
+    # The best epoch's metrics go with the model: its weights are that epoch's.
+    report = final.report
+    link_metrics(mlflow.active_run().info.run_id, logged.model_id,
+                 list(dataclasses.asdict(final.state.best_row())),
+                 report.best_epoch or report.epochs_run)
+    return logged.model_uri, logged.model_id
+
+
+def final_test_metrics(final: FinalCheckpoint) -> dict[str, float]:
+    """The run's test loss, accuracy and AUC (those that are finite)."""
+    t = final.report.test
+    return {f"test_{k}": v for k, v in (("loss", t.loss), ("acc", t.acc), ("auc", t.auc))
+            if np.isfinite(v)}
 
 
 def evaluate_logged(cfg, info: DatasetInfo, model_uri: str, model_id: str) -> None:
@@ -94,14 +126,15 @@ def evaluate_logged(cfg, info: DatasetInfo, model_uri: str, model_id: str) -> No
         model_uri, model_id, info, cfg.data.image_size, cfg.tracking.evaluate))
 
 
-def trained_network(plan: Plan, final: FinalCheckpoint) -> torch.nn.Module:
-    """The run's architecture with the final checkpoint's (best) weights: built without its
-    starting weights, which the checkpoint replaces entirely."""
-    cfg, info = plan.config, plan.dataset
+def trained_network(cfg, info: DatasetInfo, final: FinalCheckpoint) -> tuple[torch.nn.Module,
+                                                                             ModelInfo]:
+    """The run's architecture with the final checkpoint's (best) weights, and what the
+    model wants as input: built without its starting weights, which the checkpoint replaces
+    entirely."""
     depth = schedule.parse(cfg.model.freeze)[final.state.phase].depth  # as the weights were
-    model, _ = build_for_run(cfg, info, weights="none", freeze=depth)
+    model, minfo = build_for_run(cfg, info, weights="none", freeze=depth)
     model.load_state_dict(torch.load(final.weights, map_location="cpu", weights_only=True))
-    return model
+    return model, minfo
 
 
 def model_example_images(info: DatasetInfo) -> np.ndarray:

@@ -49,7 +49,7 @@ def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | No
           callbacks: list | None = None, run_name: str | None = None,
           in_trial_process: bool = False, images: dict | None = None,
           goal: float | None = None, deadline: Deadline | None = None,
-          evaluate: bool = True) -> TrainResult:
+          evaluate: bool = True, log_model: bool = True) -> TrainResult:
     """Runs one planned configuration to completion and logs it to MLflow.
 
     Args:
@@ -66,6 +66,8 @@ def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | No
             after it (`tlray.train.deadline`).
         evaluate: run `mlflow.models.evaluate` on the logged model (a sweep's trials leave
             it to the sweep, which evaluates the one it picks: `tune.pick.evaluate_pick`).
+        log_model: log the model (as `tracking.log_model` says); a sweep's trial leaves it
+            to the sweep, which logs the one it picks (`tune.log_models`).
     """
     cfg, info, minfo = plan.config, plan.dataset, plan.model
     if plan.cache is not None:
@@ -77,7 +79,7 @@ def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | No
    "dataset": info.name, **(extra_tags or {})}
     name = run_name or cfg.tracking.run_name or re.sub(
         r"[^\w.-]+", "_", f"{cfg.model.backbone}-f{cfg.model.freeze}")  # a directory name
-    if evaluate and cfg.tracking.log_model and cfg.tracking.evaluate != "never":
+    if evaluate and log_model and cfg.tracking.log_model and cfg.tracking.evaluate != "never":
         logged_model.import_evaluators()  # before the system-metrics thread below starts
     # CPU, memory (and GPU, where there is one) of this process's machine, as system/* metrics.
     os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
@@ -102,7 +104,8 @@ def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | No
                     images=images)
         with found.as_directory() as d:
             final = checkpoint.read_final(d, cfg.train.monitor)
-            model_uri = log_final(final, plan, data["test"], evaluate=evaluate)
+            model_uri = log_final(final, plan, data["test"], evaluate=evaluate,
+                                  log_model=log_model)
     return TrainResult(report=final.report, history=final.state.history,
                        checkpoint_path=found.path, run_id=run_id, model_uri=model_uri,
                        dataset=info)

@@ -40,11 +40,12 @@ from tlray.tune.makespan import Costs
 STEPS = 3  # timed steps per depth, after one warm-up step
 # Around a trial's epochs, measured with the main job on the 2-core laptop (December 2026,
 # tf_efficientnet_lite0, 48 px): a reused trial process's start, the run's MLflow set-up and
-# its data (TRIAL_START_S); the test and the logged model (TRIAL_FINISH_S); the sweep's Tune
-# set-up before its first trial, and its pick, the pick's `mlflow.models.evaluate` and its
-# registration after its last (SWEEP_START_S, SWEEP_END_S). REFERENCE_STEP_S is what one
-# step of that run took there, the yardstick for scaling them to another machine.
-TRIAL_START_S, TRIAL_FINISH_S, SWEEP_START_S, SWEEP_END_S = 4.0, 5.5, 4.0, 6.0
+# its data (TRIAL_START_S); the test, plots and metrics (TRIAL_FINISH_S); the sweep's Tune
+# set-up before its first trial, and its pick, the pick's logged model (`tune.log_models`),
+# its `mlflow.models.evaluate` and its registration after its last (SWEEP_START_S,
+# SWEEP_END_S). REFERENCE_STEP_S is what one step of that run took there, the yardstick for
+# scaling them to another machine.
+TRIAL_START_S, TRIAL_FINISH_S, SWEEP_START_S, SWEEP_END_S = 4.0, 2.5, 4.0, 10.0
 # A feature cache's build beyond its front's forward passes (the model built again, the
 # shards read and written): what the first trial at a cached depth spends before training.
 CACHE_BUILD_S = 2.0

@@ -48,7 +48,9 @@ def run_trial(params: dict, *, plan: Plan, parent_run_id: str,
                       **({"mlflow.source.name": command, "mlflow.source.type": "LOCAL"}
                          if command else {})},
           run_name=f"trial-{trial_id}", images=images,
-          goal=cfg.tune.goal, deadline=deadline, evaluate=False)  # the sweep's pick only
+          goal=cfg.tune.goal, deadline=deadline,
+          # The sweep's pick only, unless every trial's model is wanted (tune.log_models).
+          evaluate=False, log_model=cfg.tune.log_models == "all")
 
 
 def trains_in_trial_process(cfg: Config) -> bool:
