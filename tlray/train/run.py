@@ -14,6 +14,8 @@ import os
 import sys
 from dataclasses import dataclass
 
+import mlflow
+
 from tlray.data.dataset import DatasetInfo
 from tlray.serve import log_model as logged_model
 from tlray.track.datasets import log_datasets
@@ -102,6 +104,8 @@ def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | No
                           goal=goal, deadline=deadline)
         found = fit(plan, args, name=f"{name}-{run_id[:8]}", callbacks=callbacks,
                     images=images)
+        # Where the final checkpoint is: a sweep logs its pick's model from it.
+        mlflow.set_tag(FINAL_CHECKPOINT_TAG, checkpoint_uri(found))
         with found.as_directory() as d:
             final = checkpoint.read_final(d, cfg.train.monitor)
             model_uri = log_final(final, plan, data["test"], evaluate=evaluate,
@@ -111,10 +115,18 @@ def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | No
                        dataset=info)
 
 
+FINAL_CHECKPOINT_TAG = "final_checkpoint"
+
+
+def checkpoint_uri(found) -> str:
+    """A Ray checkpoint's location as `ray.train.Checkpoint(...)` takes it back: a local
+    path, or a URI on its storage (`s3://...`)."""
+    scheme = getattr(found.filesystem, "type_name", "local")
+    return found.path if scheme == "local" else f"{scheme}://{found.path}"
+
+
 def _log_plan(plan: Plan) -> None:
     """The resolved config, the model's size, dataset.json and the feature-cache choice."""
-    import mlflow
-
     log_config(plan.config.to_dict())
     mlflow.log_params({"model.trainable_params": plan.model.trainable_params,
                        "model.total_params": plan.model.total_params,

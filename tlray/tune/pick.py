@@ -19,6 +19,7 @@ from tlray.track.metrics import best_of, format_number
 from tlray.train.checkpoint import read_final
 from tlray.train.finish import EVALUATED_BY_THE_SWEEP, evaluate_logged, log_picked_model
 from tlray.train.protocol import is_final
+from tlray.train.run import FINAL_CHECKPOINT_TAG
 from tlray.tune.goal import Goal
 from tlray.tune.importance import Importance
 from tlray.tune.importance import plots as importance_plots
@@ -96,10 +97,16 @@ def log_pick(cfg: Config, info, result, run_id: str) -> str:
     CPU: for every trial that lost, that is time a budget could have trained.
     """
     import mlflow
+    from mlflow import MlflowClient
 
     trial_cfg = config_mod.load(None, [f"{k}={json.dumps(v)}" for k, v in result.config.items()],
                                 base=cfg)
-    with result.checkpoint.as_directory() as d:
+    from ray.train import Checkpoint
+
+    # The trial's run says where (a multi-worker trial's Train run kept it, not Tune).
+    where = MlflowClient().get_run(run_id).data.tags.get(FINAL_CHECKPOINT_TAG)
+    found = Checkpoint(where) if where else result.checkpoint
+    with found.as_directory() as d:
         final = read_final(d, cfg.train.monitor)
         mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
         try:
