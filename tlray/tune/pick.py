@@ -98,11 +98,10 @@ def log_pick(cfg: Config, info, result, run_id: str) -> str:
     """
     import mlflow
     from mlflow import MlflowClient
+    from ray.train import Checkpoint
 
     trial_cfg = config_mod.load(None, [f"{k}={json.dumps(v)}" for k, v in result.config.items()],
                                 base=cfg)
-    from ray.train import Checkpoint
-
     # The trial's run says where (a multi-worker trial's Train run kept it, not Tune).
     where = MlflowClient().get_run(run_id).data.tags.get(FINAL_CHECKPOINT_TAG)
     found = Checkpoint(where) if where else result.checkpoint
