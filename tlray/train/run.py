@@ -31,6 +31,11 @@ from tlray.train.plan import Plan
 from tlray.train.protocol import Report, WorkerArgs
 
 
+# Where a run's final checkpoint is (a path or storage URI): a sweep logs its pick's model
+# from it.
+FINAL_CHECKPOINT_TAG = "final_checkpoint"
+
+
 @dataclass
 class TrainResult:
     """What a finished run produced, and where to find it."""
@@ -113,9 +118,6 @@ def train(plan: Plan, *, parent_run_id: str | None = None, extra_tags: dict | No
     return TrainResult(report=final.report, history=final.state.history,
                        checkpoint_path=found.path, run_id=run_id, model_uri=model_uri,
                        dataset=info)
-
-
-FINAL_CHECKPOINT_TAG = "final_checkpoint"
 
 
 def checkpoint_uri(found) -> str:

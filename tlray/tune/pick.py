@@ -4,7 +4,6 @@ results table and plot on the parent run."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from tlray.train.run import FINAL_CHECKPOINT_TAG
 from tlray.tune.goal import Goal
 from tlray.tune.importance import Importance
 from tlray.tune.importance import plots as importance_plots
+from tlray.tune.trial import trial_config
 
 
 @dataclass
@@ -100,8 +100,7 @@ def log_pick(cfg: Config, info, result, run_id: str) -> str:
     from mlflow import MlflowClient
     from ray.train import Checkpoint
 
-    trial_cfg = config_mod.load(None, [f"{k}={json.dumps(v)}" for k, v in result.config.items()],
-                                base=cfg)
+    trial_cfg = trial_config(cfg, result.config)
     # The trial's run says where (a multi-worker trial's Train run kept it, not Tune).
     where = MlflowClient().get_run(run_id).data.tags.get(FINAL_CHECKPOINT_TAG)
     found = Checkpoint(where) if where else result.checkpoint

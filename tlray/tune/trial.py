@@ -28,8 +28,7 @@ def run_trial(params: dict, *, plan: Plan, parent_run_id: str,
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    overrides = [f"{k}={json.dumps(v)}" for k, v in params.items()]
-    cfg = config_mod.load(None, overrides, base=plan.config)
+    cfg = trial_config(plan.config, params)
     uncached = first_depth(cfg.model.freeze) in uncached_depths
     if uncached:
         cfg = config_mod.with_overrides(cfg, **{"train.feature_cache": "never"})
@@ -51,6 +50,11 @@ def run_trial(params: dict, *, plan: Plan, parent_run_id: str,
           goal=cfg.tune.goal, deadline=deadline,
           # The sweep's pick only, unless every trial's model is wanted (tune.log_models).
           evaluate=False, log_model=cfg.tune.log_models == "all")
+
+
+def trial_config(cfg: Config, params: dict) -> Config:
+    """The sweep's config with one trial's searched values (its Tune `config`)."""
+    return config_mod.load(None, [f"{k}={json.dumps(v)}" for k, v in params.items()], base=cfg)
 
 
 def trains_in_trial_process(cfg: Config) -> bool:
